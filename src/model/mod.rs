@@ -1,0 +1,83 @@
+//! Model domain: Triton's ModelConfig (text-format parsing, auto-completion from the ONNX signature,
+//! validation), the repository layout and version policy, and the set of loaded models.
+//!
+//! ModelConfig is the schema of `config.pbtxt` files, so this module uses the type generated from
+//! proto/model_config.proto; the request/response messages of grpc_service.proto stay in `server`.
+pub mod autocomplete;
+pub mod config_text;
+pub mod repository;
+pub mod validate;
+
+use crate::tensor::DataType;
+
+pub use crate::proto::ModelConfig;
+
+/// One input or output of an ONNX graph as ONNX Runtime reports it: full dims including any batch
+/// dimension, with -1 for a symbolic or unknown dimension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GraphTensor {
+    pub name: String,
+    pub dtype: DataType,
+    pub dims: Vec<i64>,
+}
+
+/// The inputs and outputs of an ONNX graph.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GraphSignature {
+    pub inputs: Vec<GraphTensor>,
+    pub outputs: Vec<GraphTensor>,
+}
+
+/// Errors of the model domain: unreadable or invalid configs, repository problems.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{model}: config.pbtxt: {reason}")]
+    ConfigParse { model: String, reason: String },
+    #[error("{model}: invalid config: {reason}")]
+    InvalidConfig { model: String, reason: String },
+    #[error("{model}: {reason}")]
+    Repository { model: String, reason: String },
+}
+
+/// Converts a config datatype (`TYPE_FP32`, ...) to the protocol datatype; None for TYPE_INVALID.
+pub fn datatype_from_config(value: i32) -> Option<DataType> {
+    use crate::proto::DataType as C;
+    Some(match C::try_from(value).ok()? {
+        C::TypeInvalid => return None,
+        C::TypeBool => DataType::Bool,
+        C::TypeUint8 => DataType::Uint8,
+        C::TypeUint16 => DataType::Uint16,
+        C::TypeUint32 => DataType::Uint32,
+        C::TypeUint64 => DataType::Uint64,
+        C::TypeInt8 => DataType::Int8,
+        C::TypeInt16 => DataType::Int16,
+        C::TypeInt32 => DataType::Int32,
+        C::TypeInt64 => DataType::Int64,
+        C::TypeFp16 => DataType::Fp16,
+        C::TypeFp32 => DataType::Fp32,
+        C::TypeFp64 => DataType::Fp64,
+        C::TypeString => DataType::Bytes,
+        C::TypeBf16 => DataType::Bf16,
+    })
+}
+
+/// Converts a protocol datatype to the config enum value.
+pub fn datatype_to_config(dtype: DataType) -> i32 {
+    use crate::proto::DataType as C;
+    (match dtype {
+        DataType::Bool => C::TypeBool,
+        DataType::Uint8 => C::TypeUint8,
+        DataType::Uint16 => C::TypeUint16,
+        DataType::Uint32 => C::TypeUint32,
+        DataType::Uint64 => C::TypeUint64,
+        DataType::Int8 => C::TypeInt8,
+        DataType::Int16 => C::TypeInt16,
+        DataType::Int32 => C::TypeInt32,
+        DataType::Int64 => C::TypeInt64,
+        DataType::Fp16 => C::TypeFp16,
+        DataType::Fp32 => C::TypeFp32,
+        DataType::Fp64 => C::TypeFp64,
+        DataType::Bytes => C::TypeString,
+        DataType::Bf16 => C::TypeBf16,
+    }) as i32
+}
