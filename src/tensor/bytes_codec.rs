@@ -15,7 +15,12 @@ pub fn decode_length_prefixed(raw: &Bytes) -> Result<Vec<Bytes>, String> {
         let end = start
             .checked_add(len)
             .filter(|&e| e <= raw.len())
-            .ok_or_else(|| format!("element at byte {pos} claims {len} bytes but only {} remain", raw.len() - start))?;
+            .ok_or_else(|| {
+                format!(
+                    "element at byte {pos} claims {len} bytes but only {} remain",
+                    raw.len() - start
+                )
+            })?;
         items.push(raw.slice(start..end));
         pos = end;
     }
@@ -39,7 +44,11 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let items = vec![Bytes::from_static(b"a"), Bytes::new(), Bytes::from_static(b"hello")];
+        let items = vec![
+            Bytes::from_static(b"a"),
+            Bytes::new(),
+            Bytes::from_static(b"hello"),
+        ];
         let raw = encode_length_prefixed(&items);
         assert_eq!(decode_length_prefixed(&raw).unwrap(), items);
     }
@@ -47,9 +56,13 @@ mod tests {
     #[test]
     fn broken_prefix_is_refused() {
         let raw = Bytes::from_static(&[10, 0, 0, 0, b'x']);
-        assert!(decode_length_prefixed(&raw).unwrap_err().contains("claims 10 bytes"));
+        assert!(decode_length_prefixed(&raw)
+            .unwrap_err()
+            .contains("claims 10 bytes"));
         let raw = Bytes::from_static(&[1, 0]);
-        assert!(decode_length_prefixed(&raw).unwrap_err().contains("truncated"));
+        assert!(decode_length_prefixed(&raw)
+            .unwrap_err()
+            .contains("truncated"));
         let raw = Bytes::from_static(&[0xff, 0xff, 0xff, 0xff]);
         assert!(decode_length_prefixed(&raw).is_err());
     }

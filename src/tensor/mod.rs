@@ -35,12 +35,20 @@ pub struct Tensor {
 
 impl Tensor {
     /// Builds a tensor after checking that the data holds exactly `shape`'s element count.
-    pub fn new(name: &str, dtype: DataType, shape: Vec<i64>, data: TensorData) -> Result<Self, TensorError> {
-        let count = element_count(&shape).map_err(|e| TensorError::Invalid(format!("input '{name}': {e}")))?;
+    pub fn new(
+        name: &str,
+        dtype: DataType,
+        shape: Vec<i64>,
+        data: TensorData,
+    ) -> Result<Self, TensorError> {
+        let count = element_count(&shape)
+            .map_err(|e| TensorError::Invalid(format!("input '{name}': {e}")))?;
         match (&data, dtype.element_size()) {
             (TensorData::Fixed(raw), Some(size)) => {
                 let expected = count.checked_mul(size).ok_or_else(|| {
-                    TensorError::Invalid(format!("input '{name}': byte size of shape {shape:?} overflows"))
+                    TensorError::Invalid(format!(
+                        "input '{name}': byte size of shape {shape:?} overflows"
+                    ))
                 })?;
                 if raw.len() != expected {
                     return Err(TensorError::Invalid(format!(

@@ -1,0 +1,2 @@
+//! Telemetry: statistics, metric names and exposition, logging, tracing.
+pub mod stats;
