@@ -1,11 +1,22 @@
 //! onnx-gateway: serves ONNX models through ONNX Runtime over the KServe v2 / Triton gRPC protocol.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+pub mod config;
+pub mod error;
 pub mod model;
+pub mod runtime;
 pub mod scheduler;
+pub mod server;
 pub mod telemetry;
 pub mod tensor;
 
+mod gateway;
+
+pub use config::Config;
+pub use gateway::{run, Gateway};
+
 /// Types generated from proto/ (package `inference`).
 pub mod proto {
+    #![allow(clippy::all, clippy::unwrap_used)]
     tonic::include_proto!("inference");
 
     /// Encoded FileDescriptorSet of proto/, for server reflection and config.pbtxt parsing.

@@ -5,6 +5,7 @@
 //! proto/model_config.proto; the request/response messages of grpc_service.proto stay in `server`.
 pub mod autocomplete;
 pub mod config_text;
+pub mod manager;
 pub mod repository;
 pub mod validate;
 

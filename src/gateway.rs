@@ -1,0 +1,193 @@
+//! Wires the parts together: ONNX Runtime, listeners, model loading, the gRPC server with health and
+//! reflection, and the drain on shutdown.
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::config::Config;
+use crate::model::manager::{ManagerSettings, ModelManager};
+use crate::proto::grpc_inference_service_server::GrpcInferenceServiceServer;
+use crate::runtime::init_onnxruntime;
+use crate::server::grpc::InferenceService;
+use crate::server::state::{Readiness, ServerState};
+
+/// gRPC service name whose health follows server readiness (as does the empty service name).
+const INFERENCE_SERVICE: &str = "inference.GRPCInferenceService";
+
+/// A gateway whose listeners are bound (so their ports are known) but which is not serving yet.
+pub struct Gateway {
+    config: Config,
+    grpc: TcpListener,
+    admin: TcpListener,
+    state: Arc<ServerState>,
+}
+
+impl Gateway {
+    /// Loads ONNX Runtime and binds the listeners. Fails with one clear message if the library is
+    /// missing or a port is taken.
+    pub async fn bind(config: Config) -> anyhow::Result<Self> {
+        let location = init_onnxruntime(config.runtime.onnxruntime_lib.as_deref())?;
+        tracing::info!(library = ?location, "ONNX Runtime loaded");
+        let grpc_addr = SocketAddr::new(config.grpc.grpc_address, config.grpc.grpc_port);
+        let grpc = TcpListener::bind(grpc_addr)
+            .await
+            .with_context(|| format!("cannot bind gRPC address {grpc_addr}"))?;
+        let admin_addr = SocketAddr::new(config.admin.metrics_address, config.admin.metrics_port);
+        let admin = TcpListener::bind(admin_addr)
+            .await
+            .with_context(|| format!("cannot bind admin HTTP address {admin_addr}"))?;
+        let models = Arc::new(ModelManager::new(ManagerSettings {
+            repository: config.models.model_repository.clone(),
+            default_max_queue_size: config.models.default_max_queue_size,
+        }));
+        let readiness = Arc::new(Readiness::new(config.models.strict_readiness));
+        Ok(Self {
+            config,
+            grpc,
+            admin,
+            state: Arc::new(ServerState { models, readiness }),
+        })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Serves until `shutdown` resolves, then drains. Models load while the server already answers
+    /// liveness (readiness stays false until loading is done).
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Gateway {
+            config,
+            grpc,
+            admin,
+            state,
+        } = self;
+        tracing::info!(addr = %grpc.local_addr()?, "gRPC listening");
+        tracing::info!(addr = %admin.local_addr()?, "admin HTTP listening");
+
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let grpc_task = tokio::spawn(serve_grpc(
+            grpc,
+            Arc::clone(&state),
+            config.grpc.max_message_bytes,
+            stop_rx.clone(),
+        ));
+
+        if let Err(e) = load_models(&config, &state).await {
+            let _ = stop_tx.send(true);
+            let _ = grpc_task.await;
+            return Err(e);
+        }
+        state.readiness.mark_started();
+        tracing::info!(ready = state.is_ready(), "startup complete");
+
+        shutdown.await;
+        tracing::info!("shutdown requested: draining");
+        state.readiness.mark_draining();
+        let exit_timeout = Duration::from_secs(config.lifecycle.exit_timeout_secs);
+        let drain = async {
+            let _ = stop_tx.send(true);
+            let _ = grpc_task.await;
+            state.models.shutdown().await;
+        };
+        if tokio::time::timeout(exit_timeout, drain).await.is_err() {
+            tracing::warn!(
+                seconds = exit_timeout.as_secs(),
+                "exit timeout reached with work still in flight"
+            );
+        }
+        drop(admin);
+        tracing::info!("shutdown complete");
+        Ok(())
+    }
+}
+
+/// Binds per `config`, serves until `shutdown`, drains.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    Gateway::bind(config).await?.serve(shutdown).await
+}
+
+async fn load_models(config: &Config, state: &Arc<ServerState>) -> anyhow::Result<()> {
+    let names = state.models.repository_models()?;
+    if names.is_empty() {
+        tracing::warn!(repository = %config.models.model_repository.display(), "no models found in the repository");
+    }
+    for name in names {
+        let result = state.models.load(&name, None).await;
+        state.readiness.notify();
+        if let Err(e) = result {
+            if config.models.exit_on_error {
+                anyhow::bail!("failed to load model '{name}': {e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn serve_grpc(
+    listener: TcpListener,
+    state: Arc<ServerState>,
+    max_message_bytes: usize,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    tokio::spawn(follow_readiness(health_reporter, Arc::clone(&state)));
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let inference = GrpcInferenceServiceServer::new(InferenceService::new(state))
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes);
+    Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(inference)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await?;
+    Ok(())
+}
+
+/// Keeps grpc.health.v1 in step with readiness, for Kubernetes' native gRPC probes.
+async fn follow_readiness(reporter: tonic_health::server::HealthReporter, state: Arc<ServerState>) {
+    let mut changes = state.readiness.subscribe();
+    loop {
+        let status = if state.is_ready() {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        reporter.set_service_status("", status).await;
+        reporter.set_service_status(INFERENCE_SERVICE, status).await;
+        if changes.changed().await.is_err() {
+            break;
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! ModelInferRequest → engine InferRequest. Every check happens here, before anything is queued:
+//! names, datatypes, shapes, batch size, byte sizes (computed without overflow, before any
+//! allocation), BYTES length prefixes, raw-vs-typed contents. Failures name the tensor.
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::model::manager::LoadedModel;
+use crate::model::validate::TensorSpec;
+use crate::proto::infer_parameter::ParameterChoice;
+use crate::proto::model_infer_request::InferInputTensor;
+use crate::proto::{InferParameter, InferTensorContents, ModelInferRequest};
+use crate::scheduler::InferRequest;
+use crate::tensor::{
+    decode_length_prefixed, element_count, shape_matches, DataType, NamedTensor, Tensor, TensorData,
+};
+
+/// A request that failed validation; always INVALID_ARGUMENT.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct RequestError(pub String);
+
+fn invalid(msg: impl Into<String>) -> RequestError {
+    RequestError(msg.into())
+}
+
+/// Where an input's bytes come from when it is not inline (system shared memory).
+pub trait ExternalInputs {
+    /// Returns the region's bytes if the tensor's parameters name one, None when they do not.
+    fn input_bytes(&self, input: &InferInputTensor) -> Result<Option<Bytes>, RequestError>;
+}
+
+/// No external sources: a tensor naming a shared-memory region is refused.
+pub struct InlineOnly;
+
+impl ExternalInputs for InlineOnly {
+    fn input_bytes(&self, input: &InferInputTensor) -> Result<Option<Bytes>, RequestError> {
+        if input.parameters.contains_key("shared_memory_region") {
+            return Err(invalid(format!(
+                "input '{}' names a shared memory region but shared memory is not enabled on this server",
+                input.name
+            )));
+        }
+        Ok(None)
+    }
+}
+
+/// Decodes and validates a request against the model it was routed to.
+pub fn decode_request(
+    req: ModelInferRequest,
+    model: &LoadedModel,
+    external: &dyn ExternalInputs,
+) -> Result<InferRequest, RequestError> {
+    let name = &model.name;
+    check_input_names(&req, model)?;
+    let use_raw = !req.raw_input_contents.is_empty();
+    if use_raw && req.raw_input_contents.len() != req.inputs.len() {
+        return Err(invalid(format!(
+            "expected {} raw_input_contents (one per input) but got {} for model '{name}'",
+            req.inputs.len(),
+            req.raw_input_contents.len()
+        )));
+    }
+    let max_batch = model.max_batch_size();
+    let mut batch_size: Option<i64> = None;
+    let mut inputs = Vec::with_capacity(req.inputs.len());
+    for (i, input) in req.inputs.iter().enumerate() {
+        let spec = model
+            .inputs
+            .iter()
+            .find(|s| s.name == input.name)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "unexpected inference input '{}' for model '{name}'",
+                    input.name
+                ))
+            })?;
+        check_shape(input, spec, max_batch, name, &mut batch_size)?;
+        let raw = if use_raw {
+            Some(req.raw_input_contents[i].clone())
+        } else {
+            None
+        };
+        let tensor = decode_tensor(input, spec, raw, external)?;
+        inputs.push(NamedTensor {
+            name: input.name.clone(),
+            tensor,
+        });
+    }
+    let requested_outputs = requested_outputs(&req, model)?;
+    let (priority, timeout) = scheduling_parameters(&req.parameters)?;
+    Ok(InferRequest {
+        id: req.id,
+        inputs,
+        requested_outputs,
+        priority,
+        timeout,
+        span: tracing::Span::current(),
+    })
+}
+
+fn check_input_names(req: &ModelInferRequest, model: &LoadedModel) -> Result<(), RequestError> {
+    let mut seen = HashSet::new();
+    for input in &req.inputs {
+        if !seen.insert(input.name.as_str()) {
+            return Err(invalid(format!(
+                "input '{}' is given more than once",
+                input.name
+            )));
+        }
+    }
+    let missing: Vec<&str> = model
+        .inputs
+        .iter()
+        .map(|s| s.name.as_str())
+        .filter(|n| !seen.contains(n))
+        .collect();
+    if !missing.is_empty() {
+        return Err(invalid(format!(
+            "expected {} inputs but got {} inputs for model '{}'; missing required input(s) {missing:?}",
+            model.inputs.len(),
+            req.inputs.len(),
+            model.name
+        )));
+    }
+    Ok(())
+}
+
+fn check_shape(
+    input: &InferInputTensor,
+    spec: &TensorSpec,
+    max_batch: usize,
+    model: &str,
+    batch_size: &mut Option<i64>,
+) -> Result<(), RequestError> {
+    let datatype = DataType::parse(&input.datatype).ok_or_else(|| {
+        invalid(format!(
+            "input '{}' has unknown datatype '{}'",
+            input.name, input.datatype
+        ))
+    })?;
+    if datatype != spec.dtype {
+        return Err(invalid(format!(
+            "inference input '{}' data-type is '{}', but model '{model}' expects '{}'",
+            input.name, input.datatype, spec.dtype
+        )));
+    }
+    let shape = &input.shape;
+    if shape.iter().any(|&d| d < 0) {
+        return Err(invalid(format!(
+            "input '{}' has a negative dimension in shape {shape:?}",
+            input.name
+        )));
+    }
+    let dims = if max_batch > 0 {
+        let Some(&batch) = shape.first() else {
+            return Err(invalid(format!(
+                "input '{}' for model '{model}' needs a batch dimension: expected shape [-1,{}], got {shape:?}",
+                input.name,
+                join(&spec.dims)
+            )));
+        };
+        if batch < 1 || batch as usize > max_batch {
+            return Err(invalid(format!(
+                "inference request batch-size must be <= {max_batch} for '{model}' (input '{}' has batch {batch})",
+                input.name
+            )));
+        }
+        if batch_size.is_some_and(|b| b != batch) {
+            return Err(invalid(format!(
+                "input '{}' has batch size {batch}, different from the other inputs",
+                input.name
+            )));
+        }
+        *batch_size = Some(batch);
+        &shape[1..]
+    } else {
+        &shape[..]
+    };
+    if !shape_matches(&spec.dims, dims) {
+        let expected = if max_batch > 0 {
+            format!("[-1,{}]", join(&spec.dims))
+        } else {
+            format!("[{}]", join(&spec.dims))
+        };
+        return Err(invalid(format!(
+            "unexpected shape for input '{}' for model '{model}'. Expected {expected}, got [{}]",
+            input.name,
+            join(shape)
+        )));
+    }
+    Ok(())
+}
+
+fn join(dims: &[i64]) -> String {
+    dims.iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn decode_tensor(
+    input: &InferInputTensor,
+    spec: &TensorSpec,
+    raw: Option<Bytes>,
+    external: &dyn ExternalInputs,
+) -> Result<Tensor, RequestError> {
+    let name = &input.name;
+    let count = element_count(&input.shape).map_err(|e| invalid(format!("input '{name}': {e}")))?;
+    let shm = external.input_bytes(input)?;
+    let typed = input.contents.as_ref().filter(|c| !contents_empty(c));
+    let sources = [raw.is_some(), typed.is_some(), shm.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count();
+    if sources > 1 {
+        return Err(invalid(format!(
+            "input '{name}' has its data given more than once (raw_input_contents, typed contents or shared memory): use one"
+        )));
+    }
+    let data = match (raw.or(shm), typed) {
+        (Some(bytes), _) => from_raw(name, spec.dtype, count, bytes)?,
+        (None, Some(contents)) => from_typed(name, spec.dtype, count, contents)?,
+        (None, None) if count == 0 => empty_data(spec.dtype),
+        (None, None) => return Err(invalid(format!("input '{name}' has no data"))),
+    };
+    Tensor::new(name, spec.dtype, input.shape.clone(), data).map_err(|e| invalid(e.to_string()))
+}
+
+fn empty_data(dtype: DataType) -> TensorData {
+    match dtype {
+        DataType::Bytes => TensorData::Strings(Vec::new()),
+        _ => TensorData::Fixed(Bytes::new()),
+    }
+}
+
+/// Raw bytes: the size is checked against the shape before anything else is done with them.
+fn from_raw(
+    name: &str,
+    dtype: DataType,
+    count: usize,
+    raw: Bytes,
+) -> Result<TensorData, RequestError> {
+    match dtype.element_size() {
+        Some(size) => {
+            let expected = count.checked_mul(size).ok_or_else(|| {
+                invalid(format!("input '{name}': byte size of the shape overflows"))
+            })?;
+            if raw.len() != expected {
+                return Err(invalid(format!(
+                    "input byte size mismatch for input '{name}'. Expected {expected}, got {}",
+                    raw.len()
+                )));
+            }
+            Ok(TensorData::Fixed(raw))
+        }
+        None => {
+            let items = decode_length_prefixed(&raw)
+                .map_err(|e| invalid(format!("input '{name}' BYTES data: {e}")))?;
+            if items.len() != count {
+                return Err(invalid(format!(
+                    "input '{name}' has {} BYTES elements but its shape needs {count}",
+                    items.len()
+                )));
+            }
+            Ok(TensorData::Strings(items))
+        }
+    }
+}
+
+fn contents_empty(c: &InferTensorContents) -> bool {
+    c.bool_contents.is_empty()
+        && c.int_contents.is_empty()
+        && c.int64_contents.is_empty()
+        && c.uint_contents.is_empty()
+        && c.uint64_contents.is_empty()
+        && c.fp32_contents.is_empty()
+        && c.fp64_contents.is_empty()
+        && c.bytes_contents.is_empty()
+}
+
+/// Typed contents: the element count must equal the shape's before the little-endian copy is made.
+fn from_typed(
+    name: &str,
+    dtype: DataType,
+    count: usize,
+    c: &InferTensorContents,
+) -> Result<TensorData, RequestError> {
+    fn pack<T: Copy>(
+        name: &str,
+        count: usize,
+        items: &[T],
+        put: impl Fn(&mut BytesMut, T),
+    ) -> Result<TensorData, RequestError> {
+        if items.len() != count {
+            return Err(invalid(format!(
+                "input '{name}' has {} elements in its typed contents but its shape needs {count}",
+                items.len()
+            )));
+        }
+        let mut out = BytesMut::with_capacity(count * std::mem::size_of::<T>().max(1));
+        for &item in items {
+            put(&mut out, item);
+        }
+        Ok(TensorData::Fixed(out.freeze()))
+    }
+    match dtype {
+        DataType::Bool => pack(name, count, &c.bool_contents, |o, v| o.put_u8(v as u8)),
+        DataType::Int8 => pack(name, count, &c.int_contents, |o, v| o.put_i8(v as i8)),
+        DataType::Int16 => pack(name, count, &c.int_contents, |o, v| o.put_i16_le(v as i16)),
+        DataType::Int32 => pack(name, count, &c.int_contents, |o, v| o.put_i32_le(v)),
+        DataType::Int64 => pack(name, count, &c.int64_contents, |o, v| o.put_i64_le(v)),
+        DataType::Uint8 => pack(name, count, &c.uint_contents, |o, v| o.put_u8(v as u8)),
+        DataType::Uint16 => pack(name, count, &c.uint_contents, |o, v| o.put_u16_le(v as u16)),
+        DataType::Uint32 => pack(name, count, &c.uint_contents, |o, v| o.put_u32_le(v)),
+        DataType::Uint64 => pack(name, count, &c.uint64_contents, |o, v| o.put_u64_le(v)),
+        DataType::Fp32 => pack(name, count, &c.fp32_contents, |o, v| o.put_f32_le(v)),
+        DataType::Fp64 => pack(name, count, &c.fp64_contents, |o, v| o.put_f64_le(v)),
+        DataType::Fp16 | DataType::Bf16 => Err(invalid(format!(
+            "input '{name}': {dtype} data must be sent in raw_input_contents (the protocol has no typed field for it)"
+        ))),
+        DataType::Bytes => {
+            if c.bytes_contents.len() != count {
+                return Err(invalid(format!(
+                    "input '{name}' has {} elements in its typed contents but its shape needs {count}",
+                    c.bytes_contents.len()
+                )));
+            }
+            Ok(TensorData::Strings(c.bytes_contents.iter().map(|b| Bytes::copy_from_slice(b)).collect()))
+        }
+    }
+}
+
+fn requested_outputs(
+    req: &ModelInferRequest,
+    model: &LoadedModel,
+) -> Result<Vec<String>, RequestError> {
+    let mut names = Vec::with_capacity(req.outputs.len());
+    for output in &req.outputs {
+        if !model.outputs.iter().any(|s| s.name == output.name) {
+            return Err(invalid(format!(
+                "unexpected inference output '{}' for model '{}'",
+                output.name, model.name
+            )));
+        }
+        if names.contains(&output.name) {
+            return Err(invalid(format!(
+                "output '{}' is requested more than once",
+                output.name
+            )));
+        }
+        names.push(output.name.clone());
+    }
+    Ok(names)
+}
+
+fn int_param(key: &str, p: &InferParameter) -> Result<u64, RequestError> {
+    match &p.parameter_choice {
+        Some(ParameterChoice::Int64Param(v)) if *v >= 0 => Ok(*v as u64),
+        Some(ParameterChoice::Uint64Param(v)) => Ok(*v),
+        _ => Err(invalid(format!(
+            "request parameter '{key}' must be a non-negative integer"
+        ))),
+    }
+}
+
+/// Triton's `priority` (level, 1 is highest, 0 = model default) and `timeout` (microseconds).
+fn scheduling_parameters(
+    params: &std::collections::HashMap<String, InferParameter>,
+) -> Result<(u32, Option<Duration>), RequestError> {
+    let priority = match params.get("priority") {
+        Some(p) => u32::try_from(int_param("priority", p)?)
+            .map_err(|_| invalid("request parameter 'priority' is too large"))?,
+        None => 0,
+    };
+    let timeout = match params.get("timeout") {
+        Some(p) => match int_param("timeout", p)? {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        },
+        None => None,
+    };
+    Ok((priority, timeout))
+}

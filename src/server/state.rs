@@ -1,0 +1,70 @@
+//! What the transport shares: the models, and the readiness latch that health, ServerReady and
+//! /v2/health/ready all read.
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::model::manager::ModelManager;
+
+/// Liveness and readiness of the whole server. Ready only after startup loading finished, never while
+/// draining, and (with strict readiness) only while every model is ready.
+pub struct Readiness {
+    startup_done: AtomicBool,
+    draining: AtomicBool,
+    strict: bool,
+    changed: watch::Sender<()>,
+}
+
+impl Readiness {
+    pub fn new(strict: bool) -> Self {
+        Self {
+            startup_done: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            strict,
+            changed: watch::channel(()).0,
+        }
+    }
+
+    pub fn mark_started(&self) {
+        self.startup_done.store(true, Ordering::SeqCst);
+        self.changed.send_replace(());
+    }
+
+    /// Turns readiness off for good: the drain has begun.
+    pub fn mark_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.changed.send_replace(());
+    }
+
+    /// Tells watchers (gRPC health) to re-evaluate, e.g. after a model load or unload.
+    pub fn notify(&self) {
+        self.changed.send_replace(());
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    pub fn is_ready(&self, models: &ModelManager) -> bool {
+        self.startup_done.load(Ordering::SeqCst)
+            && !self.is_draining()
+            && (!self.strict || models.all_ready())
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<()> {
+        self.changed.subscribe()
+    }
+}
+
+/// Shared by every RPC handler.
+pub struct ServerState {
+    pub models: Arc<ModelManager>,
+    pub readiness: Arc<Readiness>,
+}
+
+impl ServerState {
+    pub fn is_ready(&self) -> bool {
+        self.readiness.is_ready(&self.models)
+    }
+}
