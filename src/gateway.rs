@@ -10,8 +10,9 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
-use crate::config::Config;
+use crate::config::{Config, ModelControlMode};
 use crate::model::manager::{ManagerSettings, ModelManager};
+use crate::model::poll;
 use crate::proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::runtime::init_onnxruntime;
 use crate::server::grpc::InferenceService;
@@ -97,6 +98,10 @@ impl Gateway {
         }
         state.readiness.mark_started();
         tracing::info!(ready = state.is_ready(), "startup complete");
+        if config.models.model_control_mode == ModelControlMode::Poll {
+            let every = Duration::from_secs(config.models.repository_poll_secs.max(1));
+            tokio::spawn(poll_repository(Arc::clone(&state), every, stop_rx.clone()));
+        }
 
         shutdown.await;
         tracing::info!("shutdown requested: draining");
@@ -127,10 +132,16 @@ pub async fn run(
     Gateway::bind(config).await?.serve(shutdown).await
 }
 
+/// Startup loading per the model control mode: everything (none, poll) or the --load-model names
+/// (explicit, `*` meaning all).
 async fn load_models(config: &Config, state: &Arc<ServerState>) -> anyhow::Result<()> {
-    let names = state.models.repository_models()?;
+    let available = state.models.repository_models()?;
+    let names = match config.models.model_control_mode {
+        ModelControlMode::Explicit if !config.models.load_models.iter().any(|m| m == "*") => config.models.load_models.clone(),
+        _ => available,
+    };
     if names.is_empty() {
-        tracing::warn!(repository = %config.models.model_repository.display(), "no models found in the repository");
+        tracing::warn!(repository = %config.models.model_repository.display(), "no models to load");
     }
     for name in names {
         let result = state.models.load(&name, None).await;
@@ -142,6 +153,38 @@ async fn load_models(config: &Config, state: &Arc<ServerState>) -> anyhow::Resul
         }
     }
     Ok(())
+}
+
+/// Poll mode: applies added, changed and removed models every --repository-poll-secs until stopped.
+async fn poll_repository(state: Arc<ServerState>, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let repo = state.models.repository().to_path_buf();
+    let names = state.models.repository_models().unwrap_or_default();
+    let mut before = poll::scan(&repo, &names);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let names = match state.models.repository_models() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "repository scan failed");
+                continue;
+            }
+        };
+        let after = poll::scan(&repo, &names);
+        let changes = poll::diff(&before, &after);
+        for name in changes.added.iter().chain(&changes.changed) {
+            tracing::info!(model = %name, "repository change detected: loading");
+            let _ = state.models.load(name, None).await;
+        }
+        for name in &changes.removed {
+            tracing::info!(model = %name, "model removed from the repository: unloading");
+            let _ = state.models.unload(name).await;
+        }
+        state.readiness.notify();
+        before = after;
+    }
 }
 
 async fn serve_grpc(

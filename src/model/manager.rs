@@ -160,6 +160,11 @@ impl ModelManager {
                 retire(old);
                 Ok(())
             }
+            Err(e) if !slot.versions.is_empty() => {
+                // A failed reload never takes down what is serving: the previous versions stay.
+                tracing::error!(model = %name, reason = %e, "model reload failed; previous versions keep serving");
+                Err(e)
+            }
             Err(e) => {
                 tracing::error!(model = %name, reason = %e, "model failed to load");
                 slot.failures.insert(None, e.to_string());

@@ -4,8 +4,10 @@
 //! ModelConfig is the schema of `config.pbtxt` files, so this module uses the type generated from
 //! proto/model_config.proto; the request/response messages of grpc_service.proto stay in `server`.
 pub mod autocomplete;
+pub mod config_json;
 pub mod config_text;
 pub mod manager;
+pub mod poll;
 pub mod repository;
 pub mod validate;
 

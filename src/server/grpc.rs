@@ -13,6 +13,7 @@ use tracing::Instrument;
 use super::decode::{decode_request, InlineOnly};
 use super::encode::{infer_response, model_statistics, tensor_metadata};
 use super::state::ServerState;
+use crate::config::ModelControlMode;
 use crate::error::Error;
 use crate::proto::grpc_inference_service_server::GrpcInferenceService;
 use crate::proto::repository_index_response::ModelIndex;
@@ -307,24 +308,22 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(RepositoryIndexResponse { models }))
     }
 
-    async fn repository_model_load(
-        &self,
-        _: Request<RepositoryModelLoadRequest>,
-    ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
-        Err(unimplemented(
-            "RepositoryModelLoad",
-            "explicit model control is not available yet",
-        ))
+    async fn repository_model_load(&self, request: Request<RepositoryModelLoadRequest>) -> Result<Response<RepositoryModelLoadResponse>, Status> {
+        self.require_explicit_control()?;
+        let r = request.into_inner();
+        let config = config_override(&r)?;
+        self.state.models.load(&r.model_name, config).await.map_err(Error::from)?;
+        self.state.readiness.notify();
+        Ok(Response::new(RepositoryModelLoadResponse {}))
     }
 
-    async fn repository_model_unload(
-        &self,
-        _: Request<RepositoryModelUnloadRequest>,
-    ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
-        Err(unimplemented(
-            "RepositoryModelUnload",
-            "explicit model control is not available yet",
-        ))
+    async fn repository_model_unload(&self, request: Request<RepositoryModelUnloadRequest>) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
+        self.require_explicit_control()?;
+        let r = request.into_inner();
+        crate::model::repository::validate_model_name(&r.model_name).map_err(Error::from)?;
+        self.state.models.unload(&r.model_name).await.map_err(Error::from)?;
+        self.state.readiness.notify();
+        Ok(Response::new(RepositoryModelUnloadResponse {}))
     }
 
     async fn system_shared_memory_status(
@@ -396,6 +395,39 @@ impl GrpcInferenceService for InferenceService {
             "LogSettings",
             "logging is configured with RUST_LOG / --log-verbose at startup",
         ))
+    }
+}
+
+impl InferenceService {
+    fn require_explicit_control(&self) -> Result<(), Status> {
+        match self.state.control_mode {
+            ModelControlMode::Explicit => Ok(()),
+            mode => Err(Status::unavailable(format!(
+                "explicit model load / unload is not allowed in model control mode {mode:?}; start the server with --model-control-mode=explicit"
+            ))),
+        }
+    }
+}
+
+/// Triton's `config` load parameter: a JSON ModelConfig that replaces config.pbtxt for this load.
+fn config_override(r: &RepositoryModelLoadRequest) -> Result<Option<crate::model::ModelConfig>, Status> {
+    use crate::proto::model_repository_parameter::ParameterChoice;
+    for key in r.parameters.keys() {
+        if key.starts_with("file:") {
+            return Err(Status::invalid_argument(format!(
+                "load parameter '{key}': model file overrides are not supported; place the file in the repository"
+            )));
+        }
+        if key != "config" {
+            return Err(Status::invalid_argument(format!("unknown load parameter '{key}'")));
+        }
+    }
+    match r.parameters.get("config").and_then(|p| p.parameter_choice.as_ref()) {
+        None => Ok(None),
+        Some(ParameterChoice::StringParam(json)) => {
+            crate::model::config_json::parse_config_json(&r.model_name, json).map(Some).map_err(|e| Status::invalid_argument(e.to_string()))
+        }
+        Some(_) => Err(Status::invalid_argument("load parameter 'config' must be a string holding JSON")),
     }
 }
 

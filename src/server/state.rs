@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use crate::config::ModelControlMode;
 use crate::model::manager::ModelManager;
 
 /// Liveness and readiness of the whole server. Ready only after startup loading finished, never while
@@ -61,6 +62,8 @@ impl Readiness {
 pub struct ServerState {
     pub models: Arc<ModelManager>,
     pub readiness: Arc<Readiness>,
+    /// Repository-control RPCs are refused unless this is explicit.
+    pub control_mode: ModelControlMode,
 }
 
 impl ServerState {

@@ -1,0 +1,111 @@
+//! Shared harness for integration tests: a real gateway on 127.0.0.1:0, a gRPC client, shutdown via
+//! a oneshot. No fixed ports and no sleeps: readiness is awaited through ServerReady.
+#![allow(dead_code)]
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use onnx_gateway::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+use onnx_gateway::proto::ServerReadyRequest;
+use onnx_gateway::{Config, Gateway};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+pub type Client = GrpcInferenceServiceClient<Channel>;
+
+pub fn project_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn example_models() -> PathBuf {
+    project_dir().join("models")
+}
+
+pub fn test_models() -> PathBuf {
+    project_dir().join("tests/models")
+}
+
+/// A running gateway; dropping it without `stop` aborts the server task.
+pub struct TestServer {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    pub async fn start(repo: &Path) -> TestServer {
+        Self::start_with(Config::for_repository(repo)).await
+    }
+
+    /// Starts the gateway and waits until it reports ready (or fails the test after 60 s).
+    pub async fn start_with(config: Config) -> TestServer {
+        let server = Self::spawn(config).await;
+        let mut client = server.client().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = client.server_ready(ServerReadyRequest {}).await.map(|r| r.into_inner().ready).unwrap_or(false);
+            if ready {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "gateway did not become ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        server
+    }
+
+    /// Starts the gateway without waiting for readiness.
+    pub async fn spawn(config: Config) -> TestServer {
+        let gateway = Gateway::bind(config).await.expect("gateway binds");
+        let grpc_addr = gateway.grpc_addr();
+        let admin_addr = gateway.admin_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(gateway.serve(async move {
+            let _ = stopped.await;
+        }));
+        TestServer { grpc_addr, admin_addr, stop: Some(stop), task: Some(task) }
+    }
+
+    pub async fn client(&self) -> Client {
+        let endpoint = format!("http://{}", self.grpc_addr);
+        let channel = Channel::from_shared(endpoint).expect("endpoint").connect_lazy();
+        GrpcInferenceServiceClient::new(channel).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20)
+    }
+
+    /// Graceful shutdown; returns what `serve` returned.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await.expect("server task"),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for `serve` to return on its own (e.g. a startup failure).
+    pub async fn join(mut self) -> anyhow::Result<()> {
+        match self.task.take() {
+            Some(task) => task.await.expect("server task"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Little-endian bytes of f32 values.
+pub fn f32_bytes(values: &[f32]) -> bytes::Bytes {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into()
+}
+
+pub fn f32_from(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
