@@ -80,6 +80,59 @@ pub struct GrpcArgs {
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, env = "ONNX_GATEWAY_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_message_bytes: usize,
+    /// Also serve gRPC on this Unix domain socket (for clients in the same pod); a stale socket file is
+    /// replaced.
+    #[arg(long, env = "ONNX_GATEWAY_GRPC_UDS")]
+    pub grpc_uds: Option<PathBuf>,
+    /// Seconds between HTTP/2 keepalive pings to idle clients; 0 disables them.
+    #[arg(long, env = "ONNX_GATEWAY_GRPC_KEEPALIVE_SECS", default_value_t = 60)]
+    pub grpc_keepalive_secs: u64,
+    /// Seconds to wait for a keepalive ping's answer before closing the connection.
+    #[arg(long, env = "ONNX_GATEWAY_GRPC_KEEPALIVE_TIMEOUT_SECS", default_value_t = 20)]
+    pub grpc_keepalive_timeout_secs: u64,
+    /// HTTP/2 streams one connection may have open at once.
+    #[arg(long, env = "ONNX_GATEWAY_GRPC_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
+    pub grpc_max_concurrent_streams: u32,
+    /// Requests one connection may have in progress; more are shed at once with RESOURCE_EXHAUSTED
+    /// instead of queueing without bound. 0 disables the limit.
+    #[arg(long, env = "ONNX_GATEWAY_GRPC_CONNECTION_CONCURRENCY", default_value_t = 512)]
+    pub grpc_connection_concurrency: usize,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+}
+
+/// TLS for the gRPC listener (Triton's flag names).
+#[derive(Debug, Clone, Args)]
+pub struct TlsArgs {
+    /// Serve gRPC over TLS (needs --grpc-server-cert and --grpc-server-key).
+    #[arg(long, env = "ONNX_GATEWAY_GRPC_USE_SSL", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub grpc_use_ssl: bool,
+    /// Require client certificates signed by --grpc-root-cert (mutual TLS).
+    #[arg(long, env = "ONNX_GATEWAY_GRPC_USE_SSL_MUTUAL", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub grpc_use_ssl_mutual: bool,
+    /// PEM certificate chain of the server.
+    #[arg(long, env = "ONNX_GATEWAY_GRPC_SERVER_CERT")]
+    pub grpc_server_cert: Option<PathBuf>,
+    /// PEM private key of the server.
+    #[arg(long, env = "ONNX_GATEWAY_GRPC_SERVER_KEY")]
+    pub grpc_server_key: Option<PathBuf>,
+    /// PEM CA certificate(s) that client certificates must chain to (mutual TLS).
+    #[arg(long, env = "ONNX_GATEWAY_GRPC_ROOT_CERT")]
+    pub grpc_root_cert: Option<PathBuf>,
+}
+
+/// Bearer-token authentication of gRPC calls.
+#[derive(Debug, Clone, Args)]
+pub struct AuthArgs {
+    /// File holding the bearer token clients must send as `authorization: Bearer <token>`; unset
+    /// means no token is required. Read once at startup; surrounding whitespace is ignored.
+    #[arg(long, env = "ONNX_GATEWAY_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+    /// Let grpc.health.v1 calls through without a token (for Kubernetes probes).
+    #[arg(long, env = "ONNX_GATEWAY_AUTH_EXEMPT_HEALTH", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub auth_exempt_health: bool,
 }
 
 /// The admin HTTP listener (metrics and HTTP health).
@@ -108,6 +161,10 @@ pub struct LifecycleArgs {
     /// Seconds to finish accepted and queued requests after SIGTERM before exiting anyway (as Triton).
     #[arg(long, env = "ONNX_GATEWAY_EXIT_TIMEOUT_SECS", default_value_t = 30)]
     pub exit_timeout_secs: u64,
+    /// Seconds to keep serving after SIGTERM with readiness already off, so load balancers and
+    /// Kubernetes endpoints stop sending traffic before the listener closes.
+    #[arg(long, env = "ONNX_GATEWAY_DRAIN_DELAY_SECS", default_value_t = 5)]
+    pub drain_delay_secs: u64,
 }
 
 /// Logging.
@@ -127,6 +184,7 @@ impl Config {
         config.grpc.grpc_port = 0;
         config.admin.metrics_address = IpAddr::from([127, 0, 0, 1]);
         config.admin.metrics_port = 0;
+        config.lifecycle.drain_delay_secs = 0;
         config
     }
 }

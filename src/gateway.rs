@@ -8,13 +8,14 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
-use crate::config::{Config, ModelControlMode};
+use crate::config::{Config, GrpcArgs, ModelControlMode, TlsArgs};
 use crate::model::manager::{ManagerSettings, ModelManager};
 use crate::model::poll;
 use crate::proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::runtime::init_onnxruntime;
+use crate::server::auth::TokenAuthLayer;
 use crate::server::grpc::InferenceService;
 use crate::server::state::{Readiness, ServerState};
 
@@ -87,7 +88,7 @@ impl Gateway {
         let grpc_task = tokio::spawn(serve_grpc(
             grpc,
             Arc::clone(&state),
-            config.grpc.max_message_bytes,
+            config.grpc.clone(),
             stop_rx.clone(),
         ));
 
@@ -104,8 +105,11 @@ impl Gateway {
         }
 
         shutdown.await;
-        tracing::info!("shutdown requested: draining");
+        let delay = Duration::from_secs(config.lifecycle.drain_delay_secs);
+        tracing::info!(drain_delay_secs = delay.as_secs(), "shutdown requested: readiness off, draining");
         state.readiness.mark_draining();
+        // Keep serving while load balancers notice the readiness change; then stop accepting.
+        tokio::time::sleep(delay).await;
         let exit_timeout = Duration::from_secs(config.lifecycle.exit_timeout_secs);
         let drain = async {
             let _ = stop_tx.send(true);
@@ -187,14 +191,68 @@ async fn poll_repository(state: Arc<ServerState>, every: Duration, mut stop: tok
     }
 }
 
+/// The gRPC listeners: TCP (TLS when configured) and optionally a Unix socket, serving the same
+/// services until `stop` flips.
 async fn serve_grpc(
     listener: TcpListener,
     state: Arc<ServerState>,
-    max_message_bytes: usize,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    args: GrpcArgs,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(follow_readiness(health_reporter, Arc::clone(&state)));
+    let token = match &args.auth.auth_token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --auth-token-file {}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let auth = TokenAuthLayer::new(token, args.auth.auth_exempt_health);
+    let tls = tls_config(&args.tls)?;
+    let mut servers = Vec::new();
+    if let Some(path) = &args.grpc_uds {
+        // A previous run (or a restarted sidecar) may have left the socket file behind.
+        if path.exists() {
+            std::fs::remove_file(path).with_context(|| format!("cannot replace stale socket {}", path.display()))?;
+        }
+        let uds = tokio::net::UnixListener::bind(path).with_context(|| format!("cannot bind Unix socket {}", path.display()))?;
+        tracing::info!(path = %path.display(), "gRPC listening on Unix socket");
+        let router = grpc_router(&state, &args, None, auth.clone(), health_service.clone())?;
+        let mut stop = stop.clone();
+        let path = path.clone();
+        servers.push(tokio::spawn(async move {
+            let result = router
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(uds), async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            let _ = std::fs::remove_file(&path);
+            result.map_err(anyhow::Error::from)
+        }));
+    }
+    let router = grpc_router(&state, &args, tls, auth, health_service)?;
+    let mut stop_tcp = stop.clone();
+    let tcp = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        let _ = stop_tcp.wait_for(|s| *s).await;
+    });
+    let result = tcp.await.map_err(anyhow::Error::from);
+    for server in servers {
+        server.await??;
+    }
+    result
+}
+
+/// One listener's server: transport settings, then the layers, then the services.
+fn grpc_router(
+    state: &Arc<ServerState>,
+    args: &GrpcArgs,
+    tls: Option<ServerTlsConfig>,
+    auth: TokenAuthLayer,
+    health: tonic_health::server::HealthServiceServer<impl tonic_health::pb::health_server::Health>,
+) -> anyhow::Result<tonic::transport::server::Router<tower::layer::util::Stack<TokenAuthLayer, tower::layer::util::Identity>>> {
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -203,19 +261,45 @@ async fn serve_grpc(
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let inference = GrpcInferenceServiceServer::new(InferenceService::new(state))
-        .max_decoding_message_size(max_message_bytes)
-        .max_encoding_message_size(max_message_bytes);
-    Server::builder()
-        .add_service(health_service)
+    let inference = GrpcInferenceServiceServer::new(InferenceService::new(Arc::clone(state)))
+        .max_decoding_message_size(args.max_message_bytes)
+        .max_encoding_message_size(args.max_message_bytes);
+    let keepalive = (args.grpc_keepalive_secs > 0).then(|| Duration::from_secs(args.grpc_keepalive_secs));
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(keepalive)
+        .http2_keepalive_timeout(Some(Duration::from_secs(args.grpc_keepalive_timeout_secs)))
+        .max_concurrent_streams(Some(args.grpc_max_concurrent_streams));
+    if args.grpc_connection_concurrency > 0 {
+        // Per connection: past the limit a call is refused at once (RESOURCE_EXHAUSTED), never queued.
+        builder = builder.concurrency_limit_per_connection(args.grpc_connection_concurrency).load_shed(true);
+    }
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    Ok(builder
+        // Outermost, so an unauthenticated call is refused before any decoding.
+        .layer(auth)
+        .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(inference)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await?;
-    Ok(())
+        .add_service(inference))
+}
+
+/// Triton's TLS flags → rustls config; mutual TLS requires client certificates.
+fn tls_config(args: &TlsArgs) -> anyhow::Result<Option<ServerTlsConfig>> {
+    if !args.grpc_use_ssl && !args.grpc_use_ssl_mutual {
+        return Ok(None);
+    }
+    let read = |flag: &str, path: &Option<std::path::PathBuf>| -> anyhow::Result<Vec<u8>> {
+        let path = path.as_ref().with_context(|| format!("TLS is on but {flag} is not set"))?;
+        std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))
+    };
+    let identity = Identity::from_pem(read("--grpc-server-cert", &args.grpc_server_cert)?, read("--grpc-server-key", &args.grpc_server_key)?);
+    let mut tls = ServerTlsConfig::new().identity(identity);
+    if args.grpc_use_ssl_mutual {
+        tls = tls.client_ca_root(Certificate::from_pem(read("--grpc-root-cert", &args.grpc_root_cert)?));
+    }
+    Ok(Some(tls))
 }
 
 /// Keeps grpc.health.v1 in step with readiness, for Kubernetes' native gRPC probes.

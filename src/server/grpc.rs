@@ -51,9 +51,6 @@ async fn infer(
     request: ModelInferRequest,
 ) -> Result<ModelInferResponse, Error> {
     let arrived = Instant::now();
-    if state.readiness.is_draining() {
-        return Err(Error::ShuttingDown);
-    }
     let model = state
         .models
         .get(&request.model_name, &request.model_version)?;
