@@ -6,6 +6,7 @@ pub mod model;
 pub mod runtime;
 pub mod scheduler;
 pub mod server;
+pub mod shm;
 pub mod telemetry;
 pub mod tensor;
 
