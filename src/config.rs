@@ -18,6 +18,8 @@ pub struct Config {
     #[command(flatten)]
     pub runtime: RuntimeArgs,
     #[command(flatten)]
+    pub shm: ShmArgs,
+    #[command(flatten)]
     pub lifecycle: LifecycleArgs,
     #[command(flatten)]
     pub log: LogArgs,
@@ -144,6 +146,16 @@ pub struct AdminArgs {
     /// Admin HTTP port serving /metrics and /v2/health/{live,ready}; 0 picks a free port.
     #[arg(long, env = "ONNX_GATEWAY_METRICS_PORT", default_value_t = 8002)]
     pub metrics_port: u16,
+}
+
+/// Client system shared memory (Triton's system_shared_memory extension).
+#[derive(Debug, Clone, Args)]
+pub struct ShmArgs {
+    /// Let clients register POSIX shared-memory regions for tensor data. Off by default: a client that
+    /// can reach the port could otherwise make the server map any /dev/shm object it can open. Turn it
+    /// on where clients share the pod (sidecar), ideally with a loopback/Unix-socket listener or a token.
+    #[arg(long, env = "ONNX_GATEWAY_ALLOW_CLIENT_SHM", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub allow_client_shm: bool,
 }
 
 /// ONNX Runtime.

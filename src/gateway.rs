@@ -18,6 +18,7 @@ use crate::runtime::init_onnxruntime;
 use crate::server::auth::TokenAuthLayer;
 use crate::server::grpc::InferenceService;
 use crate::server::state::{Readiness, ServerState};
+use crate::shm::ShmRegistry;
 
 /// gRPC service name whose health follows server readiness (as does the empty service name).
 const INFERENCE_SERVICE: &str = "inference.GRPCInferenceService";
@@ -117,11 +118,10 @@ impl Gateway {
             state.models.shutdown().await;
         };
         if tokio::time::timeout(exit_timeout, drain).await.is_err() {
-            tracing::warn!(
-                seconds = exit_timeout.as_secs(),
-                "exit timeout reached with work still in flight"
-            );
+            tracing::warn!(seconds = exit_timeout.as_secs(), "exit timeout reached with work still in flight");
         }
+        // Mappings are released once no request holds them.
+        let _ = state.shm.unregister_all();
         drop(admin);
         tracing::info!("shutdown complete");
         Ok(())

@@ -1,7 +1,7 @@
 //! ModelInferRequest → engine InferRequest. Every check happens here, before anything is queued:
 //! names, datatypes, shapes, batch size, byte sizes (computed without overflow, before any
 //! allocation), BYTES length prefixes, raw-vs-typed contents. Failures name the tensor.
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -12,6 +12,7 @@ use crate::proto::infer_parameter::ParameterChoice;
 use crate::proto::model_infer_request::InferInputTensor;
 use crate::proto::{InferParameter, InferTensorContents, ModelInferRequest};
 use crate::scheduler::InferRequest;
+use crate::shm::{ShmError, ShmOutput, ShmRegistry};
 use crate::tensor::{
     decode_length_prefixed, element_count, shape_matches, DataType, NamedTensor, Tensor, TensorData,
 };
@@ -25,33 +26,42 @@ fn invalid(msg: impl Into<String>) -> RequestError {
     RequestError(msg.into())
 }
 
-/// Where an input's bytes come from when it is not inline (system shared memory).
-pub trait ExternalInputs {
-    /// Returns the region's bytes if the tensor's parameters name one, None when they do not.
-    fn input_bytes(&self, input: &InferInputTensor) -> Result<Option<Bytes>, RequestError>;
+/// The shared-memory location a tensor's parameters name, if any.
+struct ShmLocation {
+    region: String,
+    offset: u64,
+    byte_size: u64,
 }
 
-/// No external sources: a tensor naming a shared-memory region is refused.
-pub struct InlineOnly;
+fn shm_location(tensor: &str, params: &HashMap<String, InferParameter>) -> Result<Option<ShmLocation>, RequestError> {
+    let Some(region) = params.get("shared_memory_region") else { return Ok(None) };
+    let region = match &region.parameter_choice {
+        Some(ParameterChoice::StringParam(r)) => r.clone(),
+        _ => return Err(invalid(format!("tensor '{tensor}': parameter shared_memory_region must be a string"))),
+    };
+    let byte_size = params
+        .get("shared_memory_byte_size")
+        .ok_or_else(|| invalid(format!("tensor '{tensor}': shared_memory_byte_size is required with shared_memory_region '{region}'")))
+        .and_then(|p| int_param("shared_memory_byte_size", p))?;
+    let offset = match params.get("shared_memory_offset") {
+        Some(p) => int_param("shared_memory_offset", p)?,
+        None => 0,
+    };
+    Ok(Some(ShmLocation { region, offset, byte_size }))
+}
 
-impl ExternalInputs for InlineOnly {
-    fn input_bytes(&self, input: &InferInputTensor) -> Result<Option<Bytes>, RequestError> {
-        if input.parameters.contains_key("shared_memory_region") {
-            return Err(invalid(format!(
-                "input '{}' names a shared memory region but shared memory is not enabled on this server",
-                input.name
-            )));
-        }
-        Ok(None)
-    }
+fn shm_error(tensor: &str, e: ShmError) -> RequestError {
+    invalid(format!("tensor '{tensor}': {e}"))
+}
+
+/// A decoded request plus where its outputs go when the client named shared-memory regions.
+pub struct DecodedRequest {
+    pub request: InferRequest,
+    pub shm_outputs: HashMap<String, ShmOutput>,
 }
 
 /// Decodes and validates a request against the model it was routed to.
-pub fn decode_request(
-    req: ModelInferRequest,
-    model: &LoadedModel,
-    external: &dyn ExternalInputs,
-) -> Result<InferRequest, RequestError> {
+pub fn decode_request(req: ModelInferRequest, model: &LoadedModel, shm: &ShmRegistry) -> Result<DecodedRequest, RequestError> {
     let name = &model.name;
     check_input_names(&req, model)?;
     let use_raw = !req.raw_input_contents.is_empty();
@@ -82,22 +92,29 @@ pub fn decode_request(
         } else {
             None
         };
-        let tensor = decode_tensor(input, spec, raw, external)?;
+        let tensor = decode_tensor(input, spec, raw, shm)?;
         inputs.push(NamedTensor {
             name: input.name.clone(),
             tensor,
         });
     }
     let requested_outputs = requested_outputs(&req, model)?;
+    let shm_outputs = shm_outputs(&req, shm)?;
     let (priority, timeout) = scheduling_parameters(&req.parameters)?;
-    Ok(InferRequest {
-        id: req.id,
-        inputs,
-        requested_outputs,
-        priority,
-        timeout,
-        span: tracing::Span::current(),
-    })
+    let request = InferRequest { id: req.id, inputs, requested_outputs, priority, timeout, span: tracing::Span::current() };
+    Ok(DecodedRequest { request, shm_outputs })
+}
+
+/// Output regions are resolved before the request is queued, so a wrong region fails up front.
+fn shm_outputs(req: &ModelInferRequest, shm: &ShmRegistry) -> Result<HashMap<String, ShmOutput>, RequestError> {
+    let mut outputs = HashMap::new();
+    for output in &req.outputs {
+        if let Some(loc) = shm_location(&output.name, &output.parameters)? {
+            let target = shm.output(&loc.region, loc.offset, loc.byte_size).map_err(|e| shm_error(&output.name, e))?;
+            outputs.insert(output.name.clone(), target);
+        }
+    }
+    Ok(outputs)
 }
 
 fn check_input_names(req: &ModelInferRequest, model: &LoadedModel) -> Result<(), RequestError> {
@@ -204,11 +221,14 @@ fn decode_tensor(
     input: &InferInputTensor,
     spec: &TensorSpec,
     raw: Option<Bytes>,
-    external: &dyn ExternalInputs,
+    registry: &ShmRegistry,
 ) -> Result<Tensor, RequestError> {
     let name = &input.name;
     let count = element_count(&input.shape).map_err(|e| invalid(format!("input '{name}': {e}")))?;
-    let shm = external.input_bytes(input)?;
+    let shm = match shm_location(name, &input.parameters)? {
+        Some(loc) => Some(registry.read(&loc.region, loc.offset, loc.byte_size).map_err(|e| shm_error(name, e))?),
+        None => None,
+    };
     let typed = input.contents.as_ref().filter(|c| !contents_empty(c));
     let sources = [raw.is_some(), typed.is_some(), shm.is_some()]
         .iter()
@@ -367,7 +387,7 @@ fn int_param(key: &str, p: &InferParameter) -> Result<u64, RequestError> {
 
 /// Triton's `priority` (level, 1 is highest, 0 = model default) and `timeout` (microseconds).
 fn scheduling_parameters(
-    params: &std::collections::HashMap<String, InferParameter>,
+    params: &HashMap<String, InferParameter>,
 ) -> Result<(u32, Option<Duration>), RequestError> {
     let priority = match params.get("priority") {
         Some(p) => u32::try_from(int_param("priority", p)?)

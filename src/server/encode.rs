@@ -1,5 +1,13 @@
 //! Engine results → protocol messages: infer responses, metadata, statistics.
+use std::collections::HashMap;
 use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::decode::RequestError;
+use crate::proto::infer_parameter::ParameterChoice;
+use crate::proto::InferParameter;
+use crate::shm::ShmOutput;
 
 use crate::model::manager::LoadedModel;
 use crate::model::validate::TensorSpec;

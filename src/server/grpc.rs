@@ -10,7 +10,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use super::decode::{decode_request, InlineOnly};
+use super::decode::{decode_request, DecodedRequest};
 use super::encode::{infer_response, model_statistics, tensor_metadata};
 use super::state::ServerState;
 use crate::config::ModelControlMode;
@@ -57,7 +57,7 @@ async fn infer(
     let id = request.id.clone();
     let span = tracing::info_span!("infer", request_id = %id, model = %model.name, version = model.version);
     async {
-        let decoded = match decode_request(request, &model, &InlineOnly) {
+        let DecodedRequest { request: decoded, shm_outputs } = match decode_request(request, &model, &state.shm) {
             Ok(d) => d,
             Err(e) => {
                 model
@@ -139,11 +139,11 @@ impl GrpcInferenceService for InferenceService {
         &self,
         _: Request<ServerMetadataRequest>,
     ) -> Result<Response<ServerMetadataResponse>, Status> {
-        Ok(Response::new(ServerMetadataResponse {
-            name: "onnx-gateway".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            extensions: EXTENSIONS.iter().map(|s| s.to_string()).collect(),
-        }))
+        let mut extensions: Vec<String> = EXTENSIONS.iter().map(|s| s.to_string()).collect();
+        if self.state.shm.is_enabled() {
+            extensions.push("system_shared_memory".into());
+        }
+        Ok(Response::new(ServerMetadataResponse { name: "onnx-gateway".into(), version: env!("CARGO_PKG_VERSION").into(), extensions }))
     }
 
     async fn model_metadata(
@@ -323,34 +323,35 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(RepositoryModelUnloadResponse {}))
     }
 
-    async fn system_shared_memory_status(
-        &self,
-        _: Request<SystemSharedMemoryStatusRequest>,
-    ) -> Result<Response<SystemSharedMemoryStatusResponse>, Status> {
-        Err(unimplemented(
-            "system shared memory",
-            "the system_shared_memory extension is not enabled",
-        ))
+    async fn system_shared_memory_status(&self, request: Request<SystemSharedMemoryStatusRequest>) -> Result<Response<SystemSharedMemoryStatusResponse>, Status> {
+        let r = request.into_inner();
+        let name = (!r.name.is_empty()).then_some(r.name.as_str());
+        let regions = self.state.shm.status(name).map_err(shm_status)?;
+        let regions = regions
+            .into_iter()
+            .map(|s| {
+                let status = system_shared_memory_status_response::RegionStatus { name: s.name.clone(), key: s.key, offset: s.offset, byte_size: s.byte_size };
+                (s.name, status)
+            })
+            .collect();
+        Ok(Response::new(SystemSharedMemoryStatusResponse { regions }))
     }
 
-    async fn system_shared_memory_register(
-        &self,
-        _: Request<SystemSharedMemoryRegisterRequest>,
-    ) -> Result<Response<SystemSharedMemoryRegisterResponse>, Status> {
-        Err(unimplemented(
-            "system shared memory",
-            "the system_shared_memory extension is not enabled",
-        ))
+    async fn system_shared_memory_register(&self, request: Request<SystemSharedMemoryRegisterRequest>) -> Result<Response<SystemSharedMemoryRegisterResponse>, Status> {
+        let r = request.into_inner();
+        self.state.shm.register(&r.name, &r.key, r.offset, r.byte_size).map_err(shm_status)?;
+        tracing::debug!(region = %r.name, key = %r.key, bytes = r.byte_size, "shared memory region registered");
+        Ok(Response::new(SystemSharedMemoryRegisterResponse {}))
     }
 
-    async fn system_shared_memory_unregister(
-        &self,
-        _: Request<SystemSharedMemoryUnregisterRequest>,
-    ) -> Result<Response<SystemSharedMemoryUnregisterResponse>, Status> {
-        Err(unimplemented(
-            "system shared memory",
-            "the system_shared_memory extension is not enabled",
-        ))
+    async fn system_shared_memory_unregister(&self, request: Request<SystemSharedMemoryUnregisterRequest>) -> Result<Response<SystemSharedMemoryUnregisterResponse>, Status> {
+        let r = request.into_inner();
+        if r.name.is_empty() {
+            self.state.shm.unregister_all().map_err(shm_status)?;
+        } else {
+            self.state.shm.unregister(&r.name).map_err(shm_status)?;
+        }
+        Ok(Response::new(SystemSharedMemoryUnregisterResponse {}))
     }
 
     async fn cuda_shared_memory_status(
@@ -426,6 +427,19 @@ fn config_override(r: &RepositoryModelLoadRequest) -> Result<Option<crate::model
         }
         Some(_) => Err(Status::invalid_argument("load parameter 'config' must be a string holding JSON")),
     }
+}
+
+/// Shared-memory registry errors as Triton reports them (ALREADY_EXISTS, NOT_FOUND, ...).
+fn shm_status(e: crate::shm::ShmError) -> Status {
+    use crate::shm::ShmErrorKind as K;
+    let code = match e.kind() {
+        K::NotFound => tonic::Code::NotFound,
+        K::AlreadyExists => tonic::Code::AlreadyExists,
+        K::InvalidArgument => tonic::Code::InvalidArgument,
+        K::Internal => tonic::Code::Internal,
+        K::Unavailable => tonic::Code::Unavailable,
+    };
+    Status::new(code, e.to_string())
 }
 
 fn cuda_shm_unimplemented() -> Status {

@@ -7,6 +7,7 @@ use tokio::sync::watch;
 
 use crate::config::ModelControlMode;
 use crate::model::manager::ModelManager;
+use crate::shm::ShmRegistry;
 
 /// Liveness and readiness of the whole server. Ready only after startup loading finished, never while
 /// draining, and (with strict readiness) only while every model is ready.
@@ -64,6 +65,8 @@ pub struct ServerState {
     pub readiness: Arc<Readiness>,
     /// Repository-control RPCs are refused unless this is explicit.
     pub control_mode: ModelControlMode,
+    /// Client system shared-memory regions (disabled unless --allow-client-shm).
+    pub shm: Arc<ShmRegistry>,
 }
 
 impl ServerState {
