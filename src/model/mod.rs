@@ -14,6 +14,7 @@ pub mod validate;
 use crate::tensor::DataType;
 
 pub use crate::proto::ModelConfig;
+pub use validate::TensorSpec;
 
 /// One input or output of an ONNX graph as ONNX Runtime reports it: full dims including any batch
 /// dimension, with -1 for a symbolic or unknown dimension.
