@@ -50,12 +50,10 @@ impl Gateway {
             default_max_queue_size: config.models.default_max_queue_size,
         }));
         let readiness = Arc::new(Readiness::new(config.models.strict_readiness));
-        Ok(Self {
-            config,
-            grpc,
-            admin,
-            state: Arc::new(ServerState { models, readiness }),
-        })
+        let control_mode = config.models.model_control_mode;
+        let shm = Arc::new(if config.shm.allow_client_shm { ShmRegistry::new() } else { ShmRegistry::disabled() });
+        let state = Arc::new(ServerState { models, readiness, control_mode, shm });
+        Ok(Self { config, grpc, admin, state })
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
@@ -251,7 +249,7 @@ fn grpc_router(
     args: &GrpcArgs,
     tls: Option<ServerTlsConfig>,
     auth: TokenAuthLayer,
-    health: tonic_health::server::HealthServiceServer<impl tonic_health::pb::health_server::Health>,
+    health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
 ) -> anyhow::Result<tonic::transport::server::Router<tower::layer::util::Stack<TokenAuthLayer, tower::layer::util::Identity>>> {
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)

@@ -52,6 +52,7 @@ impl<S, B, RB> Service<Request<B>> for TokenAuth<S>
 where
     S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
     RB: Default + Send + 'static,
 {
     type Response = S::Response;

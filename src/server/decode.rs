@@ -92,7 +92,7 @@ pub fn decode_request(req: ModelInferRequest, model: &LoadedModel, shm: &ShmRegi
         } else {
             None
         };
-        let tensor = decode_tensor(input, spec, raw, shm)?;
+        let tensor = decode_tensor(input, spec, max_batch > 0, raw, shm)?;
         inputs.push(NamedTensor {
             name: input.name.clone(),
             tensor,
@@ -217,9 +217,20 @@ fn join(dims: &[i64]) -> String {
         .join(",")
 }
 
+/// The shape the graph receives: the config's `reshape` applied to the non-batch dims.
+fn model_shape(spec: &TensorSpec, shape: &[i64], batched: bool) -> Vec<i64> {
+    if !batched {
+        return spec.model_dims(shape);
+    }
+    let mut out = vec![shape[0]];
+    out.extend(spec.model_dims(&shape[1..]));
+    out
+}
+
 fn decode_tensor(
     input: &InferInputTensor,
     spec: &TensorSpec,
+    batched: bool,
     raw: Option<Bytes>,
     registry: &ShmRegistry,
 ) -> Result<Tensor, RequestError> {
@@ -245,7 +256,7 @@ fn decode_tensor(
         (None, None) if count == 0 => empty_data(spec.dtype),
         (None, None) => return Err(invalid(format!("input '{name}' has no data"))),
     };
-    Tensor::new(name, spec.dtype, input.shape.clone(), data).map_err(|e| invalid(e.to_string()))
+    Tensor::new(name, spec.dtype, model_shape(spec, &input.shape, batched), data).map_err(|e| invalid(e.to_string()))
 }
 
 fn empty_data(dtype: DataType) -> TensorData {

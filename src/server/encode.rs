@@ -20,35 +20,73 @@ use crate::scheduler::InferResponse;
 use crate::telemetry::stats::{DurationStat, FailureReason, ModelStats};
 use crate::tensor::{encode_length_prefixed, TensorData};
 
-/// Outputs as `raw_output_contents`, in the order the engine returned them.
+/// Outputs as `raw_output_contents`, in the order the engine returned them. An output bound to a
+/// shared-memory region is written there and keeps an empty slot, so clients that find outputs by
+/// position still line up.
 pub fn infer_response(
     model: &LoadedModel,
     id: String,
     response: InferResponse,
-) -> ModelInferResponse {
+    shm_outputs: &HashMap<String, ShmOutput>,
+) -> Result<ModelInferResponse, RequestError> {
     let mut outputs = Vec::with_capacity(response.outputs.len());
     let mut raw = Vec::with_capacity(response.outputs.len());
     for output in response.outputs {
         let tensor = output.tensor;
+        let bytes = match tensor.data {
+            TensorData::Fixed(bytes) => bytes,
+            TensorData::Strings(items) => encode_length_prefixed(&items),
+        };
+        let mut parameters = HashMap::new();
+        match shm_outputs.get(&output.name) {
+            Some(target) => {
+                target.write(&bytes).map_err(|e| RequestError(format!("output '{}': {e}", output.name)))?;
+                parameters.insert("shared_memory_region".to_string(), string_param(target.region_name()));
+                parameters.insert("shared_memory_byte_size".to_string(), int_param(bytes.len() as i64));
+                raw.push(Bytes::new());
+            }
+            None => raw.push(bytes),
+        }
+        let shape = client_shape(model, &output.name, tensor.shape);
         outputs.push(InferOutputTensor {
             name: output.name,
             datatype: tensor.dtype.as_str().to_string(),
-            shape: tensor.shape,
-            ..Default::default()
-        });
-        raw.push(match tensor.data {
-            TensorData::Fixed(bytes) => bytes,
-            TensorData::Strings(items) => encode_length_prefixed(&items),
+            shape,
+            parameters,
+            contents: None,
         });
     }
-    ModelInferResponse {
+    Ok(ModelInferResponse {
         model_name: model.name.clone(),
         model_version: model.version.to_string(),
         id,
         outputs,
         raw_output_contents: raw,
         ..Default::default()
+    })
+}
+
+/// The shape the client sees: the inverse of the config's `reshape` on the non-batch dims.
+fn client_shape(model: &LoadedModel, name: &str, shape: Vec<i64>) -> Vec<i64> {
+    let Some(spec) = model.outputs.iter().find(|s| s.name == name) else { return shape };
+    if spec.reshape.is_none() {
+        return shape;
     }
+    if model.max_batch_size() > 0 && !shape.is_empty() {
+        let mut out = vec![shape[0]];
+        out.extend(spec.client_dims(&shape[1..]));
+        out
+    } else {
+        spec.client_dims(&shape)
+    }
+}
+
+fn string_param(value: &str) -> InferParameter {
+    InferParameter { parameter_choice: Some(ParameterChoice::StringParam(value.to_string())) }
+}
+
+fn int_param(value: i64) -> InferParameter {
+    InferParameter { parameter_choice: Some(ParameterChoice::Int64Param(value)) }
 }
 
 /// Metadata shape: the batch dimension appears as -1 when the model batches.

@@ -37,6 +37,7 @@ impl InferenceService {
 
 /// Extension names (as Triton's) for what this server implements.
 const EXTENSIONS: &[&str] = &[
+    "model_repository",
     "model_configuration",
     "statistics",
     "schedule_policy",
@@ -80,7 +81,7 @@ async fn infer(
                 model
                     .stats
                     .record_success(arrived.elapsed(), rows, &response.timings);
-                Ok(infer_response(&model, id, response))
+                Ok(infer_response(&model, id, response, &shm_outputs)?)
             }
             Err(e) => {
                 let reason = match e {
