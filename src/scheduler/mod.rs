@@ -1,5 +1,7 @@
 //! Per-model scheduling: admission into a bounded queue, batch forming, and the instance workers that
 //! own ONNX Runtime sessions. The contract with the rest of the engine is `Scheduler::infer`.
+pub mod policy;
+
 use std::time::Duration;
 
 use crate::tensor::NamedTensor;
