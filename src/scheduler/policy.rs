@@ -435,10 +435,7 @@ impl<T: Batchable> BatchPolicy<T> {
         let level_keys: Vec<u32> = self.levels.keys().copied().collect();
         'levels: for level_no in level_keys {
             let mut index = 0;
-            loop {
-                let Some(entry) = self.levels.get(&level_no).and_then(|l| l.get(index)) else {
-                    break;
-                };
+            while let Some(entry) = self.levels.get(&level_no).and_then(|l| l.get(index)) {
                 if entry.item.is_cancelled() {
                     self.remove_at(level_no, index);
                     continue;

@@ -171,11 +171,7 @@ fn split_one(
         return Ok(vec![tensor]);
     }
     // Elements per row; the shape was checked when the tensor was built, so this cannot overflow.
-    let row_elements = if total_rows == 0 {
-        0
-    } else {
-        tensor.element_count() / total_rows
-    };
+    let row_elements = tensor.element_count().checked_div(total_rows).unwrap_or(0);
     let Tensor { dtype, shape, data } = tensor;
     let shape_for = |rows: usize| {
         let mut s = shape.clone();
