@@ -1,5 +1,13 @@
 //! Per-model scheduling: admission into a bounded queue, batch forming, and the instance workers that
 //! own ONNX Runtime sessions. The contract with the rest of the engine is `Scheduler::infer`.
+pub mod actor;
+pub mod policy;
+pub mod settings;
+mod worker;
+
+pub use actor::Scheduler;
+pub use settings::{InstanceKind, InstanceSpec, SchedulerSettings, DEFAULT_MAX_QUEUE};
+
 use std::time::Duration;
 
 use crate::tensor::NamedTensor;

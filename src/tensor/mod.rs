@@ -1,5 +1,6 @@
 //! Engine tensors: datatypes, shapes, owned buffers, BYTES encoding and the checks every tensor passes
 //! before it is queued. Knows nothing of gRPC or ONNX Runtime.
+pub mod batch;
 mod bytes_codec;
 mod datatype;
 mod shape;

@@ -1,0 +1,568 @@
+//! Scheduler tests with a fake executor (no ONNX Runtime). Instances that must be held busy wait on
+//! a gate the test opens; nothing waits on wall-clock sleeps.
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::mpsc as tokio_mpsc;
+
+use super::*;
+use crate::proto::model_config::SchedulingChoice;
+use crate::proto::model_queue_policy::TimeoutAction as ProtoTimeoutAction;
+use crate::proto::{ModelConfig, ModelDynamicBatching, ModelInstanceGroup, ModelQueuePolicy};
+use crate::tensor::{DataType, Tensor, TensorData};
+
+/// Adds 1 ("OUT") and doubles ("DOUBLE") an FP32 input "IN"; records what each execution saw.
+struct Fake {
+    executions: Arc<Mutex<Vec<Vec<f32>>>>,
+    started: Option<tokio_mpsc::UnboundedSender<usize>>,
+    gate: Option<std::sync::mpsc::Receiver<()>>,
+    barrier: Option<Arc<Barrier>>,
+    fail: bool,
+}
+
+impl ModelExecutor for Fake {
+    fn execute(
+        &mut self,
+        inputs: Vec<NamedTensor>,
+        outputs: &[String],
+    ) -> Result<Vec<NamedTensor>, ExecuteError> {
+        let input = inputs
+            .iter()
+            .find(|t| t.name == "IN")
+            .ok_or_else(|| ExecuteError("no IN".into()))?;
+        let values = fp32_values(&input.tensor);
+        self.executions.lock().push(values.clone());
+        if let Some(started) = &self.started {
+            let _ = started.send(input.tensor.batch_rows());
+        }
+        if let Some(gate) = &self.gate {
+            let _ = gate.recv();
+        }
+        if let Some(barrier) = &self.barrier {
+            barrier.wait();
+        }
+        if self.fail {
+            return Err(ExecuteError("boom".into()));
+        }
+        let shape = input.tensor.shape.clone();
+        let plus_one: Vec<f32> = values.iter().map(|v| v + 1.0).collect();
+        let doubled: Vec<f32> = values.iter().map(|v| v * 2.0).collect();
+        let mut out = Vec::new();
+        for (name, data) in [("OUT", plus_one), ("DOUBLE", doubled)] {
+            if outputs.is_empty() || outputs.iter().any(|o| o == name) {
+                out.push(fp32(name, shape.clone(), &data));
+            }
+        }
+        Ok(out)
+    }
+}
+
+struct Harness {
+    executions: Arc<Mutex<Vec<Vec<f32>>>>,
+    started: tokio_mpsc::UnboundedReceiver<usize>,
+    gates: Vec<std::sync::mpsc::Sender<()>>,
+    stats: Arc<ModelStats>,
+    scheduler: Arc<Scheduler>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Gate {
+    Open,
+    Closed,
+}
+
+fn fp32(name: &str, shape: Vec<i64>, values: &[f32]) -> NamedTensor {
+    let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    NamedTensor {
+        name: name.into(),
+        tensor: Tensor::new(
+            name,
+            DataType::Fp32,
+            shape,
+            TensorData::Fixed(Bytes::from(raw)),
+        )
+        .unwrap(),
+    }
+}
+
+fn fp32_values(t: &Tensor) -> Vec<f32> {
+    match &t.data {
+        TensorData::Fixed(raw) => raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        TensorData::Strings(_) => panic!("not FP32"),
+    }
+}
+
+/// A request of `rows` rows of two values each, starting at `first`.
+fn request(first: f32, rows: usize) -> InferRequest {
+    let values: Vec<f32> = (0..rows * 2).map(|i| first + i as f32).collect();
+    InferRequest {
+        id: format!("r{first}"),
+        inputs: vec![fp32("IN", vec![rows as i64, 2], &values)],
+        requested_outputs: Vec::new(),
+        priority: 0,
+        timeout: None,
+        span: Span::none(),
+    }
+}
+
+fn with_priority(mut r: InferRequest, priority: u32) -> InferRequest {
+    r.priority = priority;
+    r
+}
+
+fn batching_config(max_batch_size: i32, db: ModelDynamicBatching, instances: i32) -> ModelConfig {
+    ModelConfig {
+        name: "fake".into(),
+        max_batch_size,
+        scheduling_choice: Some(SchedulingChoice::DynamicBatching(db)),
+        instance_group: vec![ModelInstanceGroup {
+            count: instances,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn start(config: ModelConfig, gate: Gate) -> Harness {
+    start_with(config, gate, None, false)
+}
+
+fn start_with(
+    config: ModelConfig,
+    gate: Gate,
+    barrier: Option<Arc<Barrier>>,
+    fail: bool,
+) -> Harness {
+    let settings = SchedulerSettings::from_config(&config, 100).unwrap();
+    let executions = Arc::new(Mutex::new(Vec::new()));
+    let (started_tx, started) = tokio_mpsc::unbounded_channel();
+    let mut gates = Vec::new();
+    let executors: Vec<Box<dyn ModelExecutor>> = settings
+        .instances
+        .iter()
+        .map(|_| {
+            let gate_rx = (gate == Gate::Closed).then(|| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                gates.push(tx);
+                rx
+            });
+            Box::new(Fake {
+                executions: executions.clone(),
+                started: Some(started_tx.clone()),
+                gate: gate_rx,
+                barrier: barrier.clone(),
+                fail,
+            }) as Box<dyn ModelExecutor>
+        })
+        .collect();
+    let stats = Arc::new(ModelStats::new("fake", "1"));
+    let scheduler = Arc::new(Scheduler::start(settings, executors, stats.clone()));
+    Harness {
+        executions,
+        started,
+        gates,
+        stats,
+        scheduler,
+    }
+}
+
+impl Harness {
+    /// Lets `n` executions through, on any instance.
+    fn open(&self, n: usize) {
+        for _ in 0..n {
+            for gate in &self.gates {
+                let _ = gate.send(());
+            }
+        }
+    }
+
+    fn first_values(&self) -> Vec<f32> {
+        self.executions.lock().iter().map(|e| e[0]).collect()
+    }
+
+    /// A request that has been admitted (its first poll ran) and is waiting for its answer.
+    async fn admitted(
+        &self,
+        req: InferRequest,
+    ) -> tokio::task::JoinHandle<Result<InferResponse, SchedulerError>> {
+        let scheduler = self.scheduler.clone();
+        let mut fut = Box::pin(async move { scheduler.infer(req).await });
+        assert!(
+            futures::poll!(&mut fut).is_pending(),
+            "request answered at once"
+        );
+        tokio::spawn(fut)
+    }
+}
+
+fn out_values(resp: &InferResponse, name: &str) -> Vec<f32> {
+    let t = resp
+        .outputs
+        .iter()
+        .find(|t| t.name == name)
+        .unwrap_or_else(|| panic!("no output {name}"));
+    fp32_values(&t.tensor)
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_requests_inside_the_delay_window_share_one_execution() {
+    let db = ModelDynamicBatching {
+        max_queue_delay_microseconds: 10_000,
+        ..Default::default()
+    };
+    let h = start(batching_config(8, db, 1), Gate::Open);
+    let s = &h.scheduler;
+    let (a, b, c) = tokio::join!(
+        s.infer(request(0.0, 1)),
+        s.infer(request(100.0, 2)),
+        s.infer(request(200.0, 3))
+    );
+    let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+    assert_eq!(h.executions.lock().len(), 1, "one execution for all three");
+    assert_eq!(h.executions.lock()[0].len(), 12, "6 rows of 2 values");
+    // Each response is what the request alone would have produced.
+    assert_eq!(out_values(&a, "OUT"), vec![1.0, 2.0]);
+    assert_eq!(out_values(&b, "OUT"), vec![101.0, 102.0, 103.0, 104.0]);
+    assert_eq!(
+        out_values(&c, "DOUBLE"),
+        (200..206).map(|v| v as f32 * 2.0).collect::<Vec<_>>()
+    );
+    assert_eq!(b.outputs[0].tensor.shape, vec![2, 2]);
+    assert_eq!(a.timings.batch_size, 6);
+    assert_eq!(h.stats.execution_count.load(Relaxed), 1);
+    assert_eq!(h.stats.batch_table()[0].0, 6);
+    h.scheduler.shutdown().await;
+}
+
+#[tokio::test]
+async fn each_response_matches_its_own_request_and_requested_outputs() {
+    let db = ModelDynamicBatching {
+        max_queue_delay_microseconds: 1_000_000_000,
+        preferred_batch_size: vec![4],
+        ..Default::default()
+    };
+    let h = start(batching_config(8, db, 1), Gate::Open);
+    let s = &h.scheduler;
+    let mut only_double = request(10.0, 1);
+    only_double.requested_outputs = vec!["DOUBLE".into()];
+    // Four rows reach the preferred size, so they go at once despite the long window.
+    let (a, b, c) = tokio::join!(
+        s.infer(request(0.0, 2)),
+        s.infer(only_double),
+        s.infer(request(20.0, 1))
+    );
+    let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+    assert_eq!(h.executions.lock().len(), 1);
+    assert_eq!(out_values(&a, "OUT"), vec![1.0, 2.0, 3.0, 4.0]);
+    assert_eq!(b.outputs.len(), 1, "only the requested output");
+    assert_eq!(out_values(&b, "DOUBLE"), vec![20.0, 22.0]);
+    assert_eq!(c.outputs.len(), 2);
+    assert_eq!(out_values(&c, "OUT"), vec![21.0, 22.0]);
+    h.scheduler.shutdown().await;
+}
+
+#[tokio::test]
+async fn full_queue_refuses_at_once() {
+    let db = ModelDynamicBatching {
+        default_queue_policy: Some(ModelQueuePolicy {
+            max_queue_size: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut h = start(batching_config(1, db, 1), Gate::Closed);
+    let running = h.admitted(request(0.0, 1)).await;
+    assert_eq!(h.started.recv().await, Some(1));
+    let queued = h.admitted(request(1.0, 1)).await;
+    let refused = h.scheduler.infer(request(2.0, 1)).await;
+    assert!(
+        matches!(refused, Err(SchedulerError::QueueFull)),
+        "{refused:?}"
+    );
+    h.open(2);
+    assert!(running.await.unwrap().is_ok());
+    assert!(queued.await.unwrap().is_ok());
+    // The place is free again.
+    h.open(1);
+    assert!(h.scheduler.infer(request(3.0, 1)).await.is_ok());
+    h.scheduler.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn queued_request_past_its_timeout_is_rejected() {
+    let db = ModelDynamicBatching {
+        default_queue_policy: Some(ModelQueuePolicy {
+            timeout_action: ProtoTimeoutAction::Reject as i32,
+            default_timeout_microseconds: 1_000,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut h = start(batching_config(1, db, 1), Gate::Closed);
+    let running = h.admitted(request(0.0, 1)).await;
+    assert_eq!(h.started.recv().await, Some(1));
+    // The instance is held busy; the paused clock runs to the queued request's deadline.
+    let timed_out = h.scheduler.infer(request(1.0, 1)).await;
+    assert!(
+        matches!(timed_out, Err(SchedulerError::TimedOut)),
+        "{timed_out:?}"
+    );
+    h.open(1);
+    assert!(running.await.unwrap().is_ok());
+    assert_eq!(
+        h.first_values(),
+        vec![0.0],
+        "the timed-out request never ran"
+    );
+    h.scheduler.shutdown().await;
+}
+
+#[tokio::test]
+async fn higher_priority_runs_first() {
+    let db = ModelDynamicBatching {
+        priority_levels: 2,
+        default_priority_level: 2,
+        ..Default::default()
+    };
+    let mut h = start(batching_config(1, db, 1), Gate::Closed);
+    let first = h.admitted(request(0.0, 1)).await;
+    assert_eq!(h.started.recv().await, Some(1));
+    let low = h.admitted(with_priority(request(1.0, 1), 2)).await;
+    let default_level = h.admitted(request(2.0, 1)).await;
+    let high = h.admitted(with_priority(request(3.0, 1), 1)).await;
+    h.open(4);
+    for task in [first, low, default_level, high] {
+        assert!(task.await.unwrap().is_ok());
+    }
+    assert_eq!(h.first_values(), vec![0.0, 3.0, 1.0, 2.0]);
+    h.scheduler.shutdown().await;
+}
+
+#[tokio::test]
+async fn request_whose_caller_left_is_dropped_before_it_runs() {
+    let db = ModelDynamicBatching::default();
+    let mut h = start(batching_config(1, db, 1), Gate::Closed);
+    let running = h.admitted(request(0.0, 1)).await;
+    assert_eq!(h.started.recv().await, Some(1));
+    let abandoned = h.admitted(request(1.0, 1)).await;
+    abandoned.abort();
+    let _ = abandoned.await;
+    let kept = h.admitted(request(2.0, 1)).await;
+    h.open(3);
+    assert!(running.await.unwrap().is_ok());
+    assert!(kept.await.unwrap().is_ok());
+    assert_eq!(h.first_values(), vec![0.0, 2.0]);
+    assert_eq!(h.stats.failure(FailureReason::Canceled).count(), 1);
+    h.scheduler.shutdown().await;
+    assert_eq!(h.stats.pending.load(Relaxed), 0);
+}
+
+#[tokio::test]
+async fn shutdown_refuses_new_requests_and_drains_queued_ones() {
+    let db = ModelDynamicBatching {
+        // A window longer than any test: draining must not wait for it.
+        max_queue_delay_microseconds: 3_600_000_000,
+        ..Default::default()
+    };
+    let mut h = start(batching_config(8, db, 1), Gate::Closed);
+    let running = h.admitted(request(0.0, 8)).await;
+    assert_eq!(h.started.recv().await, Some(8));
+    let queued_a = h.admitted(request(100.0, 1)).await;
+    let queued_b = h.admitted(request(200.0, 1)).await;
+
+    let scheduler = h.scheduler.clone();
+    let mut shutdown = Box::pin(async move { scheduler.shutdown().await });
+    assert!(futures::poll!(&mut shutdown).is_pending());
+    let refused = h.scheduler.infer(request(300.0, 1)).await;
+    assert!(
+        matches!(refused, Err(SchedulerError::ShuttingDown)),
+        "{refused:?}"
+    );
+
+    h.open(2);
+    let shutdown = tokio::spawn(shutdown);
+    assert!(running.await.unwrap().is_ok());
+    assert_eq!(
+        out_values(&queued_a.await.unwrap().unwrap(), "OUT")[0],
+        101.0
+    );
+    assert_eq!(
+        out_values(&queued_b.await.unwrap().unwrap(), "OUT")[0],
+        201.0
+    );
+    shutdown.await.unwrap();
+    assert_eq!(
+        h.executions.lock().len(),
+        2,
+        "both queued requests ran as one batch"
+    );
+    // Shutting down twice is harmless.
+    h.scheduler.shutdown().await;
+}
+
+#[tokio::test]
+async fn instances_run_batches_in_parallel() {
+    // Each execution waits at a barrier for the other: this finishes only if both run at once.
+    let config = ModelConfig {
+        name: "fake".into(),
+        max_batch_size: 4,
+        instance_group: vec![ModelInstanceGroup {
+            count: 2,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let h = start_with(config, Gate::Open, Some(Arc::new(Barrier::new(2))), false);
+    let s = &h.scheduler;
+    let both = async { tokio::join!(s.infer(request(0.0, 1)), s.infer(request(10.0, 1))) };
+    let (a, b) = tokio::time::timeout(Duration::from_secs(60), both)
+        .await
+        .expect("the two instances did not run concurrently");
+    assert!(a.is_ok() && b.is_ok());
+    assert_eq!(h.executions.lock().len(), 2);
+    h.scheduler.shutdown().await;
+}
+
+#[tokio::test]
+async fn preserve_ordering_answers_in_dispatch_order_across_instances() {
+    let db = ModelDynamicBatching {
+        preserve_ordering: true,
+        ..Default::default()
+    };
+    let mut h = start(batching_config(1, db, 2), Gate::Closed);
+    let first = h.admitted(request(0.0, 1)).await;
+    let scheduler = h.scheduler.clone();
+    let mut second = Box::pin(async move { scheduler.infer(request(1.0, 1)).await });
+    assert!(futures::poll!(&mut second).is_pending());
+    assert_eq!(h.started.recv().await, Some(1));
+    assert_eq!(h.started.recv().await, Some(1));
+    // The first runs on instance 0, the second on instance 1. Let instance 1 finish, and prove
+    // it has answered (or held its answer) by seeing it take the next request.
+    h.gates[1].send(()).unwrap();
+    let third = h.admitted(request(2.0, 1)).await;
+    assert_eq!(h.started.recv().await, Some(1));
+    assert!(
+        futures::poll!(&mut second).is_pending(),
+        "the second answer overtook the first"
+    );
+    h.gates[0].send(()).unwrap();
+    assert!(first.await.unwrap().is_ok());
+    assert_eq!(out_values(&second.await.unwrap(), "OUT"), vec![2.0, 3.0]);
+    h.gates[1].send(()).unwrap();
+    assert!(third.await.unwrap().is_ok());
+    h.scheduler.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_preserve_ordering_a_fast_instance_answers_first() {
+    let mut h = start(
+        batching_config(1, ModelDynamicBatching::default(), 2),
+        Gate::Closed,
+    );
+    let first = h.admitted(request(0.0, 1)).await;
+    let second = h.admitted(request(1.0, 1)).await;
+    assert_eq!(h.started.recv().await, Some(1));
+    assert_eq!(h.started.recv().await, Some(1));
+    h.gates[1].send(()).unwrap();
+    assert!(second.await.unwrap().is_ok());
+    assert!(!first.is_finished());
+    h.gates[0].send(()).unwrap();
+    assert!(first.await.unwrap().is_ok());
+    h.scheduler.shutdown().await;
+}
+
+#[tokio::test]
+async fn execution_failure_answers_every_request_of_the_batch() {
+    let db = ModelDynamicBatching {
+        preferred_batch_size: vec![2],
+        max_queue_delay_microseconds: 3_600_000_000,
+        ..Default::default()
+    };
+    let h = start_with(batching_config(4, db, 1), Gate::Open, None, true);
+    let s = &h.scheduler;
+    let (a, b) = tokio::join!(s.infer(request(0.0, 1)), s.infer(request(1.0, 1)));
+    for r in [a, b] {
+        match r {
+            Err(SchedulerError::Execute(e)) => assert_eq!(e.0, "boom"),
+            other => panic!("expected an execution error, got {other:?}"),
+        }
+    }
+    assert_eq!(h.stats.execution_count.load(Relaxed), 0);
+    h.scheduler.shutdown().await;
+}
+
+#[tokio::test]
+async fn batch_size_beyond_max_is_refused_before_queueing() {
+    let h = start(
+        batching_config(4, ModelDynamicBatching::default(), 1),
+        Gate::Open,
+    );
+    let r = h.scheduler.infer(request(0.0, 5)).await;
+    assert!(matches!(r, Err(SchedulerError::InvalidRequest(_))), "{r:?}");
+    assert!(h.executions.lock().is_empty());
+    h.scheduler.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_dynamic_batching_requests_run_one_by_one() {
+    let config = ModelConfig {
+        name: "fake".into(),
+        max_batch_size: 8,
+        ..Default::default()
+    };
+    let h = start(config, Gate::Open);
+    let s = &h.scheduler;
+    let (a, b, c) = tokio::join!(
+        s.infer(request(0.0, 2)),
+        s.infer(request(10.0, 1)),
+        s.infer(request(20.0, 1))
+    );
+    assert!(a.is_ok() && b.is_ok() && c.is_ok());
+    assert_eq!(h.first_values(), vec![0.0, 10.0, 20.0]);
+    assert_eq!(a.unwrap().timings.batch_size, 2);
+    h.scheduler.shutdown().await;
+}
+
+#[tokio::test]
+async fn instance_threads_are_named_after_the_model() {
+    struct ThreadName(Arc<Mutex<Option<String>>>);
+    impl ModelExecutor for ThreadName {
+        fn execute(
+            &mut self,
+            inputs: Vec<NamedTensor>,
+            _outputs: &[String],
+        ) -> Result<Vec<NamedTensor>, ExecuteError> {
+            *self.0.lock() = std::thread::current().name().map(str::to_string);
+            Ok(inputs)
+        }
+    }
+    let seen = Arc::new(Mutex::new(None));
+    let config = ModelConfig {
+        name: "fake".into(),
+        ..Default::default()
+    };
+    let settings = SchedulerSettings::from_config(&config, 10).unwrap();
+    let stats = Arc::new(ModelStats::new("fake", "1"));
+    let s = Scheduler::start(settings, vec![Box::new(ThreadName(seen.clone()))], stats);
+    let mut r = request(0.0, 1);
+    r.inputs[0].tensor.shape = vec![2];
+    s.infer(r).await.unwrap();
+    assert_eq!(seen.lock().as_deref(), Some("fake-inst-0"));
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn no_instances_means_every_request_fails_instead_of_waiting() {
+    let config = batching_config(4, ModelDynamicBatching::default(), 1);
+    let settings = SchedulerSettings::from_config(&config, 10).unwrap();
+    let s = Scheduler::start(settings, Vec::new(), Arc::new(ModelStats::new("fake", "1")));
+    let r = s.infer(request(0.0, 1)).await;
+    assert!(matches!(r, Err(SchedulerError::Execute(_))), "{r:?}");
+    s.shutdown().await;
+}
