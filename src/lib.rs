@@ -1,6 +1,7 @@
 //! onnx-gateway: serves ONNX models through ONNX Runtime over the KServe v2 / Triton gRPC protocol.
 pub mod model;
 pub mod scheduler;
+pub mod server;
 pub mod telemetry;
 pub mod tensor;
 
