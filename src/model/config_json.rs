@@ -31,7 +31,12 @@ mod tests {
         assert_eq!(c.max_batch_size, 4);
         assert_eq!(c.input[0].dims, vec![16]);
         assert_eq!(c.input[0].data_type, crate::proto::DataType::TypeFp32 as i32);
-        assert_eq!(c.dynamic_batching.unwrap().max_queue_delay_microseconds, 100);
+        match c.scheduling_choice {
+            Some(crate::proto::model_config::SchedulingChoice::DynamicBatching(d)) => {
+                assert_eq!(d.max_queue_delay_microseconds, 100)
+            }
+            other => panic!("expected dynamic batching, got {other:?}"),
+        }
         assert!(parse_config_json("m", "{\"max_batch_size\": \"x\"}").is_err());
         assert!(parse_config_json("m", "not json").is_err());
     }

@@ -11,9 +11,7 @@ use super::validate::TensorSpec;
 use super::{autocomplete, repository, validate, ModelConfig, ModelError};
 use crate::proto::model_instance_group::Kind as InstanceKind;
 use crate::runtime::{cpu_budget, OrtExecutor, SessionPlan};
-use crate::scheduler::{
-    InstanceKind as SchedInstanceKind, ModelExecutor, Scheduler, SchedulerSettings,
-};
+use crate::scheduler::{InstanceKind as SchedInstanceKind, ModelExecutor, Scheduler, SchedulerSettings};
 use crate::telemetry::stats::ModelStats;
 
 /// One loaded, serving model version.
@@ -385,7 +383,7 @@ impl ModelManager {
         }
         let (inputs, outputs) = validate::io_specs(&config);
         let stats = Arc::new(ModelStats::new(name, &version.to_string()));
-        let scheduler = Scheduler::start(name, settings, executors, Arc::clone(&stats));
+        let scheduler = Scheduler::start(settings, executors, Arc::clone(&stats));
         Ok(LoadedModel {
             name: name.to_string(),
             version,

@@ -1,8 +1,11 @@
-//! Transport: the gRPC service (protocol messages ↔ engine types), health, reflection, and the
-//! listeners. The only module that knows gRPC.
+//! Transport: the gRPC service (protocol messages <-> engine types), health, reflection, the admin
+//! HTTP server and the listeners. The only module that knows gRPC and HTTP.
+pub mod admin;
 pub mod auth;
 pub mod decode;
 pub mod encode;
 pub mod grpc;
+pub mod grpc_metrics_layer;
 pub mod state;
 pub mod status;
+pub mod trace_context;

@@ -1,2 +1,5 @@
 //! Telemetry: statistics, metric names and exposition, logging, tracing.
+pub mod logging;
+pub mod metrics;
+pub mod otel;
 pub mod stats;

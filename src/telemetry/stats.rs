@@ -154,6 +154,8 @@ pub struct ModelStats {
     pub compute_seconds: Histogram,
     pub batch_size: Histogram,
     batches: Mutex<BTreeMap<u64, BatchSizeStats>>,
+    /// How long loading this version took, in nanoseconds; 0 until the load finished.
+    load_duration_ns: AtomicU64,
 }
 
 impl ModelStats {
@@ -176,6 +178,22 @@ impl ModelStats {
             compute_seconds: Histogram::new(&LATENCY_BUCKETS_SECONDS),
             batch_size: Histogram::new(&BATCH_SIZE_BUCKETS),
             batches: Mutex::new(BTreeMap::new()),
+            load_duration_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// Loading this version (session build and warm-up) took `d`.
+    pub fn record_load_duration(&self, d: Duration) {
+        // A load can never take 0 ns, so 0 stays free to mean "not loaded yet".
+        let ns = (d.as_nanos() as u64).max(1);
+        self.load_duration_ns.store(ns, Relaxed);
+    }
+
+    /// How long loading took, once the load finished.
+    pub fn load_duration(&self) -> Option<Duration> {
+        match self.load_duration_ns.load(Relaxed) {
+            0 => None,
+            ns => Some(Duration::from_nanos(ns)),
         }
     }
 
