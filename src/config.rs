@@ -22,7 +22,9 @@ pub struct Config {
     #[command(flatten)]
     pub lifecycle: LifecycleArgs,
     #[command(flatten)]
-    pub log: LogArgs,
+    pub log: crate::telemetry::logging::LoggingArgs,
+    #[command(flatten)]
+    pub tracing: crate::telemetry::otel::TracingArgs,
 }
 
 /// How models are loaded and when the server counts as ready.
@@ -90,14 +92,26 @@ pub struct GrpcArgs {
     #[arg(long, env = "ONNX_GATEWAY_GRPC_KEEPALIVE_SECS", default_value_t = 60)]
     pub grpc_keepalive_secs: u64,
     /// Seconds to wait for a keepalive ping's answer before closing the connection.
-    #[arg(long, env = "ONNX_GATEWAY_GRPC_KEEPALIVE_TIMEOUT_SECS", default_value_t = 20)]
+    #[arg(
+        long,
+        env = "ONNX_GATEWAY_GRPC_KEEPALIVE_TIMEOUT_SECS",
+        default_value_t = 20
+    )]
     pub grpc_keepalive_timeout_secs: u64,
     /// HTTP/2 streams one connection may have open at once.
-    #[arg(long, env = "ONNX_GATEWAY_GRPC_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
+    #[arg(
+        long,
+        env = "ONNX_GATEWAY_GRPC_MAX_CONCURRENT_STREAMS",
+        default_value_t = 1024
+    )]
     pub grpc_max_concurrent_streams: u32,
     /// Requests one connection may have in progress; more are shed at once with RESOURCE_EXHAUSTED
     /// instead of queueing without bound. 0 disables the limit.
-    #[arg(long, env = "ONNX_GATEWAY_GRPC_CONNECTION_CONCURRENCY", default_value_t = 512)]
+    #[arg(
+        long,
+        env = "ONNX_GATEWAY_GRPC_CONNECTION_CONCURRENCY",
+        default_value_t = 512
+    )]
     pub grpc_connection_concurrency: usize,
     #[command(flatten)]
     pub tls: TlsArgs,
@@ -177,14 +191,6 @@ pub struct LifecycleArgs {
     /// Kubernetes endpoints stop sending traffic before the listener closes.
     #[arg(long, env = "ONNX_GATEWAY_DRAIN_DELAY_SECS", default_value_t = 5)]
     pub drain_delay_secs: u64,
-}
-
-/// Logging.
-#[derive(Debug, Clone, Args)]
-pub struct LogArgs {
-    /// Verbosity: 0 info, 1 debug, 2 trace. RUST_LOG, when set, takes precedence.
-    #[arg(long, env = "ONNX_GATEWAY_LOG_VERBOSE", default_value_t = 0)]
-    pub log_verbose: u8,
 }
 
 impl Config {

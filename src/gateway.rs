@@ -9,16 +9,20 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tower::layer::util::{Identity as NoLayer, Stack};
 
 use crate::config::{Config, GrpcArgs, ModelControlMode, TlsArgs};
 use crate::model::manager::{ManagerSettings, ModelManager};
 use crate::model::poll;
 use crate::proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::runtime::init_onnxruntime;
+use crate::server::admin::{serve_admin, AdminState};
 use crate::server::auth::TokenAuthLayer;
 use crate::server::grpc::InferenceService;
+use crate::server::grpc_metrics_layer::GrpcMetricsLayer;
 use crate::server::state::{Readiness, ServerState};
 use crate::shm::ShmRegistry;
+use crate::telemetry::metrics::GrpcMetrics;
 
 /// gRPC service name whose health follows server readiness (as does the empty service name).
 const INFERENCE_SERVICE: &str = "inference.GRPCInferenceService";
@@ -51,9 +55,25 @@ impl Gateway {
         }));
         let readiness = Arc::new(Readiness::new(config.models.strict_readiness));
         let control_mode = config.models.model_control_mode;
-        let shm = Arc::new(if config.shm.allow_client_shm { ShmRegistry::new() } else { ShmRegistry::disabled() });
-        let state = Arc::new(ServerState { models, readiness, control_mode, shm });
-        Ok(Self { config, grpc, admin, state })
+        let shm = Arc::new(if config.shm.allow_client_shm {
+            ShmRegistry::new()
+        } else {
+            ShmRegistry::disabled()
+        });
+        let grpc_metrics = Arc::new(GrpcMetrics::new());
+        let state = Arc::new(ServerState {
+            models,
+            readiness,
+            control_mode,
+            shm,
+            grpc_metrics,
+        });
+        Ok(Self {
+            config,
+            grpc,
+            admin,
+            state,
+        })
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
@@ -84,6 +104,8 @@ impl Gateway {
         tracing::info!(addr = %admin.local_addr()?, "admin HTTP listening");
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // The admin server outlives the gRPC drain, so liveness and metrics answer until the end.
+        let (admin_stop_tx, admin_stop_rx) = tokio::sync::watch::channel(false);
         let grpc_task = tokio::spawn(serve_grpc(
             grpc,
             Arc::clone(&state),
@@ -91,9 +113,18 @@ impl Gateway {
             stop_rx.clone(),
         ));
 
+        let admin_task = tokio::spawn(serve_admin(admin, admin_state(&state), {
+            let mut stop = admin_stop_rx.clone();
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }
+        }));
+
         if let Err(e) = load_models(&config, &state).await {
             let _ = stop_tx.send(true);
+            let _ = admin_stop_tx.send(true);
             let _ = grpc_task.await;
+            let _ = admin_task.await;
             return Err(e);
         }
         state.readiness.mark_started();
@@ -105,7 +136,10 @@ impl Gateway {
 
         shutdown.await;
         let delay = Duration::from_secs(config.lifecycle.drain_delay_secs);
-        tracing::info!(drain_delay_secs = delay.as_secs(), "shutdown requested: readiness off, draining");
+        tracing::info!(
+            drain_delay_secs = delay.as_secs(),
+            "shutdown requested: readiness off, draining"
+        );
         state.readiness.mark_draining();
         // Keep serving while load balancers notice the readiness change; then stop accepting.
         tokio::time::sleep(delay).await;
@@ -116,13 +150,26 @@ impl Gateway {
             state.models.shutdown().await;
         };
         if tokio::time::timeout(exit_timeout, drain).await.is_err() {
-            tracing::warn!(seconds = exit_timeout.as_secs(), "exit timeout reached with work still in flight");
+            tracing::warn!(
+                seconds = exit_timeout.as_secs(),
+                "exit timeout reached with work still in flight"
+            );
         }
         // Mappings are released once no request holds them.
         let _ = state.shm.unregister_all();
-        drop(admin);
+        let _ = admin_stop_tx.send(true);
+        let _ = admin_task.await;
         tracing::info!("shutdown complete");
         Ok(())
+    }
+}
+
+fn admin_state(state: &Arc<ServerState>) -> AdminState {
+    let (ready, metrics) = (Arc::clone(state), Arc::clone(state));
+    AdminState {
+        live: Arc::new(|| true),
+        ready: Arc::new(move || ready.is_ready()),
+        render_metrics: Arc::new(move || metrics.render_metrics()),
     }
 }
 
@@ -139,7 +186,9 @@ pub async fn run(
 async fn load_models(config: &Config, state: &Arc<ServerState>) -> anyhow::Result<()> {
     let available = state.models.repository_models()?;
     let names = match config.models.model_control_mode {
-        ModelControlMode::Explicit if !config.models.load_models.iter().any(|m| m == "*") => config.models.load_models.clone(),
+        ModelControlMode::Explicit if !config.models.load_models.iter().any(|m| m == "*") => {
+            config.models.load_models.clone()
+        }
         _ => available,
     };
     if names.is_empty() {
@@ -158,7 +207,11 @@ async fn load_models(config: &Config, state: &Arc<ServerState>) -> anyhow::Resul
 }
 
 /// Poll mode: applies added, changed and removed models every --repository-poll-secs until stopped.
-async fn poll_repository(state: Arc<ServerState>, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+async fn poll_repository(
+    state: Arc<ServerState>,
+    every: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let repo = state.models.repository().to_path_buf();
     let names = state.models.repository_models().unwrap_or_default();
     let mut before = poll::scan(&repo, &names);
@@ -214,18 +267,23 @@ async fn serve_grpc(
     if let Some(path) = &args.grpc_uds {
         // A previous run (or a restarted sidecar) may have left the socket file behind.
         if path.exists() {
-            std::fs::remove_file(path).with_context(|| format!("cannot replace stale socket {}", path.display()))?;
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot replace stale socket {}", path.display()))?;
         }
-        let uds = tokio::net::UnixListener::bind(path).with_context(|| format!("cannot bind Unix socket {}", path.display()))?;
+        let uds = tokio::net::UnixListener::bind(path)
+            .with_context(|| format!("cannot bind Unix socket {}", path.display()))?;
         tracing::info!(path = %path.display(), "gRPC listening on Unix socket");
         let router = grpc_router(&state, &args, None, auth.clone(), health_service.clone())?;
         let mut stop = stop.clone();
         let path = path.clone();
         servers.push(tokio::spawn(async move {
             let result = router
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(uds), async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(uds),
+                    async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    },
+                )
                 .await;
             let _ = std::fs::remove_file(&path);
             result.map_err(anyhow::Error::from)
@@ -243,14 +301,20 @@ async fn serve_grpc(
     result
 }
 
+/// A listener's server with its layers: metrics outermost, then authentication.
+type GrpcRouter =
+    tonic::transport::server::Router<Stack<TokenAuthLayer, Stack<GrpcMetricsLayer, NoLayer>>>;
+
 /// One listener's server: transport settings, then the layers, then the services.
 fn grpc_router(
     state: &Arc<ServerState>,
     args: &GrpcArgs,
     tls: Option<ServerTlsConfig>,
     auth: TokenAuthLayer,
-    health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
-) -> anyhow::Result<tonic::transport::server::Router<tower::layer::util::Stack<TokenAuthLayer, tower::layer::util::Identity>>> {
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> anyhow::Result<GrpcRouter> {
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -262,20 +326,25 @@ fn grpc_router(
     let inference = GrpcInferenceServiceServer::new(InferenceService::new(Arc::clone(state)))
         .max_decoding_message_size(args.max_message_bytes)
         .max_encoding_message_size(args.max_message_bytes);
-    let keepalive = (args.grpc_keepalive_secs > 0).then(|| Duration::from_secs(args.grpc_keepalive_secs));
+    let keepalive =
+        (args.grpc_keepalive_secs > 0).then(|| Duration::from_secs(args.grpc_keepalive_secs));
     let mut builder = Server::builder()
         .http2_keepalive_interval(keepalive)
         .http2_keepalive_timeout(Some(Duration::from_secs(args.grpc_keepalive_timeout_secs)))
         .max_concurrent_streams(Some(args.grpc_max_concurrent_streams));
     if args.grpc_connection_concurrency > 0 {
         // Per connection: past the limit a call is refused at once (RESOURCE_EXHAUSTED), never queued.
-        builder = builder.concurrency_limit_per_connection(args.grpc_connection_concurrency).load_shed(true);
+        builder = builder
+            .concurrency_limit_per_connection(args.grpc_connection_concurrency)
+            .load_shed(true);
     }
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
     Ok(builder
-        // Outermost, so an unauthenticated call is refused before any decoding.
+        // Outermost, so every call is counted, refused ones included.
+        .layer(GrpcMetricsLayer::new(Arc::clone(&state.grpc_metrics)))
+        // Before the services, so an unauthenticated call is refused before any decoding.
         .layer(auth)
         .add_service(health)
         .add_service(reflection_v1)
@@ -289,13 +358,21 @@ fn tls_config(args: &TlsArgs) -> anyhow::Result<Option<ServerTlsConfig>> {
         return Ok(None);
     }
     let read = |flag: &str, path: &Option<std::path::PathBuf>| -> anyhow::Result<Vec<u8>> {
-        let path = path.as_ref().with_context(|| format!("TLS is on but {flag} is not set"))?;
+        let path = path
+            .as_ref()
+            .with_context(|| format!("TLS is on but {flag} is not set"))?;
         std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))
     };
-    let identity = Identity::from_pem(read("--grpc-server-cert", &args.grpc_server_cert)?, read("--grpc-server-key", &args.grpc_server_key)?);
+    let identity = Identity::from_pem(
+        read("--grpc-server-cert", &args.grpc_server_cert)?,
+        read("--grpc-server-key", &args.grpc_server_key)?,
+    );
     let mut tls = ServerTlsConfig::new().identity(identity);
     if args.grpc_use_ssl_mutual {
-        tls = tls.client_ca_root(Certificate::from_pem(read("--grpc-root-cert", &args.grpc_root_cert)?));
+        tls = tls.client_ca_root(Certificate::from_pem(read(
+            "--grpc-root-cert",
+            &args.grpc_root_cert,
+        )?));
     }
     Ok(Some(tls))
 }

@@ -36,19 +36,52 @@ fn ramp(n: usize, scale: f32) -> Vec<f32> {
 async fn health_and_metadata() {
     let server = TestServer::start(&example_models()).await;
     let mut client = server.client().await;
-    assert!(client.server_live(ServerLiveRequest {}).await.unwrap().into_inner().live);
-    assert!(client.server_ready(ServerReadyRequest {}).await.unwrap().into_inner().ready);
-    let meta = client.server_metadata(ServerMetadataRequest {}).await.unwrap().into_inner();
+    assert!(
+        client
+            .server_live(ServerLiveRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .live
+    );
+    assert!(
+        client
+            .server_ready(ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
+    let meta = client
+        .server_metadata(ServerMetadataRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(meta.name, "onnx-gateway");
     assert!(meta.extensions.contains(&"model_configuration".to_string()));
 
-    let ready = client.model_ready(ModelReadyRequest { name: "add_sub".into(), version: String::new() }).await.unwrap();
+    let ready = client
+        .model_ready(ModelReadyRequest {
+            name: "add_sub".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap();
     assert!(ready.into_inner().ready);
-    let unknown = client.model_ready(ModelReadyRequest { name: "nope".into(), version: String::new() }).await.unwrap();
+    let unknown = client
+        .model_ready(ModelReadyRequest {
+            name: "nope".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap();
     assert!(!unknown.into_inner().ready);
 
     let md = client
-        .model_metadata(ModelMetadataRequest { name: "add_sub".into(), version: String::new() })
+        .model_metadata(ModelMetadataRequest {
+            name: "add_sub".into(),
+            version: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -59,30 +92,51 @@ async fn health_and_metadata() {
     assert_eq!(md.inputs[0].shape, vec![-1, 16]);
 
     let cfg = client
-        .model_config(ModelConfigRequest { name: "digits_classifier".into(), version: String::new() })
+        .model_config(ModelConfigRequest {
+            name: "digits_classifier".into(),
+            version: String::new(),
+        })
         .await
         .unwrap()
         .into_inner()
         .config
         .unwrap();
-    assert!(cfg.max_batch_size > 0, "auto-completed config should batch: {cfg:?}");
+    assert!(
+        cfg.max_batch_size > 0,
+        "auto-completed config should batch: {cfg:?}"
+    );
     assert!(!cfg.input.is_empty() && !cfg.output.is_empty());
 
-    let index = client.repository_index(RepositoryIndexRequest::default()).await.unwrap().into_inner();
-    let names: Vec<_> = index.models.iter().map(|m| (m.name.as_str(), m.state.as_str())).collect();
+    let index = client
+        .repository_index(RepositoryIndexRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<_> = index
+        .models
+        .iter()
+        .map(|m| (m.name.as_str(), m.state.as_str()))
+        .collect();
     assert!(names.contains(&("add_sub", "READY")), "{names:?}");
 
     let mut health = tonic_health::pb::health_client::HealthClient::new(
-        tonic::transport::Channel::from_shared(format!("http://{}", server.grpc_addr)).unwrap().connect_lazy(),
+        tonic::transport::Channel::from_shared(format!("http://{}", server.grpc_addr))
+            .unwrap()
+            .connect_lazy(),
     );
     for service in ["", "inference.GRPCInferenceService"] {
         let status = health
-            .check(tonic_health::pb::HealthCheckRequest { service: service.into() })
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
             .await
             .unwrap()
             .into_inner()
             .status;
-        assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
     }
     server.stop().await.unwrap();
 }
@@ -92,7 +146,11 @@ async fn add_sub_raw_and_typed() {
     let server = TestServer::start(&example_models()).await;
     let mut client = server.client().await;
     let (a, b) = (ramp(32, 1.0), ramp(32, 0.5));
-    let response = client.model_infer(add_sub_request(&a, &b, 2)).await.unwrap().into_inner();
+    let response = client
+        .model_infer(add_sub_request(&a, &b, 2))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(response.model_name, "add_sub");
     assert_eq!(response.model_version, "1");
     assert_eq!(response.id, "req-42");
@@ -108,13 +166,25 @@ async fn add_sub_raw_and_typed() {
     // Typed contents and a requested-output subset.
     let mut request = add_sub_request(&a[..16], &b[..16], 1);
     request.raw_input_contents.clear();
-    request.inputs[0].contents = Some(InferTensorContents { fp32_contents: a[..16].to_vec(), ..Default::default() });
-    request.inputs[1].contents = Some(InferTensorContents { fp32_contents: b[..16].to_vec(), ..Default::default() });
-    request.outputs = vec![InferRequestedOutputTensor { name: "OUTPUT1".into(), ..Default::default() }];
+    request.inputs[0].contents = Some(InferTensorContents {
+        fp32_contents: a[..16].to_vec(),
+        ..Default::default()
+    });
+    request.inputs[1].contents = Some(InferTensorContents {
+        fp32_contents: b[..16].to_vec(),
+        ..Default::default()
+    });
+    request.outputs = vec![InferRequestedOutputTensor {
+        name: "OUTPUT1".into(),
+        ..Default::default()
+    }];
     let response = client.model_infer(request).await.unwrap().into_inner();
     assert_eq!(response.outputs.len(), 1);
     assert_eq!(response.outputs[0].name, "OUTPUT1");
-    assert_eq!(f32_from(&response.raw_output_contents[0]), (0..16).map(|i| a[i] - b[i]).collect::<Vec<_>>());
+    assert_eq!(
+        f32_from(&response.raw_output_contents[0]),
+        (0..16).map(|i| a[i] - b[i]).collect::<Vec<_>>()
+    );
     server.stop().await.unwrap();
 }
 
@@ -146,41 +216,69 @@ async fn every_datatype_round_trips() {
     let server = TestServer::start(&test_models()).await;
     let mut client = server.client().await;
     let types = [
-        "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "BF16", "FP32", "FP64",
+        "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16",
+        "BF16", "FP32", "FP64",
     ];
     for datatype in types {
         let model = format!("identity_{}", datatype.to_lowercase());
         let raw = pattern(datatype, 6);
         let request = ModelInferRequest {
             model_name: model.clone(),
-            inputs: vec![InferInputTensor { name: "INPUT0".into(), datatype: datatype.into(), shape: vec![2, 3], ..Default::default() }],
+            inputs: vec![InferInputTensor {
+                name: "INPUT0".into(),
+                datatype: datatype.into(),
+                shape: vec![2, 3],
+                ..Default::default()
+            }],
             raw_input_contents: vec![raw.clone()],
             ..Default::default()
         };
-        let response = client.model_infer(request).await.unwrap_or_else(|e| panic!("{model}: {e}")).into_inner();
+        let response = client
+            .model_infer(request)
+            .await
+            .unwrap_or_else(|e| panic!("{model}: {e}"))
+            .into_inner();
         assert_eq!(response.outputs[0].datatype, datatype, "{model}");
         assert_eq!(response.outputs[0].shape, vec![2, 3], "{model}");
         assert_eq!(response.raw_output_contents[0], raw, "{model}");
     }
     // BYTES, including an empty element.
-    let items: Vec<Bytes> = vec!["hello".into(), "".into(), "wörld".into(), "x".repeat(1000).into()];
+    let items: Vec<Bytes> = vec![
+        "hello".into(),
+        "".into(),
+        "wörld".into(),
+        "x".repeat(1000).into(),
+    ];
     let request = ModelInferRequest {
         model_name: "identity_bytes".into(),
-        inputs: vec![InferInputTensor { name: "INPUT0".into(), datatype: "BYTES".into(), shape: vec![2, 2], ..Default::default() }],
+        inputs: vec![InferInputTensor {
+            name: "INPUT0".into(),
+            datatype: "BYTES".into(),
+            shape: vec![2, 2],
+            ..Default::default()
+        }],
         raw_input_contents: vec![onnx_gateway::tensor::encode_length_prefixed(&items)],
         ..Default::default()
     };
     let response = client.model_infer(request).await.unwrap().into_inner();
     assert_eq!(response.outputs[0].datatype, "BYTES");
-    let back = onnx_gateway::tensor::decode_length_prefixed(&response.raw_output_contents[0]).unwrap();
+    let back =
+        onnx_gateway::tensor::decode_length_prefixed(&response.raw_output_contents[0]).unwrap();
     assert_eq!(back, items);
     server.stop().await.unwrap();
 }
 
 async fn expect_invalid(client: &mut Client, request: ModelInferRequest, needle: &str) {
-    let status = client.model_infer(request).await.expect_err("request must fail");
+    let status = client
+        .model_infer(request)
+        .await
+        .expect_err("request must fail");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    assert!(status.message().contains(needle), "message {:?} should mention {needle:?}", status.message());
+    assert!(
+        status.message().contains(needle),
+        "message {:?} should mention {needle:?}",
+        status.message()
+    );
 }
 
 #[tokio::test]
@@ -214,12 +312,20 @@ async fn bad_inputs_are_refused_and_the_server_keeps_serving() {
     expect_invalid(&mut client, r, "INPUT1").await;
 
     let mut r = good();
-    r.inputs.push(InferInputTensor { name: "EXTRA".into(), datatype: "FP32".into(), shape: vec![1, 16], ..Default::default() });
+    r.inputs.push(InferInputTensor {
+        name: "EXTRA".into(),
+        datatype: "FP32".into(),
+        shape: vec![1, 16],
+        ..Default::default()
+    });
     r.raw_input_contents.push(f32_bytes(&ramp(16, 1.0)));
     expect_invalid(&mut client, r, "EXTRA").await;
 
     let mut r = good();
-    r.outputs = vec![InferRequestedOutputTensor { name: "NOPE".into(), ..Default::default() }];
+    r.outputs = vec![InferRequestedOutputTensor {
+        name: "NOPE".into(),
+        ..Default::default()
+    }];
     expect_invalid(&mut client, r, "NOPE").await;
 
     // 2^40 elements: refused from the arithmetic, nothing is allocated.
@@ -229,21 +335,32 @@ async fn bad_inputs_are_refused_and_the_server_keeps_serving() {
 
     // Raw and typed both set.
     let mut r = good();
-    r.inputs[0].contents = Some(InferTensorContents { fp32_contents: ramp(16, 1.0), ..Default::default() });
+    r.inputs[0].contents = Some(InferTensorContents {
+        fp32_contents: ramp(16, 1.0),
+        ..Default::default()
+    });
     expect_invalid(&mut client, r, "INPUT0").await;
 
     // Typed count mismatch.
     let mut r = good();
     r.raw_input_contents.clear();
-    r.inputs[0].contents = Some(InferTensorContents { fp32_contents: ramp(3, 1.0), ..Default::default() });
-    r.inputs[1].contents = Some(InferTensorContents { fp32_contents: ramp(16, 1.0), ..Default::default() });
+    r.inputs[0].contents = Some(InferTensorContents {
+        fp32_contents: ramp(3, 1.0),
+        ..Default::default()
+    });
+    r.inputs[1].contents = Some(InferTensorContents {
+        fp32_contents: ramp(16, 1.0),
+        ..Default::default()
+    });
     expect_invalid(&mut client, r, "INPUT0").await;
 
     // Bad priority parameter type.
     let mut r = good();
     r.parameters = HashMap::from([(
         "priority".to_string(),
-        InferParameter { parameter_choice: Some(ParameterChoice::StringParam("high".into())) },
+        InferParameter {
+            parameter_choice: Some(ParameterChoice::StringParam("high".into())),
+        },
     )]);
     expect_invalid(&mut client, r, "priority").await;
 
@@ -271,7 +388,12 @@ async fn bytes_with_broken_length_prefix_is_refused() {
     let mut client = server.client().await;
     let request = ModelInferRequest {
         model_name: "identity_bytes".into(),
-        inputs: vec![InferInputTensor { name: "INPUT0".into(), datatype: "BYTES".into(), shape: vec![1, 1], ..Default::default() }],
+        inputs: vec![InferInputTensor {
+            name: "INPUT0".into(),
+            datatype: "BYTES".into(),
+            shape: vec![1, 1],
+            ..Default::default()
+        }],
         raw_input_contents: vec![Bytes::from_static(&[200, 0, 0, 0, b'a', b'b'])],
         ..Default::default()
     };
@@ -287,7 +409,12 @@ async fn sixteen_mib_request_works_with_defaults() {
     let raw: Bytes = (0..n).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into();
     let request = ModelInferRequest {
         model_name: "identity_uint8".into(),
-        inputs: vec![InferInputTensor { name: "INPUT0".into(), datatype: "UINT8".into(), shape: vec![1, n as i64], ..Default::default() }],
+        inputs: vec![InferInputTensor {
+            name: "INPUT0".into(),
+            datatype: "UINT8".into(),
+            shape: vec![1, n as i64],
+            ..Default::default()
+        }],
         raw_input_contents: vec![raw.clone()],
         ..Default::default()
     };
@@ -309,12 +436,19 @@ async fn stream_reports_errors_in_band_and_continues() {
         }
         requests.push(r);
     }
-    let response = client.model_stream_infer(tokio_stream::iter(requests)).await.unwrap();
+    let response = client
+        .model_stream_infer(tokio_stream::iter(requests))
+        .await
+        .unwrap();
     let mut stream = response.into_inner();
     let mut seen = HashMap::new();
     while let Some(message) = tokio_stream::StreamExt::next(&mut stream).await {
         let message = message.unwrap();
-        let id = message.infer_response.as_ref().map(|r| r.id.clone()).unwrap_or_default();
+        let id = message
+            .infer_response
+            .as_ref()
+            .map(|r| r.id.clone())
+            .unwrap_or_default();
         seen.insert(id, message);
     }
     assert_eq!(seen.len(), 5);
@@ -342,10 +476,20 @@ fn repo_with_broken_model() -> tempfile::TempDir {
             }
         }
     };
-    copy(&example_models().join("add_sub"), &dir.path().join("add_sub"));
-    copy(&example_models().join("add_sub/1"), &dir.path().join("add_sub/1"));
+    copy(
+        &example_models().join("add_sub"),
+        &dir.path().join("add_sub"),
+    );
+    copy(
+        &example_models().join("add_sub/1"),
+        &dir.path().join("add_sub/1"),
+    );
     std::fs::create_dir_all(dir.path().join("broken/1")).unwrap();
-    std::fs::write(dir.path().join("broken/1/model.onnx"), b"this is not an onnx file").unwrap();
+    std::fs::write(
+        dir.path().join("broken/1/model.onnx"),
+        b"this is not an onnx file",
+    )
+    .unwrap();
     dir
 }
 
@@ -365,11 +509,22 @@ async fn broken_model_is_unavailable_when_exit_on_error_is_off() {
     config.models.strict_readiness = false;
     let server = TestServer::start_with(config).await;
     let mut client = server.client().await;
-    let index = client.repository_index(RepositoryIndexRequest::default()).await.unwrap().into_inner();
-    let broken = index.models.iter().find(|m| m.name == "broken").expect("broken listed");
+    let index = client
+        .repository_index(RepositoryIndexRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let broken = index
+        .models
+        .iter()
+        .find(|m| m.name == "broken")
+        .expect("broken listed");
     assert_eq!(broken.state, "UNAVAILABLE");
     assert!(!broken.reason.is_empty());
-    let response = client.model_infer(add_sub_request(&ramp(16, 1.0), &ramp(16, 1.0), 1)).await.unwrap();
+    let response = client
+        .model_infer(add_sub_request(&ramp(16, 1.0), &ramp(16, 1.0), 1))
+        .await
+        .unwrap();
     assert_eq!(response.into_inner().outputs.len(), 2);
     server.stop().await.unwrap();
 
@@ -380,9 +535,16 @@ async fn broken_model_is_unavailable_when_exit_on_error_is_off() {
     let mut client = server.client().await;
     let mut loaded = false;
     for _ in 0..500 {
-        let index = client.repository_index(RepositoryIndexRequest::default()).await;
+        let index = client
+            .repository_index(RepositoryIndexRequest::default())
+            .await;
         if let Ok(index) = index {
-            if index.into_inner().models.iter().any(|m| m.name == "broken" && m.state == "UNAVAILABLE") {
+            if index
+                .into_inner()
+                .models
+                .iter()
+                .any(|m| m.name == "broken" && m.state == "UNAVAILABLE")
+            {
                 loaded = true;
                 break;
             }
@@ -390,7 +552,21 @@ async fn broken_model_is_unavailable_when_exit_on_error_is_off() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(loaded);
-    assert!(client.server_live(ServerLiveRequest {}).await.unwrap().into_inner().live);
-    assert!(!client.server_ready(ServerReadyRequest {}).await.unwrap().into_inner().ready);
+    assert!(
+        client
+            .server_live(ServerLiveRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .live
+    );
+    assert!(
+        !client
+            .server_ready(ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
     server.stop().await.unwrap();
 }

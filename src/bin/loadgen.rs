@@ -23,7 +23,10 @@ enum Mode {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "loadgen", about = "Load generator for the KServe v2 / Triton gRPC protocol")]
+#[command(
+    name = "loadgen",
+    about = "Load generator for the KServe v2 / Triton gRPC protocol"
+)]
 struct Args {
     /// Server address (host:port).
     #[arg(long, default_value = "127.0.0.1:8001")]
@@ -103,42 +106,92 @@ impl Report {
 
 fn random_raw(dtype: DataType, count: usize, rng: &mut impl Rng) -> Bytes {
     match dtype {
-        DataType::Bytes => encode_length_prefixed(&(0..count).map(|i| Bytes::from(format!("item{i}"))).collect::<Vec<_>>()),
-        DataType::Fp32 => (0..count).flat_map(|_| rng.random_range(-1.0f32..1.0).to_le_bytes()).collect::<Vec<u8>>().into(),
-        DataType::Fp64 => (0..count).flat_map(|_| rng.random_range(-1.0f64..1.0).to_le_bytes()).collect::<Vec<u8>>().into(),
-        DataType::Bool => (0..count).map(|_| rng.random_range(0..2u8)).collect::<Vec<u8>>().into(),
+        DataType::Bytes => encode_length_prefixed(
+            &(0..count)
+                .map(|i| Bytes::from(format!("item{i}")))
+                .collect::<Vec<_>>(),
+        ),
+        DataType::Fp32 => (0..count)
+            .flat_map(|_| rng.random_range(-1.0f32..1.0).to_le_bytes())
+            .collect::<Vec<u8>>()
+            .into(),
+        DataType::Fp64 => (0..count)
+            .flat_map(|_| rng.random_range(-1.0f64..1.0).to_le_bytes())
+            .collect::<Vec<u8>>()
+            .into(),
+        DataType::Bool => (0..count)
+            .map(|_| rng.random_range(0..2u8))
+            .collect::<Vec<u8>>()
+            .into(),
         // Small non-negative values keep index-like integer inputs in range.
         other => {
             let size = other.element_size().unwrap_or(1);
-            (0..count).flat_map(|_| {
-                let mut v = vec![0u8; size];
-                v[0] = rng.random_range(0..8u8);
-                v
-            }).collect::<Vec<u8>>().into()
+            (0..count)
+                .flat_map(|_| {
+                    let mut v = vec![0u8; size];
+                    v[0] = rng.random_range(0..8u8);
+                    v
+                })
+                .collect::<Vec<u8>>()
+                .into()
         }
     }
 }
 
-async fn build_request(client: &mut GrpcInferenceServiceClient<Channel>, args: &Args) -> anyhow::Result<ModelInferRequest> {
-    let md = client.model_metadata(ModelMetadataRequest { name: args.model.clone(), version: String::new() }).await?.into_inner();
-    let cfg = client.model_config(ModelConfigRequest { name: args.model.clone(), version: String::new() }).await?.into_inner();
+async fn build_request(
+    client: &mut GrpcInferenceServiceClient<Channel>,
+    args: &Args,
+) -> anyhow::Result<ModelInferRequest> {
+    let md = client
+        .model_metadata(ModelMetadataRequest {
+            name: args.model.clone(),
+            version: String::new(),
+        })
+        .await?
+        .into_inner();
+    let cfg = client
+        .model_config(ModelConfigRequest {
+            name: args.model.clone(),
+            version: String::new(),
+        })
+        .await?
+        .into_inner();
     let batching = cfg.config.map(|c| c.max_batch_size > 0).unwrap_or(false);
     let mut rng = rand::rng();
     let mut inputs = Vec::new();
     let mut raw = Vec::new();
     for input in md.inputs {
-        let dtype = DataType::parse(&input.datatype).ok_or_else(|| anyhow::anyhow!("unknown datatype {}", input.datatype))?;
+        let dtype = DataType::parse(&input.datatype)
+            .ok_or_else(|| anyhow::anyhow!("unknown datatype {}", input.datatype))?;
         let shape: Vec<i64> = input
             .shape
             .iter()
             .enumerate()
-            .map(|(i, &d)| if i == 0 && batching { args.batch_size } else if d < 0 { args.dynamic_dim } else { d })
+            .map(|(i, &d)| {
+                if i == 0 && batching {
+                    args.batch_size
+                } else if d < 0 {
+                    args.dynamic_dim
+                } else {
+                    d
+                }
+            })
             .collect();
         let count: i64 = shape.iter().product();
         raw.push(random_raw(dtype, count as usize, &mut rng));
-        inputs.push(InferInputTensor { name: input.name, datatype: input.datatype, shape, ..Default::default() });
+        inputs.push(InferInputTensor {
+            name: input.name,
+            datatype: input.datatype,
+            shape,
+            ..Default::default()
+        });
     }
-    Ok(ModelInferRequest { model_name: args.model.clone(), inputs, raw_input_contents: raw, ..Default::default() })
+    Ok(ModelInferRequest {
+        model_name: args.model.clone(),
+        inputs,
+        raw_input_contents: raw,
+        ..Default::default()
+    })
 }
 
 /// Paces workers to a shared request rate, if one is set.
@@ -149,7 +202,9 @@ struct Pacer {
 
 impl Pacer {
     async fn wait(&self) {
-        let Some(interval) = self.interval else { return };
+        let Some(interval) = self.interval else {
+            return;
+        };
         let at = {
             let mut next = self.next.lock().await;
             let at = (*next).max(Instant::now());
@@ -161,19 +216,29 @@ impl Pacer {
 }
 
 async fn drive(args: &Args) -> anyhow::Result<Report> {
-    let channel = Channel::from_shared(format!("http://{}", args.url))?.connect().await?;
-    let mut client = GrpcInferenceServiceClient::new(channel).max_decoding_message_size(1 << 30).max_encoding_message_size(1 << 30);
+    let channel = Channel::from_shared(format!("http://{}", args.url))?
+        .connect()
+        .await?;
+    let mut client = GrpcInferenceServiceClient::new(channel)
+        .max_decoding_message_size(1 << 30)
+        .max_encoding_message_size(1 << 30);
     let request = build_request(&mut client, args).await?;
     let warmup = Duration::from_secs(1);
     let measure = Duration::from_secs_f64(args.duration_secs);
     let start = Instant::now();
     let pacer = Arc::new(Pacer {
-        interval: (args.request_rate > 0.0).then(|| Duration::from_secs_f64(1.0 / args.request_rate)),
+        interval: (args.request_rate > 0.0)
+            .then(|| Duration::from_secs_f64(1.0 / args.request_rate)),
         next: Mutex::new(start),
     });
     let mut workers = Vec::new();
     for _ in 0..args.concurrency {
-        let (mut client, request, pacer, mode) = (client.clone(), request.clone(), Arc::clone(&pacer), args.mode);
+        let (mut client, request, pacer, mode) = (
+            client.clone(),
+            request.clone(),
+            Arc::clone(&pacer),
+            args.mode,
+        );
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0u64;
@@ -213,16 +278,31 @@ async fn drive(args: &Args) -> anyhow::Result<Report> {
         latencies.extend(l);
         errors += e;
     }
-    let label = format!("gateway {} {:?} c={} b={}", args.model, args.mode, args.concurrency, args.batch_size);
-    Ok(Report { label, latencies, rows_per_request: args.batch_size, errors, elapsed: measure })
+    let label = format!(
+        "gateway {} {:?} c={} b={}",
+        args.model, args.mode, args.concurrency, args.batch_size
+    );
+    Ok(Report {
+        label,
+        latencies,
+        rows_per_request: args.batch_size,
+        errors,
+        elapsed: measure,
+    })
 }
 
 fn in_process(args: &Args, model_path: &PathBuf) -> anyhow::Result<Report> {
-    use onnx_gateway::runtime::{init_onnxruntime, OptimizationLevel, OrtExecutor, ProviderPlan, SessionPlan};
+    use onnx_gateway::runtime::{
+        init_onnxruntime, OptimizationLevel, OrtExecutor, ProviderPlan, SessionPlan,
+    };
     use onnx_gateway::scheduler::ModelExecutor;
     use onnx_gateway::tensor::{NamedTensor, Tensor, TensorData};
     init_onnxruntime(None)?;
-    let threads = if args.threads == 0 { onnx_gateway::runtime::cpu_budget() } else { args.threads };
+    let threads = if args.threads == 0 {
+        onnx_gateway::runtime::cpu_budget()
+    } else {
+        args.threads
+    };
     let plan = SessionPlan {
         model_path: model_path.clone(),
         intra_op_threads: threads,
@@ -238,15 +318,33 @@ fn in_process(args: &Args, model_path: &PathBuf) -> anyhow::Result<Report> {
         .inputs
         .iter()
         .map(|t| {
-            let shape: Vec<i64> = t.dims.iter().enumerate().map(|(i, &d)| if i == 0 { args.batch_size } else if d < 0 { args.dynamic_dim } else { d }).collect();
+            let shape: Vec<i64> = t
+                .dims
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| {
+                    if i == 0 {
+                        args.batch_size
+                    } else if d < 0 {
+                        args.dynamic_dim
+                    } else {
+                        d
+                    }
+                })
+                .collect();
             let count = shape.iter().product::<i64>() as usize;
             let raw = random_raw(t.dtype, count, &mut rng);
             let data = if t.dtype == DataType::Bytes {
-                TensorData::Strings(onnx_gateway::tensor::decode_length_prefixed(&raw).unwrap_or_default())
+                TensorData::Strings(
+                    onnx_gateway::tensor::decode_length_prefixed(&raw).unwrap_or_default(),
+                )
             } else {
                 TensorData::Fixed(raw)
             };
-            Tensor::new(&t.name, t.dtype, shape, data).map(|tensor| NamedTensor { name: t.name.clone(), tensor })
+            Tensor::new(&t.name, t.dtype, shape, data).map(|tensor| NamedTensor {
+                name: t.name.clone(),
+                tensor,
+            })
         })
         .collect::<Result<_, _>>()?;
     let warmup_end = Instant::now() + Duration::from_secs(1);
@@ -262,14 +360,23 @@ fn in_process(args: &Args, model_path: &PathBuf) -> anyhow::Result<Report> {
         latencies.push(t0.elapsed());
     }
     let label = format!("in-process ORT b={} threads={threads}", args.batch_size);
-    Ok(Report { label, latencies, rows_per_request: args.batch_size, errors: 0, elapsed: start.elapsed() })
+    Ok(Report {
+        label,
+        latencies,
+        rows_per_request: args.batch_size,
+        errors: 0,
+        elapsed: start.elapsed(),
+    })
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let report = match &args.in_process {
         Some(path) => in_process(&args, path)?,
-        None => tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(drive(&args))?,
+        None => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(drive(&args))?,
     };
     report.print(args.json);
     Ok(())

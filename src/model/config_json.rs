@@ -6,17 +6,29 @@ use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor};
 use super::{ModelConfig, ModelError};
 
 static MODEL_CONFIG: LazyLock<Option<MessageDescriptor>> = LazyLock::new(|| {
-    DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET).ok()?.get_message_by_name("inference.ModelConfig")
+    DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET)
+        .ok()?
+        .get_message_by_name("inference.ModelConfig")
 });
 
 /// Parses a JSON ModelConfig (proto field names or their JSON camelCase forms, enum names as strings).
 pub fn parse_config_json(model: &str, json: &str) -> Result<ModelConfig, ModelError> {
-    let fail = |reason: String| ModelError::ConfigParse { model: model.to_string(), reason };
-    let descriptor = MODEL_CONFIG.clone().ok_or_else(|| fail("ModelConfig descriptor unavailable".into()))?;
+    let fail = |reason: String| ModelError::ConfigParse {
+        model: model.to_string(),
+        reason,
+    };
+    let descriptor = MODEL_CONFIG
+        .clone()
+        .ok_or_else(|| fail("ModelConfig descriptor unavailable".into()))?;
     let mut deserializer = serde_json::Deserializer::from_str(json);
-    let message = DynamicMessage::deserialize(descriptor, &mut deserializer).map_err(|e| fail(format!("config override JSON: {e}")))?;
-    deserializer.end().map_err(|e| fail(format!("config override JSON: {e}")))?;
-    message.transcode_to::<ModelConfig>().map_err(|e| fail(format!("config override: {e}")))
+    let message = DynamicMessage::deserialize(descriptor, &mut deserializer)
+        .map_err(|e| fail(format!("config override JSON: {e}")))?;
+    deserializer
+        .end()
+        .map_err(|e| fail(format!("config override JSON: {e}")))?;
+    message
+        .transcode_to::<ModelConfig>()
+        .map_err(|e| fail(format!("config override: {e}")))
 }
 
 #[cfg(test)]
@@ -30,7 +42,10 @@ mod tests {
         let c = parse_config_json("m", json).unwrap();
         assert_eq!(c.max_batch_size, 4);
         assert_eq!(c.input[0].dims, vec![16]);
-        assert_eq!(c.input[0].data_type, crate::proto::DataType::TypeFp32 as i32);
+        assert_eq!(
+            c.input[0].data_type,
+            crate::proto::DataType::TypeFp32 as i32
+        );
         match c.scheduling_choice {
             Some(crate::proto::model_config::SchedulingChoice::DynamicBatching(d)) => {
                 assert_eq!(d.max_queue_delay_microseconds, 100)

@@ -11,7 +11,9 @@ use super::validate::TensorSpec;
 use super::{autocomplete, repository, validate, ModelConfig, ModelError};
 use crate::proto::model_instance_group::Kind as InstanceKind;
 use crate::runtime::{cpu_budget, OrtExecutor, SessionPlan};
-use crate::scheduler::{InstanceKind as SchedInstanceKind, ModelExecutor, Scheduler, SchedulerSettings};
+use crate::scheduler::{
+    InstanceKind as SchedInstanceKind, ModelExecutor, Scheduler, SchedulerSettings,
+};
 use crate::telemetry::stats::ModelStats;
 
 /// One loaded, serving model version.
@@ -94,7 +96,6 @@ pub struct ManagerSettings {
 pub struct ModelManager {
     settings: ManagerSettings,
     models: RwLock<BTreeMap<String, ModelSlot>>,
-    load_durations: RwLock<BTreeMap<(String, i64), f64>>,
 }
 
 impl ModelManager {
@@ -102,7 +103,6 @@ impl ModelManager {
         Self {
             settings,
             models: RwLock::new(BTreeMap::new()),
-            load_durations: RwLock::new(BTreeMap::new()),
         }
     }
 
@@ -145,13 +145,12 @@ impl ModelManager {
         slot.loading = false;
         match result {
             Ok(loaded) => {
-                let elapsed = started.elapsed().as_secs_f64();
-                let mut durations = self.load_durations.write();
+                let elapsed = started.elapsed();
                 let old = std::mem::take(&mut slot.versions);
                 slot.failures.clear();
                 for model in loaded {
-                    durations.insert((name.to_string(), model.version), elapsed);
-                    tracing::info!(model = %name, version = model.version, seconds = elapsed, "model loaded");
+                    model.stats.record_load_duration(elapsed);
+                    tracing::info!(model = %name, version = model.version, seconds = elapsed.as_secs_f64(), "model loaded");
                     slot.versions.insert(model.version, model);
                 }
                 drop(models);
@@ -300,15 +299,6 @@ impl ModelManager {
             .read()
             .values()
             .flat_map(|s| s.versions.values().cloned())
-            .collect()
-    }
-
-    /// Seconds each loaded version took to load (nv_model_load_duration_secs).
-    pub fn load_durations(&self) -> Vec<((String, i64), f64)> {
-        self.load_durations
-            .read()
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
             .collect()
     }
 

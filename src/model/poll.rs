@@ -9,7 +9,10 @@ pub type Fingerprint = BTreeSet<(String, u64, Option<SystemTime>)>;
 
 /// Fingerprints of every model directory in the repository.
 pub fn scan(repo: &Path, models: &[String]) -> BTreeMap<String, Fingerprint> {
-    models.iter().map(|m| (m.clone(), fingerprint(&repo.join(m)))).collect()
+    models
+        .iter()
+        .map(|m| (m.clone(), fingerprint(&repo.join(m))))
+        .collect()
 }
 
 fn fingerprint(dir: &Path) -> Fingerprint {
@@ -24,11 +27,16 @@ fn walk(root: &Path, dir: &Path, depth: usize, out: &mut Fingerprint) {
     if depth > 4 {
         return;
     }
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         let Ok(meta) = entry.metadata() else { continue };
-        let rel = path.strip_prefix(root).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        let rel = path
+            .strip_prefix(root)
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if meta.is_dir() {
             out.insert((rel + "/", 0, None));
             walk(root, &path, depth + 1, out);
@@ -46,7 +54,10 @@ pub struct RepositoryChanges {
     pub removed: Vec<String>,
 }
 
-pub fn diff(before: &BTreeMap<String, Fingerprint>, after: &BTreeMap<String, Fingerprint>) -> RepositoryChanges {
+pub fn diff(
+    before: &BTreeMap<String, Fingerprint>,
+    after: &BTreeMap<String, Fingerprint>,
+) -> RepositoryChanges {
     let mut changes = RepositoryChanges::default();
     for (name, print) in after {
         match before.get(name) {
@@ -55,7 +66,11 @@ pub fn diff(before: &BTreeMap<String, Fingerprint>, after: &BTreeMap<String, Fin
             Some(_) => {}
         }
     }
-    changes.removed = before.keys().filter(|n| !after.contains_key(*n)).cloned().collect();
+    changes.removed = before
+        .keys()
+        .filter(|n| !after.contains_key(*n))
+        .cloned()
+        .collect();
     changes
 }
 

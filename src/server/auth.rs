@@ -17,14 +17,20 @@ pub struct TokenAuthLayer {
 impl TokenAuthLayer {
     /// `token: None` lets every call through.
     pub fn new(token: Option<String>, exempt_health: bool) -> Self {
-        Self { token: token.map(|t| Arc::from(t.into_bytes().into_boxed_slice())), exempt_health }
+        Self {
+            token: token.map(|t| Arc::from(t.into_bytes().into_boxed_slice())),
+            exempt_health,
+        }
     }
 }
 
 impl<S> Layer<S> for TokenAuthLayer {
     type Service = TokenAuth<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        TokenAuth { inner, layer: self.clone() }
+        TokenAuth {
+            inner,
+            layer: self.clone(),
+        }
     }
 }
 
@@ -65,11 +71,13 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         if let Some(expected) = &self.layer.token {
-            let exempt = self.layer.exempt_health && request.uri().path().starts_with("/grpc.health.v1.Health/");
+            let exempt = self.layer.exempt_health
+                && request.uri().path().starts_with("/grpc.health.v1.Health/");
             if !exempt && !authorized(expected, request.headers()) {
                 let status = tonic::Status::unauthenticated("missing or invalid bearer token");
                 let (parts, ()) = status.into_http::<()>().into_parts();
-                return futures::future::ready(Ok(Response::from_parts(parts, RB::default()))).boxed();
+                return futures::future::ready(Ok(Response::from_parts(parts, RB::default())))
+                    .boxed();
             }
         }
         self.inner.call(request).boxed()
@@ -84,9 +92,15 @@ mod tests {
     fn token_comparison() {
         let mut headers = http::HeaderMap::new();
         assert!(!authorized(b"secret", &headers));
-        headers.insert(http::header::AUTHORIZATION, "Bearer secret".parse().unwrap());
+        headers.insert(
+            http::header::AUTHORIZATION,
+            "Bearer secret".parse().unwrap(),
+        );
         assert!(authorized(b"secret", &headers));
-        headers.insert(http::header::AUTHORIZATION, "Bearer secreT".parse().unwrap());
+        headers.insert(
+            http::header::AUTHORIZATION,
+            "Bearer secreT".parse().unwrap(),
+        );
         assert!(!authorized(b"secret", &headers));
         headers.insert(http::header::AUTHORIZATION, "Basic secret".parse().unwrap());
         assert!(!authorized(b"secret", &headers));

@@ -33,11 +33,20 @@ struct ShmLocation {
     byte_size: u64,
 }
 
-fn shm_location(tensor: &str, params: &HashMap<String, InferParameter>) -> Result<Option<ShmLocation>, RequestError> {
-    let Some(region) = params.get("shared_memory_region") else { return Ok(None) };
+fn shm_location(
+    tensor: &str,
+    params: &HashMap<String, InferParameter>,
+) -> Result<Option<ShmLocation>, RequestError> {
+    let Some(region) = params.get("shared_memory_region") else {
+        return Ok(None);
+    };
     let region = match &region.parameter_choice {
         Some(ParameterChoice::StringParam(r)) => r.clone(),
-        _ => return Err(invalid(format!("tensor '{tensor}': parameter shared_memory_region must be a string"))),
+        _ => {
+            return Err(invalid(format!(
+                "tensor '{tensor}': parameter shared_memory_region must be a string"
+            )))
+        }
     };
     let byte_size = params
         .get("shared_memory_byte_size")
@@ -47,7 +56,11 @@ fn shm_location(tensor: &str, params: &HashMap<String, InferParameter>) -> Resul
         Some(p) => int_param("shared_memory_offset", p)?,
         None => 0,
     };
-    Ok(Some(ShmLocation { region, offset, byte_size }))
+    Ok(Some(ShmLocation {
+        region,
+        offset,
+        byte_size,
+    }))
 }
 
 fn shm_error(tensor: &str, e: ShmError) -> RequestError {
@@ -61,7 +74,11 @@ pub struct DecodedRequest {
 }
 
 /// Decodes and validates a request against the model it was routed to.
-pub fn decode_request(req: ModelInferRequest, model: &LoadedModel, shm: &ShmRegistry) -> Result<DecodedRequest, RequestError> {
+pub fn decode_request(
+    req: ModelInferRequest,
+    model: &LoadedModel,
+    shm: &ShmRegistry,
+) -> Result<DecodedRequest, RequestError> {
     let name = &model.name;
     check_input_names(&req, model)?;
     let use_raw = !req.raw_input_contents.is_empty();
@@ -101,16 +118,31 @@ pub fn decode_request(req: ModelInferRequest, model: &LoadedModel, shm: &ShmRegi
     let requested_outputs = requested_outputs(&req, model)?;
     let shm_outputs = shm_outputs(&req, shm)?;
     let (priority, timeout) = scheduling_parameters(&req.parameters)?;
-    let request = InferRequest { id: req.id, inputs, requested_outputs, priority, timeout, span: tracing::Span::current() };
-    Ok(DecodedRequest { request, shm_outputs })
+    let request = InferRequest {
+        id: req.id,
+        inputs,
+        requested_outputs,
+        priority,
+        timeout,
+        span: tracing::Span::current(),
+    };
+    Ok(DecodedRequest {
+        request,
+        shm_outputs,
+    })
 }
 
 /// Output regions are resolved before the request is queued, so a wrong region fails up front.
-fn shm_outputs(req: &ModelInferRequest, shm: &ShmRegistry) -> Result<HashMap<String, ShmOutput>, RequestError> {
+fn shm_outputs(
+    req: &ModelInferRequest,
+    shm: &ShmRegistry,
+) -> Result<HashMap<String, ShmOutput>, RequestError> {
     let mut outputs = HashMap::new();
     for output in &req.outputs {
         if let Some(loc) = shm_location(&output.name, &output.parameters)? {
-            let target = shm.output(&loc.region, loc.offset, loc.byte_size).map_err(|e| shm_error(&output.name, e))?;
+            let target = shm
+                .output(&loc.region, loc.offset, loc.byte_size)
+                .map_err(|e| shm_error(&output.name, e))?;
             outputs.insert(output.name.clone(), target);
         }
     }
@@ -237,7 +269,11 @@ fn decode_tensor(
     let name = &input.name;
     let count = element_count(&input.shape).map_err(|e| invalid(format!("input '{name}': {e}")))?;
     let shm = match shm_location(name, &input.parameters)? {
-        Some(loc) => Some(registry.read(&loc.region, loc.offset, loc.byte_size).map_err(|e| shm_error(name, e))?),
+        Some(loc) => Some(
+            registry
+                .read(&loc.region, loc.offset, loc.byte_size)
+                .map_err(|e| shm_error(name, e))?,
+        ),
         None => None,
     };
     let typed = input.contents.as_ref().filter(|c| !contents_empty(c));
@@ -256,7 +292,13 @@ fn decode_tensor(
         (None, None) if count == 0 => empty_data(spec.dtype),
         (None, None) => return Err(invalid(format!("input '{name}' has no data"))),
     };
-    Tensor::new(name, spec.dtype, model_shape(spec, &input.shape, batched), data).map_err(|e| invalid(e.to_string()))
+    Tensor::new(
+        name,
+        spec.dtype,
+        model_shape(spec, &input.shape, batched),
+        data,
+    )
+    .map_err(|e| invalid(e.to_string()))
 }
 
 fn empty_data(dtype: DataType) -> TensorData {

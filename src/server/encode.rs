@@ -40,9 +40,17 @@ pub fn infer_response(
         let mut parameters = HashMap::new();
         match shm_outputs.get(&output.name) {
             Some(target) => {
-                target.write(&bytes).map_err(|e| RequestError(format!("output '{}': {e}", output.name)))?;
-                parameters.insert("shared_memory_region".to_string(), string_param(target.region_name()));
-                parameters.insert("shared_memory_byte_size".to_string(), int_param(bytes.len() as i64));
+                target
+                    .write(&bytes)
+                    .map_err(|e| RequestError(format!("output '{}': {e}", output.name)))?;
+                parameters.insert(
+                    "shared_memory_region".to_string(),
+                    string_param(target.region_name()),
+                );
+                parameters.insert(
+                    "shared_memory_byte_size".to_string(),
+                    int_param(bytes.len() as i64),
+                );
                 raw.push(Bytes::new());
             }
             None => raw.push(bytes),
@@ -68,7 +76,9 @@ pub fn infer_response(
 
 /// The shape the client sees: the inverse of the config's `reshape` on the non-batch dims.
 fn client_shape(model: &LoadedModel, name: &str, shape: Vec<i64>) -> Vec<i64> {
-    let Some(spec) = model.outputs.iter().find(|s| s.name == name) else { return shape };
+    let Some(spec) = model.outputs.iter().find(|s| s.name == name) else {
+        return shape;
+    };
     if spec.reshape.is_none() {
         return shape;
     }
@@ -82,11 +92,15 @@ fn client_shape(model: &LoadedModel, name: &str, shape: Vec<i64>) -> Vec<i64> {
 }
 
 fn string_param(value: &str) -> InferParameter {
-    InferParameter { parameter_choice: Some(ParameterChoice::StringParam(value.to_string())) }
+    InferParameter {
+        parameter_choice: Some(ParameterChoice::StringParam(value.to_string())),
+    }
 }
 
 fn int_param(value: i64) -> InferParameter {
-    InferParameter { parameter_choice: Some(ParameterChoice::Int64Param(value)) }
+    InferParameter {
+        parameter_choice: Some(ParameterChoice::Int64Param(value)),
+    }
 }
 
 /// Metadata shape: the batch dimension appears as -1 when the model batches.

@@ -9,6 +9,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use super::trace_context::parent_context_from_headers;
 
 use super::decode::{decode_request, DecodedRequest};
 use super::encode::{infer_response, model_statistics, tensor_metadata};
@@ -50,6 +53,7 @@ type StreamResult = Result<ModelStreamInferResponse, Status>;
 async fn infer(
     state: &ServerState,
     request: ModelInferRequest,
+    trace_parent: &opentelemetry::Context,
 ) -> Result<ModelInferResponse, Error> {
     let arrived = Instant::now();
     let model = state
@@ -57,8 +61,13 @@ async fn infer(
         .get(&request.model_name, &request.model_version)?;
     let id = request.id.clone();
     let span = tracing::info_span!("infer", request_id = %id, model = %model.name, version = model.version);
+    // Continue the caller's trace when it sent a W3C traceparent.
+    let _ = span.set_parent(trace_parent.clone());
     async {
-        let DecodedRequest { request: decoded, shm_outputs } = match decode_request(request, &model, &state.shm) {
+        let DecodedRequest {
+            request: decoded,
+            shm_outputs,
+        } = match decode_request(request, &model, &state.shm) {
             Ok(d) => d,
             Err(e) => {
                 model
@@ -144,7 +153,11 @@ impl GrpcInferenceService for InferenceService {
         if self.state.shm.is_enabled() {
             extensions.push("system_shared_memory".into());
         }
-        Ok(Response::new(ServerMetadataResponse { name: "onnx-gateway".into(), version: env!("CARGO_PKG_VERSION").into(), extensions }))
+        Ok(Response::new(ServerMetadataResponse {
+            name: "onnx-gateway".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions,
+        }))
     }
 
     async fn model_metadata(
@@ -187,7 +200,8 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let response = infer(&self.state, request.into_inner()).await?;
+        let parent = parent_context_from_headers(request.metadata().as_ref());
+        let response = infer(&self.state, request.into_inner(), &parent).await?;
         Ok(Response::new(response))
     }
 
@@ -199,6 +213,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        let parent = parent_context_from_headers(request.metadata().as_ref());
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<StreamResult>(STREAM_IN_FLIGHT);
         let state = Arc::clone(&self.state);
@@ -215,12 +230,12 @@ impl GrpcInferenceService for InferenceService {
                 let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
                     break;
                 };
-                let (state, tx) = (Arc::clone(&state), tx.clone());
+                let (state, tx, parent) = (Arc::clone(&state), tx.clone(), parent.clone());
                 tokio::spawn(async move {
                     let id = request.id.clone();
                     let (name, version) =
                         (request.model_name.clone(), request.model_version.clone());
-                    let message = match infer(&state, request).await {
+                    let message = match infer(&state, request, &parent).await {
                         Ok(response) => ModelStreamInferResponse {
                             error_message: String::new(),
                             infer_response: Some(response),
@@ -306,46 +321,77 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(RepositoryIndexResponse { models }))
     }
 
-    async fn repository_model_load(&self, request: Request<RepositoryModelLoadRequest>) -> Result<Response<RepositoryModelLoadResponse>, Status> {
+    async fn repository_model_load(
+        &self,
+        request: Request<RepositoryModelLoadRequest>,
+    ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
         self.require_explicit_control()?;
         let r = request.into_inner();
         let config = config_override(&r)?;
-        self.state.models.load(&r.model_name, config).await.map_err(Error::from)?;
+        self.state
+            .models
+            .load(&r.model_name, config)
+            .await
+            .map_err(Error::from)?;
         self.state.readiness.notify();
         Ok(Response::new(RepositoryModelLoadResponse {}))
     }
 
-    async fn repository_model_unload(&self, request: Request<RepositoryModelUnloadRequest>) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
+    async fn repository_model_unload(
+        &self,
+        request: Request<RepositoryModelUnloadRequest>,
+    ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
         self.require_explicit_control()?;
         let r = request.into_inner();
         crate::model::repository::validate_model_name(&r.model_name).map_err(Error::from)?;
-        self.state.models.unload(&r.model_name).await.map_err(Error::from)?;
+        self.state
+            .models
+            .unload(&r.model_name)
+            .await
+            .map_err(Error::from)?;
         self.state.readiness.notify();
         Ok(Response::new(RepositoryModelUnloadResponse {}))
     }
 
-    async fn system_shared_memory_status(&self, request: Request<SystemSharedMemoryStatusRequest>) -> Result<Response<SystemSharedMemoryStatusResponse>, Status> {
+    async fn system_shared_memory_status(
+        &self,
+        request: Request<SystemSharedMemoryStatusRequest>,
+    ) -> Result<Response<SystemSharedMemoryStatusResponse>, Status> {
         let r = request.into_inner();
         let name = (!r.name.is_empty()).then_some(r.name.as_str());
         let regions = self.state.shm.status(name).map_err(shm_status)?;
         let regions = regions
             .into_iter()
             .map(|s| {
-                let status = system_shared_memory_status_response::RegionStatus { name: s.name.clone(), key: s.key, offset: s.offset, byte_size: s.byte_size };
+                let status = system_shared_memory_status_response::RegionStatus {
+                    name: s.name.clone(),
+                    key: s.key,
+                    offset: s.offset,
+                    byte_size: s.byte_size,
+                };
                 (s.name, status)
             })
             .collect();
         Ok(Response::new(SystemSharedMemoryStatusResponse { regions }))
     }
 
-    async fn system_shared_memory_register(&self, request: Request<SystemSharedMemoryRegisterRequest>) -> Result<Response<SystemSharedMemoryRegisterResponse>, Status> {
+    async fn system_shared_memory_register(
+        &self,
+        request: Request<SystemSharedMemoryRegisterRequest>,
+    ) -> Result<Response<SystemSharedMemoryRegisterResponse>, Status> {
         let r = request.into_inner();
-        self.state.shm.register(&r.name, &r.key, r.offset, r.byte_size).map_err(shm_status)?;
+        self.state
+            .shm
+            .register(&r.name, &r.key, r.offset, r.byte_size)
+            .map_err(shm_status)?;
         tracing::debug!(region = %r.name, key = %r.key, bytes = r.byte_size, "shared memory region registered");
         Ok(Response::new(SystemSharedMemoryRegisterResponse {}))
     }
 
-    async fn system_shared_memory_unregister(&self, request: Request<SystemSharedMemoryUnregisterRequest>) -> Result<Response<SystemSharedMemoryUnregisterResponse>, Status> {
+    async fn system_shared_memory_unregister(
+        &self,
+        request: Request<SystemSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<SystemSharedMemoryUnregisterResponse>, Status> {
         let r = request.into_inner();
         if r.name.is_empty() {
             self.state.shm.unregister_all().map_err(shm_status)?;
@@ -409,7 +455,9 @@ impl InferenceService {
 }
 
 /// Triton's `config` load parameter: a JSON ModelConfig that replaces config.pbtxt for this load.
-fn config_override(r: &RepositoryModelLoadRequest) -> Result<Option<crate::model::ModelConfig>, Status> {
+fn config_override(
+    r: &RepositoryModelLoadRequest,
+) -> Result<Option<crate::model::ModelConfig>, Status> {
     use crate::proto::model_repository_parameter::ParameterChoice;
     for key in r.parameters.keys() {
         if key.starts_with("file:") {
@@ -418,15 +466,25 @@ fn config_override(r: &RepositoryModelLoadRequest) -> Result<Option<crate::model
             )));
         }
         if key != "config" {
-            return Err(Status::invalid_argument(format!("unknown load parameter '{key}'")));
+            return Err(Status::invalid_argument(format!(
+                "unknown load parameter '{key}'"
+            )));
         }
     }
-    match r.parameters.get("config").and_then(|p| p.parameter_choice.as_ref()) {
+    match r
+        .parameters
+        .get("config")
+        .and_then(|p| p.parameter_choice.as_ref())
+    {
         None => Ok(None),
         Some(ParameterChoice::StringParam(json)) => {
-            crate::model::config_json::parse_config_json(&r.model_name, json).map(Some).map_err(|e| Status::invalid_argument(e.to_string()))
+            crate::model::config_json::parse_config_json(&r.model_name, json)
+                .map(Some)
+                .map_err(|e| Status::invalid_argument(e.to_string()))
         }
-        Some(_) => Err(Status::invalid_argument("load parameter 'config' must be a string holding JSON")),
+        Some(_) => Err(Status::invalid_argument(
+            "load parameter 'config' must be a string holding JSON",
+        )),
     }
 }
 

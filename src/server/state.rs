@@ -8,6 +8,7 @@ use tokio::sync::watch;
 use crate::config::ModelControlMode;
 use crate::model::manager::ModelManager;
 use crate::shm::ShmRegistry;
+use crate::telemetry::metrics::GrpcMetrics;
 
 /// Liveness and readiness of the whole server. Ready only after startup loading finished, never while
 /// draining, and (with strict readiness) only while every model is ready.
@@ -67,10 +68,23 @@ pub struct ServerState {
     pub control_mode: ModelControlMode,
     /// Client system shared-memory regions (disabled unless --allow-client-shm).
     pub shm: Arc<ShmRegistry>,
+    /// Calls by gRPC method and status code, for /metrics.
+    pub grpc_metrics: Arc<GrpcMetrics>,
 }
 
 impl ServerState {
     pub fn is_ready(&self) -> bool {
         self.readiness.is_ready(&self.models)
+    }
+
+    /// The whole Prometheus scrape, from the same statistics ModelStatistics reads.
+    pub fn render_metrics(&self) -> String {
+        let stats: Vec<_> = self
+            .models
+            .loaded()
+            .iter()
+            .map(|m| Arc::clone(&m.stats))
+            .collect();
+        crate::telemetry::metrics::render(&stats, &self.grpc_metrics)
     }
 }

@@ -45,11 +45,18 @@ impl TestServer {
         let mut client = server.client().await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let ready = client.server_ready(ServerReadyRequest {}).await.map(|r| r.into_inner().ready).unwrap_or(false);
+            let ready = client
+                .server_ready(ServerReadyRequest {})
+                .await
+                .map(|r| r.into_inner().ready)
+                .unwrap_or(false);
             if ready {
                 break;
             }
-            assert!(tokio::time::Instant::now() < deadline, "gateway did not become ready");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "gateway did not become ready"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         server
@@ -64,13 +71,22 @@ impl TestServer {
         let task = tokio::spawn(gateway.serve(async move {
             let _ = stopped.await;
         }));
-        TestServer { grpc_addr, admin_addr, stop: Some(stop), task: Some(task) }
+        TestServer {
+            grpc_addr,
+            admin_addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     pub async fn client(&self) -> Client {
         let endpoint = format!("http://{}", self.grpc_addr);
-        let channel = Channel::from_shared(endpoint).expect("endpoint").connect_lazy();
-        GrpcInferenceServiceClient::new(channel).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20)
+        let channel = Channel::from_shared(endpoint)
+            .expect("endpoint")
+            .connect_lazy();
+        GrpcInferenceServiceClient::new(channel)
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20)
     }
 
     /// Graceful shutdown; returns what `serve` returned.
@@ -103,9 +119,16 @@ impl Drop for TestServer {
 
 /// Little-endian bytes of f32 values.
 pub fn f32_bytes(values: &[f32]) -> bytes::Bytes {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into()
+    values
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect::<Vec<u8>>()
+        .into()
 }
 
 pub fn f32_from(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
