@@ -41,18 +41,8 @@ pub fn to_ort(name: &str, tensor: &Tensor) -> Result<DynValue, String> {
     let shape = &tensor.shape;
     let result = match (&tensor.data, tensor.dtype) {
         (TensorData::Strings(items), _) => {
-            let strings = items
-                .iter()
-                .enumerate()
-                .map(|(i, b)| {
-                    // ORT copies string elements as C strings: an embedded NUL would silently truncate.
-                    if b.contains(&0) {
-                        return Err(format!("input '{name}': BYTES element {i} contains a NUL byte, which ONNX string tensors cannot hold"));
-                    }
-                    String::from_utf8(b.to_vec()).map_err(|_| format!("input '{name}': BYTES element {i} is not valid UTF-8, which ONNX string tensors require"))
-                })
-                .collect::<Result<Vec<String>, String>>()?;
-            OrtTensor::from_string_array((shape.to_vec(), strings.as_slice())).map(|t| t.into_dyn())
+            return super::strings::string_tensor(shape, items)
+                .map_err(|e| format!("input '{name}': {e}"))
         }
         (TensorData::Fixed(raw), dtype) => match dtype {
             DataType::Bool => {
@@ -98,8 +88,12 @@ pub fn from_ort(name: &str, value: &DynValue) -> Result<Tensor, String> {
     let shape: Vec<i64> = value.shape().iter().copied().collect();
     let data = match dtype {
         DataType::Bytes => {
-            let (_, strings) = value.try_extract_strings().map_err(fail)?;
-            TensorData::Strings(strings.into_iter().map(Bytes::from).collect())
+            let count = crate::tensor::element_count(&shape)
+                .map_err(|e| format!("output '{name}': {e}"))?;
+            TensorData::Strings(
+                super::strings::read_strings(value, count)
+                    .map_err(|e| format!("output '{name}': {e}"))?,
+            )
         }
         DataType::Bool => {
             let (_, data) = value.try_extract_tensor::<bool>().map_err(fail)?;

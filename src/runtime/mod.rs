@@ -4,6 +4,7 @@ mod convert;
 mod executor;
 mod library;
 mod session;
+mod strings;
 mod threads;
 
 pub use executor::OrtExecutor;

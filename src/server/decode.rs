@@ -81,18 +81,24 @@ pub fn decode_request(
 ) -> Result<DecodedRequest, RequestError> {
     let name = &model.name;
     check_input_names(&req, model)?;
+    // raw_input_contents holds one entry per input that is not read from shared memory, in order.
+    let inline_inputs = req
+        .inputs
+        .iter()
+        .filter(|i| !i.parameters.contains_key("shared_memory_region"))
+        .count();
     let use_raw = !req.raw_input_contents.is_empty();
-    if use_raw && req.raw_input_contents.len() != req.inputs.len() {
+    if use_raw && req.raw_input_contents.len() != inline_inputs {
         return Err(invalid(format!(
-            "expected {} raw_input_contents (one per input) but got {} for model '{name}'",
-            req.inputs.len(),
+            "expected {inline_inputs} raw_input_contents (one per input not in shared memory) but got {} for model '{name}'",
             req.raw_input_contents.len()
         )));
     }
+    let mut raw_contents = req.raw_input_contents.iter();
     let max_batch = model.max_batch_size();
     let mut batch_size: Option<i64> = None;
     let mut inputs = Vec::with_capacity(req.inputs.len());
-    for (i, input) in req.inputs.iter().enumerate() {
+    for input in &req.inputs {
         let spec = model
             .inputs
             .iter()
@@ -104,8 +110,9 @@ pub fn decode_request(
                 ))
             })?;
         check_shape(input, spec, max_batch, name, &mut batch_size)?;
-        let raw = if use_raw {
-            Some(req.raw_input_contents[i].clone())
+        let in_shm = input.parameters.contains_key("shared_memory_region");
+        let raw = if use_raw && !in_shm {
+            raw_contents.next().cloned()
         } else {
             None
         };

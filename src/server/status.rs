@@ -9,12 +9,12 @@ use crate::scheduler::SchedulerError;
 pub fn code_of(error: &Error) -> Code {
     match error {
         Error::Request(_) => Code::InvalidArgument,
-        Error::Lookup(LookupError::UnknownModel(_) | LookupError::UnknownVersion(..)) => {
-            Code::NotFound
-        }
-        Error::Lookup(LookupError::NoReadyVersion(_) | LookupError::VersionNotReady(..)) => {
-            Code::Unavailable
-        }
+        Error::Lookup(
+            LookupError::UnknownModel(_)
+            | LookupError::UnknownVersion(..)
+            | LookupError::NoReadyVersion(_),
+        ) => Code::NotFound,
+        Error::Lookup(LookupError::VersionNotReady(..)) => Code::Unavailable,
         Error::Scheduler(e) => match e {
             SchedulerError::QueueFull | SchedulerError::TimedOut | SchedulerError::ShuttingDown => {
                 Code::Unavailable
