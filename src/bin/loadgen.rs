@@ -291,7 +291,7 @@ async fn drive(args: &Args) -> anyhow::Result<Report> {
     })
 }
 
-fn in_process(args: &Args, model_path: &PathBuf) -> anyhow::Result<Report> {
+fn in_process(args: &Args, model_path: &std::path::Path) -> anyhow::Result<Report> {
     use onnx_gateway::runtime::{
         init_onnxruntime, OptimizationLevel, OrtExecutor, ProviderPlan, SessionPlan,
     };
@@ -304,7 +304,7 @@ fn in_process(args: &Args, model_path: &PathBuf) -> anyhow::Result<Report> {
         args.threads
     };
     let plan = SessionPlan {
-        model_path: model_path.clone(),
+        model_path: model_path.to_path_buf(),
         intra_op_threads: threads,
         inter_op_threads: 1,
         parallel_execution: false,

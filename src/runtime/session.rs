@@ -257,13 +257,18 @@ pub fn load_session(plan: &SessionPlan) -> Result<Session, RuntimeError> {
         OptimizationLevel::Extended => GraphOptimizationLevel::Level2,
         OptimizationLevel::All => GraphOptimizationLevel::All,
     };
-    let builder = Session::builder(env)
-        .map_err(|e| session_error(plan, e))?
+    let fail = |e: ort::Error<_>| session_error(plan, e);
+    let builder = Session::builder(env).map_err(|e| session_error(plan, e))?;
+    let builder = builder
         .with_intra_threads(plan.intra_op_threads)
-        .and_then(|b| b.with_inter_threads(plan.inter_op_threads))
-        .and_then(|b| b.with_parallel_execution(plan.parallel_execution))
-        .and_then(|b| b.with_optimization_level(level))
-        .map_err(|e| session_error(plan, e))?;
+        .map_err(fail)?;
+    let builder = builder
+        .with_inter_threads(plan.inter_op_threads)
+        .map_err(fail)?;
+    let builder = builder
+        .with_parallel_execution(plan.parallel_execution)
+        .map_err(fail)?;
+    let builder = builder.with_optimization_level(level).map_err(fail)?;
     let mut builder = if providers.is_empty() {
         builder
     } else {
