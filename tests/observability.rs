@@ -285,6 +285,9 @@ fn parse_labels(mut s: &str) -> BTreeMap<String, String> {
     labels
 }
 
+/// A series' labels but `le`, in order.
+type Labels = Vec<(String, String)>;
+
 /// Every histogram series is well formed: buckets in ascending `le` with non-decreasing counts,
 /// a +Inf bucket equal to `_count`, and a non-negative `_sum`.
 fn check_histograms(scrape: &Scrape) {
@@ -296,7 +299,7 @@ fn check_histograms(scrape: &Scrape) {
         .collect();
     assert!(!histograms.is_empty());
     for family in histograms {
-        let mut series: BTreeMap<Vec<(String, String)>, Vec<(f64, f64)>> = BTreeMap::new();
+        let mut series: BTreeMap<Labels, Vec<(f64, f64)>> = BTreeMap::new();
         for s in scrape.find(&format!("{family}_bucket"), &[]) {
             let mut labels = s.labels.clone();
             let le = labels.remove("le").expect("bucket without le");
@@ -462,7 +465,7 @@ async fn metrics_count_exactly_what_was_sent_and_model_statistics_agree() {
         ("add_sub", "1")
     );
     let inference = stats.inference_stats.as_ref().expect("inference_stats");
-    let duration = |d: &Option<StatisticDuration>| d.as_ref().expect("duration").clone();
+    let duration = |d: &Option<StatisticDuration>| *d.as_ref().expect("duration");
     let success = duration(&inference.success);
     assert_eq!(success.count as f64, good);
     assert_eq!(
