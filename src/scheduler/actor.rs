@@ -124,6 +124,9 @@ impl Scheduler {
             return Err(SchedulerError::QueueFull);
         };
         let (tx, rx) = oneshot::channel();
+        // Lives from admission to dispatch (or to the request leaving the queue any other way).
+        // Debug level: when neither the logs nor a trace exporter want it, it is Span::none().
+        let queue_span = tracing::debug_span!(parent: &req.span, "queue", priority = req.priority);
         let job = Job {
             inputs: req.inputs,
             requested_outputs: req.requested_outputs,
@@ -131,6 +134,7 @@ impl Scheduler {
             priority: req.priority,
             timeout: req.timeout,
             span: req.span,
+            queue_span,
             enqueued: Instant::now(),
             responder: Responder::new(tx, self.shared.stats.clone()),
             _slot: slot,
@@ -200,6 +204,8 @@ struct Job {
     priority: u32,
     timeout: Option<Duration>,
     span: Span,
+    /// The request's `queue` child span, closed when the job leaves the queue.
+    queue_span: Span,
     enqueued: Instant,
     responder: Responder,
     /// Its place in the admission count, given back when the job leaves the queue.
@@ -208,6 +214,8 @@ struct Job {
 
 impl Job {
     fn start(self, now: Instant) -> RunningJob {
+        // Dispatch ends the wait, for the span as for the `queue` duration measured below.
+        drop(self.queue_span);
         RunningJob {
             inputs: self.inputs,
             requested_outputs: self.requested_outputs,

@@ -151,6 +151,8 @@ pub(crate) fn worker_loop(
 }
 
 struct Waiting {
+    /// The request's `compute` child span, open while its batch is assembled, run and split.
+    _compute_span: Span,
     requested_outputs: Vec<String>,
     rows: usize,
     queue: Duration,
@@ -165,16 +167,23 @@ fn run_batch(executor: &mut dyn ModelExecutor, ctx: &WorkerContext, instance: us
         requests = batch.jobs.len(),
         rows = batch.rows
     );
-    for job in &batch.jobs {
-        span.follows_from(&job.span);
-    }
     let _entered = span.enter();
 
     let mut inputs = Vec::with_capacity(batch.jobs.len());
     let mut waiting = Vec::with_capacity(batch.jobs.len());
     for job in batch.jobs {
+        // The batch is linked to each member; each member gets its own `compute` child. Both are
+        // no-ops when no subscriber wants debug spans (tracing off, default log level).
+        span.follows_from(&job.span);
+        let compute_span = tracing::debug_span!(
+            parent: &job.span,
+            "compute",
+            instance,
+            batch_size = batch.rows
+        );
         inputs.push(job.inputs);
         waiting.push(Waiting {
+            _compute_span: compute_span,
             requested_outputs: job.requested_outputs,
             rows: job.rows,
             queue: job.queue,

@@ -73,6 +73,7 @@ async fn infer(
                 model
                     .stats
                     .record_failure(arrived.elapsed(), FailureReason::Rejected);
+                tracing::debug!(error = %e, "request rejected");
                 return Err(Error::from(e));
             }
         };

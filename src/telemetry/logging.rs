@@ -16,6 +16,10 @@ use tracing_subscriber::{Layer, Registry};
 /// The crate's own target, which `--log-verbose` raises.
 const OWN_TARGET: &str = "onnx_gateway";
 
+/// ONNX Runtime's own log, forwarded by `ort`. At info it writes dozens of lines per session
+/// (every graph transformer it ran), so below `--log-verbose 2` only its warnings and errors show.
+const ORT_TARGET: &str = "ort";
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LogFormat {
@@ -29,8 +33,9 @@ pub enum LogFormat {
 /// Logging flags, flattened into the gateway's configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
 pub struct LoggingArgs {
-    /// Verbosity of the gateway's own logs: 0 info, 1 debug, 2 or more trace. RUST_LOG, when set,
-    /// replaces this with its own directives.
+    /// Verbosity of the gateway's own logs: 0 info, 1 debug, 2 or more trace (and ONNX Runtime's
+    /// own info lines, which lower levels keep to warnings). RUST_LOG, when set, replaces this with
+    /// its own directives.
     #[arg(long, env = "ONNX_GATEWAY_LOG_VERBOSE", default_value_t = 0)]
     pub log_verbose: u8,
 
@@ -85,8 +90,8 @@ pub fn filter_directives(rust_log: Option<&str>, verbose: u8) -> String {
     match rust_log.map(str::trim).filter(|d| !d.is_empty()) {
         Some(directives) => directives.to_string(),
         None => match verbose {
-            0 => "info".to_string(),
-            1 => format!("info,{OWN_TARGET}=debug"),
+            0 => format!("info,{ORT_TARGET}=warn"),
+            1 => format!("info,{ORT_TARGET}=warn,{OWN_TARGET}=debug"),
             _ => format!("info,{OWN_TARGET}=trace"),
         },
     }
@@ -215,12 +220,18 @@ mod tests {
 
     #[test]
     fn rust_log_replaces_the_verbosity() {
-        assert_eq!(filter_directives(None, 0), "info");
-        assert_eq!(filter_directives(None, 1), "info,onnx_gateway=debug");
+        assert_eq!(filter_directives(None, 0), "info,ort=warn");
+        assert_eq!(
+            filter_directives(None, 1),
+            "info,ort=warn,onnx_gateway=debug"
+        );
         assert_eq!(filter_directives(None, 2), "info,onnx_gateway=trace");
         assert_eq!(filter_directives(None, 9), "info,onnx_gateway=trace");
         assert_eq!(filter_directives(Some("warn,h2=off"), 2), "warn,h2=off");
-        assert_eq!(filter_directives(Some("  "), 1), "info,onnx_gateway=debug");
+        assert_eq!(
+            filter_directives(Some("  "), 1),
+            "info,ort=warn,onnx_gateway=debug"
+        );
         assert!(env_filter(Some("warn,onnx_gateway=debug"), 0).is_ok());
         let err = env_filter(Some("onnx_gateway=loud"), 0).unwrap_err();
         assert!(err.to_string().contains("onnx_gateway=loud"), "{err}");

@@ -17,7 +17,8 @@ use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProces
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 use opentelemetry_sdk::{runtime, Resource};
 use tracing::level_filters::LevelFilter;
-use tracing_subscriber::filter::Targets;
+use tracing::Level;
+use tracing_subscriber::filter::{filter_fn, FilterExt as _, Targets};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::Layer;
 
@@ -202,15 +203,17 @@ impl OtelTracing {
     }
 
     /// The tracing layer that turns the gateway's spans into OpenTelemetry spans, with its own filter
-    /// (the gateway's target at info and above) so the log level does not decide what is traced.
+    /// so the log level does not decide what is traced: the gateway's spans at debug and above (the
+    /// per-request `queue` and `compute` children and the `execute_batch` span are debug spans, so
+    /// they cost nothing while tracing and debug logs are off), and its events at info and above,
+    /// which become span events.
     pub fn layer<S>(&self) -> Box<dyn Layer<S> + Send + Sync + 'static>
     where
-        S: tracing::Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
+        S: tracing::Subscriber + for<'a> LookupSpan<'a> + Send + Sync + 'static,
     {
-        let only_ours = Targets::new().with_target(TRACED_TARGET, LevelFilter::INFO);
         tracing_opentelemetry::layer()
             .with_tracer(self.tracer.clone())
-            .with_filter(only_ours)
+            .with_filter(export_filter())
             .boxed()
     }
 
@@ -228,6 +231,15 @@ impl OtelTracing {
             .map_err(|e| OtelError::Shutdown(e.to_string()))?
             .map_err(|e| OtelError::Shutdown(e.to_string()))
     }
+}
+
+/// What the OpenTelemetry layer sees: see [`OtelTracing::layer`]. Decided per callsite from static
+/// metadata, so the answer is cached and a disabled callsite costs one load.
+fn export_filter<S: 'static>() -> impl tracing_subscriber::layer::Filter<S> + Send + Sync + 'static
+{
+    let spans_and_events = Targets::new().with_target(TRACED_TARGET, LevelFilter::DEBUG);
+    let events_from_info = filter_fn(|meta| meta.is_span() || *meta.level() <= Level::INFO);
+    spans_and_events.and(events_from_info)
 }
 
 fn build_exporter(plan: &OtelPlan) -> Result<SpanExporter, OtelError> {
@@ -366,6 +378,66 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("http/json"), "{err}");
+    }
+
+    /// Names of the spans and messages of the events a layer behind `export_filter` sees.
+    #[derive(Clone, Default)]
+    struct Seen(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl<S: tracing::Subscriber> Layer<S> for Seen {
+        fn on_new_span(
+            &self,
+            attrs: &tracing::span::Attributes<'_>,
+            _: &tracing::span::Id,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(attrs.metadata().name().to_string());
+        }
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            let target = event.metadata().target();
+            let level = event.metadata().level();
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("{level} event of {target}"));
+        }
+    }
+
+    #[test]
+    fn exports_our_debug_spans_and_info_events_only() {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let seen = Seen::default();
+        let subscriber =
+            tracing_subscriber::registry().with(seen.clone().with_filter(export_filter()));
+        tracing::subscriber::with_default(subscriber, || {
+            let infer = tracing::info_span!(target: "onnx_gateway::server::grpc", "infer");
+            tracing::debug_span!(target: "onnx_gateway::scheduler::actor", parent: &infer, "queue")
+                .in_scope(|| {});
+            tracing::trace_span!(target: "onnx_gateway::scheduler", "too_fine").in_scope(|| {});
+            tracing::info_span!(target: "h2::proto", "frame").in_scope(|| {});
+            let _entered = infer.enter();
+            tracing::info!(target: "onnx_gateway::server", "kept");
+            tracing::warn!(target: "onnx_gateway::server", "kept");
+            tracing::debug!(target: "onnx_gateway::server", "dropped");
+            tracing::error!(target: "hyper", "dropped");
+        });
+        let seen = seen.0.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            [
+                "infer",
+                "queue",
+                "INFO event of onnx_gateway::server",
+                "WARN event of onnx_gateway::server"
+            ]
+        );
     }
 
     #[test]

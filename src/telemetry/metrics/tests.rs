@@ -372,8 +372,7 @@ fn process_metrics_are_read_from_proc() {
 /// names, whose spelling is fixed by the dashboards that use them.
 #[test]
 fn promtool_accepts_a_scrape() {
-    let Some(promtool) = find_on_path("promtool") else {
-        eprintln!("note: promtool not on PATH, skipping (apt-get install prometheus)");
+    let Some(promtool) = promtool() else {
         return;
     };
     let grpc = GrpcMetrics::new();
@@ -401,8 +400,7 @@ fn promtool_accepts_a_scrape() {
 /// The same check on everything but the Triton names: promtool must find nothing at all.
 #[test]
 fn promtool_finds_nothing_in_our_own_names() {
-    let Some(promtool) = find_on_path("promtool") else {
-        eprintln!("note: promtool not on PATH, skipping (apt-get install prometheus)");
+    let Some(promtool) = promtool() else {
         return;
     };
     let grpc = GrpcMetrics::new();
@@ -453,6 +451,25 @@ fn promtool_check_metrics(promtool: &std::path::Path, text: &str) -> (Option<i32
         }
     }
     (code, report)
+}
+
+/// promtool when installed. Missing, the test skips with a note, except where CI=true: there
+/// scripts/setup installs it, so its absence is a failure, not a reason to pass silently.
+fn promtool() -> Option<std::path::PathBuf> {
+    let found = find_on_path("promtool");
+    if found.is_none() {
+        assert!(
+            !in_ci(),
+            "promtool is missing in CI: scripts/setup installs it (apt-get install prometheus)"
+        );
+        eprintln!("note: promtool not on PATH, skipping (scripts/setup installs it as root)");
+    }
+    found
+}
+
+/// CI=true (or any value but empty, 0 or false), as CI systems and .ci/run set it.
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"))
 }
 
 fn find_on_path(program: &str) -> Option<std::path::PathBuf> {
