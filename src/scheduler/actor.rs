@@ -117,10 +117,8 @@ impl Scheduler {
         let rows = request_rows(&req, self.shared.settings.max_batch_size)?;
         let level = self.shared.settings.policy.level_for(req.priority);
         let Some(slot) = self.shared.admission.try_acquire(level) else {
-            // Cancelled requests still hold places: ask the batcher to clear them out.
-            if !self.shared.sweep_wanted.swap(true, Ordering::AcqRel) {
-                self.shared.sweep.notify_one();
-            }
+            // Cancelled requests may still hold places: ask the batcher to clear them out.
+            self.shared.request_sweep();
             return Err(SchedulerError::QueueFull);
         };
         let (tx, rx) = oneshot::channel();
@@ -144,11 +142,20 @@ impl Scheduler {
             Err(mpsc::error::TrySendError::Closed(_)) => return Err(SchedulerError::ShuttingDown),
             Err(mpsc::error::TrySendError::Full(_)) => return Err(SchedulerError::QueueFull),
         }
-        rx.await.unwrap_or_else(|_| {
+        // If the caller goes away (cancelled, gRPC deadline passed) while the request waits, the
+        // batcher is told at once, so the request leaves the queue and frees its place now rather
+        // than when a batch is next formed, which may be a whole delay window later.
+        let mut withdraw = WithdrawOnDrop {
+            shared: &self.shared,
+            armed: true,
+        };
+        let outcome = rx.await.unwrap_or_else(|_| {
             Err(SchedulerError::Execute(ExecuteError(
                 "the scheduler dropped the request".into(),
             )))
-        })
+        });
+        withdraw.armed = false;
+        outcome
     }
 
     /// Stops admitting (new requests get ShuttingDown), runs everything already queued without
@@ -159,6 +166,30 @@ impl Scheduler {
         let mut finished = self.finished.clone();
         // An error means the batcher is gone already, which is what we wait for.
         let _ = finished.wait_for(|done| *done).await;
+    }
+}
+
+impl Shared {
+    /// Wakes the batcher to remove requests whose callers have gone; repeated calls before it
+    /// runs cost one sweep.
+    fn request_sweep(&self) {
+        if !self.sweep_wanted.swap(true, Ordering::AcqRel) {
+            self.sweep.notify_one();
+        }
+    }
+}
+
+/// Armed while a caller waits for its answer; dropping it armed means the caller left.
+struct WithdrawOnDrop<'a> {
+    shared: &'a Shared,
+    armed: bool,
+}
+
+impl Drop for WithdrawOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared.request_sweep();
+        }
     }
 }
 

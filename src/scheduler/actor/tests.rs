@@ -364,6 +364,39 @@ async fn request_whose_caller_left_is_dropped_before_it_runs() {
 }
 
 #[tokio::test]
+async fn a_caller_leaving_frees_its_queue_place_at_once() {
+    let db = ModelDynamicBatching {
+        // The request waits for a window longer than any test: only its withdrawal can free it.
+        max_queue_delay_microseconds: 3_600_000_000,
+        preferred_batch_size: vec![4],
+        default_queue_policy: Some(ModelQueuePolicy {
+            max_queue_size: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let h = start(batching_config(4, db, 1), Gate::Open);
+    let abandoned = h.admitted(request(0.0, 1)).await;
+    abandoned.abort();
+    let _ = abandoned.await;
+    // The batcher hears of the withdrawal by itself; no refused request is needed to trigger it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while h.stats.failure(FailureReason::Canceled).count() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never withdrawn");
+        tokio::task::yield_now().await;
+    }
+    let full_batch = h.scheduler.infer(request(10.0, 4)).await;
+    assert!(full_batch.is_ok(), "{full_batch:?}");
+    assert_eq!(
+        h.first_values(),
+        vec![10.0],
+        "the abandoned request never ran"
+    );
+    h.scheduler.shutdown().await;
+    assert_eq!(h.stats.pending.load(Relaxed), 0);
+}
+
+#[tokio::test]
 async fn shutdown_refuses_new_requests_and_drains_queued_ones() {
     let db = ModelDynamicBatching {
         // A window longer than any test: draining must not wait for it.
