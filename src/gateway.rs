@@ -120,22 +120,40 @@ impl Gateway {
             }
         }));
 
-        if let Err(e) = load_models(&config, &state).await {
-            let _ = stop_tx.send(true);
-            let _ = admin_stop_tx.send(true);
-            let _ = grpc_task.await;
-            let _ = admin_task.await;
-            return Err(e);
-        }
-        state.readiness.mark_started();
-        tracing::info!(ready = state.is_ready(), "startup complete");
-        if config.models.model_control_mode == ModelControlMode::Poll {
-            let every = Duration::from_secs(config.models.repository_poll_secs.max(1));
-            tokio::spawn(poll_repository(Arc::clone(&state), every, stop_rx.clone()));
+        tokio::pin!(shutdown);
+        // A SIGTERM while models load must not wait for the loading to finish (Kubernetes may be
+        // scaling down a pod that never became ready).
+        let loaded = tokio::select! {
+            result = load_models(&config, &state) => Some(result),
+            _ = &mut shutdown => None,
+        };
+        let started = loaded.is_some();
+        match loaded {
+            Some(Err(e)) => {
+                let _ = stop_tx.send(true);
+                let _ = admin_stop_tx.send(true);
+                let _ = grpc_task.await;
+                let _ = admin_task.await;
+                return Err(e);
+            }
+            Some(Ok(())) => {
+                state.readiness.mark_started();
+                tracing::info!(ready = state.is_ready(), "startup complete");
+                if config.models.model_control_mode == ModelControlMode::Poll {
+                    let every = Duration::from_secs(config.models.repository_poll_secs.max(1));
+                    tokio::spawn(poll_repository(Arc::clone(&state), every, stop_rx.clone()));
+                }
+                shutdown.await;
+            }
+            None => tracing::info!("shutdown requested during startup"),
         }
 
-        shutdown.await;
-        let delay = Duration::from_secs(config.lifecycle.drain_delay_secs);
+        // Never ready means no load balancer is sending: no point in waiting for one to notice.
+        let delay = if started {
+            Duration::from_secs(config.lifecycle.drain_delay_secs)
+        } else {
+            Duration::ZERO
+        };
         tracing::info!(
             drain_delay_secs = delay.as_secs(),
             "shutdown requested: readiness off, draining"
@@ -145,6 +163,8 @@ impl Gateway {
         tokio::time::sleep(delay).await;
         let exit_timeout = Duration::from_secs(config.lifecycle.exit_timeout_secs);
         let drain = async {
+            // Open inference streams finish what they took and end; listeners stop accepting.
+            state.readiness.mark_stopping();
             let _ = stop_tx.send(true);
             let _ = grpc_task.await;
             state.models.shutdown().await;
