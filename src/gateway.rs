@@ -2,6 +2,7 @@
 //! reflection, and the drain on shutdown.
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,9 +31,80 @@ const INFERENCE_SERVICE: &str = "inference.GRPCInferenceService";
 /// A gateway whose listeners are bound (so their ports are known) but which is not serving yet.
 pub struct Gateway {
     config: Config,
-    grpc: TcpListener,
+    grpc: GrpcListeners,
     admin: TcpListener,
     state: Arc<ServerState>,
+}
+
+/// Everything the gRPC server needs that can fail, prepared before serving so that a bad
+/// certificate, an unreadable token file or an unusable socket path stops startup with one clear
+/// message instead of leaving a process that is live and ready with no gRPC listener.
+struct GrpcListeners {
+    tcp: TcpListener,
+    uds: Option<(tokio::net::UnixListener, PathBuf)>,
+    tls: Option<ServerTlsConfig>,
+    auth: TokenAuthLayer,
+}
+
+impl GrpcListeners {
+    async fn bind(args: &GrpcArgs) -> anyhow::Result<Self> {
+        let addr = SocketAddr::new(args.grpc_address, args.grpc_port);
+        let tcp = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot bind gRPC address {addr}"))?;
+        let token = match &args.auth.auth_token_file {
+            Some(path) => Some(read_token(path)?),
+            None => None,
+        };
+        let auth = TokenAuthLayer::new(token, args.auth.auth_exempt_health);
+        let tls = tls_config(&args.tls)?;
+        if let Some(tls) = &tls {
+            // Parses the certificates and key now rather than when the server starts.
+            Server::builder()
+                .tls_config(tls.clone())
+                .context("invalid TLS certificate or key")?;
+        }
+        let uds = match &args.grpc_uds {
+            Some(path) => Some((bind_uds(path)?, path.clone())),
+            None => None,
+        };
+        Ok(Self {
+            tcp,
+            uds,
+            tls,
+            auth,
+        })
+    }
+}
+
+fn read_token(path: &Path) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read --auth-token-file {}", path.display()))?
+        .trim()
+        .to_string();
+    anyhow::ensure!(
+        !token.is_empty(),
+        "--auth-token-file {} is empty",
+        path.display()
+    );
+    Ok(token)
+}
+
+fn bind_uds(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    // A previous run (or a restarted sidecar) may have left the socket file behind. Only a socket
+    // is replaced: a typo must not delete someone's file.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        anyhow::ensure!(
+            meta.file_type().is_socket(),
+            "--grpc-uds {} exists and is not a socket",
+            path.display()
+        );
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot replace stale socket {}", path.display()))?;
+    }
+    tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot bind Unix socket {}", path.display()))
 }
 
 impl Gateway {
@@ -41,10 +113,7 @@ impl Gateway {
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
         let location = init_onnxruntime(config.runtime.onnxruntime_lib.as_deref())?;
         tracing::info!(library = ?location, "ONNX Runtime loaded");
-        let grpc_addr = SocketAddr::new(config.grpc.grpc_address, config.grpc.grpc_port);
-        let grpc = TcpListener::bind(grpc_addr)
-            .await
-            .with_context(|| format!("cannot bind gRPC address {grpc_addr}"))?;
+        let grpc = GrpcListeners::bind(&config.grpc).await?;
         let admin_addr = SocketAddr::new(config.admin.metrics_address, config.admin.metrics_port);
         let admin = TcpListener::bind(admin_addr)
             .await
@@ -78,6 +147,7 @@ impl Gateway {
 
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc
+            .tcp
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
@@ -100,13 +170,13 @@ impl Gateway {
             admin,
             state,
         } = self;
-        tracing::info!(addr = %grpc.local_addr()?, "gRPC listening");
+        tracing::info!(addr = %grpc.tcp.local_addr()?, "gRPC listening");
         tracing::info!(addr = %admin.local_addr()?, "admin HTTP listening");
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         // The admin server outlives the gRPC drain, so liveness and metrics answer until the end.
         let (admin_stop_tx, admin_stop_rx) = tokio::sync::watch::channel(false);
-        let grpc_task = tokio::spawn(serve_grpc(
+        let mut grpc_task = tokio::spawn(serve_grpc(
             grpc,
             Arc::clone(&state),
             config.grpc.clone(),
@@ -120,22 +190,55 @@ impl Gateway {
             }
         }));
 
-        if let Err(e) = load_models(&config, &state).await {
-            let _ = stop_tx.send(true);
-            let _ = admin_stop_tx.send(true);
-            let _ = grpc_task.await;
-            let _ = admin_task.await;
-            return Err(e);
-        }
-        state.readiness.mark_started();
-        tracing::info!(ready = state.is_ready(), "startup complete");
-        if config.models.model_control_mode == ModelControlMode::Poll {
-            let every = Duration::from_secs(config.models.repository_poll_secs.max(1));
-            tokio::spawn(poll_repository(Arc::clone(&state), every, stop_rx.clone()));
+        tokio::pin!(shutdown);
+        // A SIGTERM while models load must not wait for the loading to finish (Kubernetes may be
+        // scaling down a pod that never became ready).
+        let loaded = tokio::select! {
+            result = load_models(&config, &state) => Some(result),
+            _ = &mut shutdown => None,
+        };
+        let started = loaded.is_some();
+        match loaded {
+            Some(Err(e)) => {
+                let _ = stop_tx.send(true);
+                let _ = admin_stop_tx.send(true);
+                let _ = grpc_task.await;
+                let _ = admin_task.await;
+                return Err(e);
+            }
+            Some(Ok(())) => {
+                state.readiness.mark_started();
+                tracing::info!(ready = state.is_ready(), "startup complete");
+                if config.models.model_control_mode == ModelControlMode::Poll {
+                    let every = Duration::from_secs(config.models.repository_poll_secs.max(1));
+                    tokio::spawn(poll_repository(Arc::clone(&state), every, stop_rx.clone()));
+                }
+                tokio::select! {
+                    _ = &mut shutdown => {}
+                    // Serving without gRPC would leave a live, ready process that answers nothing.
+                    ended = &mut grpc_task => {
+                        let error = match ended {
+                            Ok(Err(e)) => e,
+                            Ok(Ok(())) => anyhow::anyhow!("the gRPC server stopped by itself"),
+                            Err(e) => anyhow::anyhow!("the gRPC server task failed: {e}"),
+                        };
+                        state.readiness.mark_stopping();
+                        let _ = admin_stop_tx.send(true);
+                        let _ = admin_task.await;
+                        state.models.shutdown().await;
+                        return Err(error.context("gRPC server"));
+                    }
+                }
+            }
+            None => tracing::info!("shutdown requested during startup"),
         }
 
-        shutdown.await;
-        let delay = Duration::from_secs(config.lifecycle.drain_delay_secs);
+        // Never ready means no load balancer is sending: no point in waiting for one to notice.
+        let delay = if started {
+            Duration::from_secs(config.lifecycle.drain_delay_secs)
+        } else {
+            Duration::ZERO
+        };
         tracing::info!(
             drain_delay_secs = delay.as_secs(),
             "shutdown requested: readiness off, draining"
@@ -145,6 +248,8 @@ impl Gateway {
         tokio::time::sleep(delay).await;
         let exit_timeout = Duration::from_secs(config.lifecycle.exit_timeout_secs);
         let drain = async {
+            // Open inference streams finish what they took and end; listeners stop accepting.
+            state.readiness.mark_stopping();
             let _ = stop_tx.send(true);
             let _ = grpc_task.await;
             state.models.shutdown().await;
@@ -245,37 +350,25 @@ async fn poll_repository(
 /// The gRPC listeners: TCP (TLS when configured) and optionally a Unix socket, serving the same
 /// services until `stop` flips.
 async fn serve_grpc(
-    listener: TcpListener,
+    listeners: GrpcListeners,
     state: Arc<ServerState>,
     args: GrpcArgs,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let GrpcListeners {
+        tcp,
+        uds,
+        tls,
+        auth,
+    } = listeners;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(follow_readiness(health_reporter, Arc::clone(&state)));
-    let token = match &args.auth.auth_token_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read --auth-token-file {}", path.display()))?
-                .trim()
-                .to_string(),
-        ),
-        None => None,
-    };
-    let auth = TokenAuthLayer::new(token, args.auth.auth_exempt_health);
-    let tls = tls_config(&args.tls)?;
     let mut servers = Vec::new();
-    if let Some(path) = &args.grpc_uds {
-        // A previous run (or a restarted sidecar) may have left the socket file behind.
-        if path.exists() {
-            std::fs::remove_file(path)
-                .with_context(|| format!("cannot replace stale socket {}", path.display()))?;
-        }
-        let uds = tokio::net::UnixListener::bind(path)
-            .with_context(|| format!("cannot bind Unix socket {}", path.display()))?;
+    if let Some((uds, path)) = uds {
         tracing::info!(path = %path.display(), "gRPC listening on Unix socket");
+        // Peers on the socket share the pod: no TLS there.
         let router = grpc_router(&state, &args, None, auth.clone(), health_service.clone())?;
         let mut stop = stop.clone();
-        let path = path.clone();
         servers.push(tokio::spawn(async move {
             let result = router
                 .serve_with_incoming_shutdown(
@@ -291,7 +384,7 @@ async fn serve_grpc(
     }
     let router = grpc_router(&state, &args, tls, auth, health_service)?;
     let mut stop_tcp = stop.clone();
-    let tcp = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+    let tcp = router.serve_with_incoming_shutdown(TcpListenerStream::new(tcp), async move {
         let _ = stop_tcp.wait_for(|s| *s).await;
     });
     let result = tcp.await.map_err(anyhow::Error::from);

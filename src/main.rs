@@ -16,6 +16,15 @@ fn main() -> std::process::ExitCode {
         }
     };
     runtime.block_on(async move {
+        // Registered before anything else, so a SIGTERM at any point (even during model loading)
+        // starts the drain instead of killing the process.
+        let shutdown = match shutdown_signal() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("onnx-gateway: cannot install signal handlers: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        };
         // The OTLP exporters run on tokio, so tracing starts inside the runtime, before logging.
         let tracing = match OtelTracing::init(&config.tracing) {
             Ok(t) => t,
@@ -28,7 +37,7 @@ fn main() -> std::process::ExitCode {
             eprintln!("onnx-gateway: logging: {e}");
             return std::process::ExitCode::FAILURE;
         }
-        let result = onnx_gateway::run(config, shutdown_signal()).await;
+        let result = onnx_gateway::run(config, shutdown).await;
         if let Some(tracing) = tracing {
             if let Err(e) = tracing.shutdown().await {
                 tracing::warn!(error = %e, "flushing traces failed");
@@ -44,18 +53,15 @@ fn main() -> std::process::ExitCode {
     })
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = ctrl_c.await;
-            return;
+/// Installs the SIGTERM and SIGINT handlers now; the future resolves on either.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
-    }
+    })
 }

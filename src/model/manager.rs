@@ -123,6 +123,11 @@ impl ModelManager {
         config_override: Option<ModelConfig>,
     ) -> Result<(), ModelError> {
         repository::validate_model_name(name)?;
+        if !repository::model_dir_exists(&self.settings.repository, name) {
+            // Recorded nowhere: a misspelt load request must not leave a failed model behind that
+            // holds strict readiness down.
+            return Err(repository::not_found(name));
+        }
         self.models
             .write()
             .entry(name.to_string())
@@ -181,7 +186,7 @@ impl ModelManager {
                 }
                 Ok(())
             }
-            None => Err(ModelError::Repository {
+            None => Err(ModelError::NotFound {
                 model: name.to_string(),
                 reason: "model is not loaded".into(),
             }),
@@ -235,12 +240,15 @@ impl ModelManager {
         self.get(name, version).is_ok()
     }
 
-    /// Every model that was asked to load has a ready version and none is loading or failed.
+    /// Every model that was asked to load serves and none failed. A load in progress does not
+    /// count against it: a reload keeps the previous versions serving, and a model being added
+    /// must not take the whole server out of its load balancer (startup loading is covered by the
+    /// startup latch instead).
     pub fn all_ready(&self) -> bool {
         self.models
             .read()
             .values()
-            .all(|s| !s.loading && s.failures.is_empty() && !s.versions.is_empty())
+            .all(|s| s.failures.is_empty() && (s.loading || !s.versions.is_empty()))
     }
 
     /// Rows for RepositoryIndex: every model in the repository, loaded or not.
@@ -413,9 +421,10 @@ fn instance_plan(config: &ModelConfig) -> Vec<(InstanceKind, i32)> {
     plan
 }
 
-/// Shuts down replaced versions in the background: requests already accepted on them complete.
+/// Lets replaced versions go without refusing anyone. A request that looked a version up just
+/// before the swap may not have reached its queue yet; shutting the scheduler now would answer it
+/// UNAVAILABLE. Instead the last holder's drop closes the queue, the batcher runs what is queued
+/// and the instance threads exit.
 fn retire(old: BTreeMap<i64, Arc<LoadedModel>>) {
-    for model in old.into_values() {
-        tokio::spawn(async move { model.scheduler.shutdown().await });
-    }
+    drop(old);
 }

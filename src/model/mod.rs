@@ -41,6 +41,12 @@ pub enum ModelError {
     InvalidConfig { model: String, reason: String },
     #[error("{model}: {reason}")]
     Repository { model: String, reason: String },
+    /// A name that could reach outside the repository (or no directory at all): refused as given.
+    #[error("{model}: {reason}")]
+    InvalidName { model: String, reason: String },
+    /// No such model in the repository, or (unloading) none loaded under that name.
+    #[error("{model}: {reason}")]
+    NotFound { model: String, reason: String },
 }
 
 /// Converts a config datatype (`TYPE_FP32`, ...) to the protocol datatype; None for TYPE_INVALID.

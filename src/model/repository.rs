@@ -30,6 +30,20 @@ fn repo_error(model: &str, reason: impl Into<String>) -> ModelError {
     }
 }
 
+/// The model has no directory in the repository. The path stays out of the message: it is the
+/// server's business, and the client named the model.
+pub fn not_found(name: &str) -> ModelError {
+    ModelError::NotFound {
+        model: name.to_string(),
+        reason: "no such model in the model repository".into(),
+    }
+}
+
+/// Whether `name` (already validated) has a directory in the repository.
+pub fn model_dir_exists(repo: &Path, name: &str) -> bool {
+    is_dir(&repo.join(name))
+}
+
 /// Refuses a model name that is not a single, plain directory name: empty, too long, containing
 /// '/', '\\', "..", NUL or another control character, or starting with '.' (hidden entries, "." and
 /// ".." are never models). Nothing outside the repository can be named.
@@ -51,14 +65,14 @@ pub fn validate_model_name(name: &str) -> Result<(), ModelError> {
     };
     match problem {
         None => Ok(()),
-        Some(problem) => Err(repo_error(
-            &if name.is_empty() {
+        Some(problem) => Err(ModelError::InvalidName {
+            model: if name.is_empty() {
                 "<empty>".to_string()
             } else {
                 name.escape_debug().to_string()
             },
-            format!("invalid model name: it {problem}"),
-        )),
+            reason: format!("invalid model name: it {problem}"),
+        }),
     }
 }
 
@@ -94,10 +108,7 @@ pub fn read_config(repo: &Path, name: &str) -> Result<ModelConfig, ModelError> {
     validate_model_name(name)?;
     let dir = repo.join(name);
     if !is_dir(&dir) {
-        return Err(repo_error(
-            name,
-            format!("no model directory {}", dir.display()),
-        ));
+        return Err(not_found(name));
     }
     let path = dir.join(CONFIG_FILENAME);
     match fs::read(&path) {
@@ -332,7 +343,7 @@ mod tests {
         assert!(err.contains("not UTF-8"), "{err}");
 
         let err = read_config(r.path(), "missing").unwrap_err().to_string();
-        assert!(err.starts_with("missing: no model directory"), "{err}");
+        assert!(err.starts_with("missing: no such model"), "{err}");
         assert!(read_config(r.path(), "../alpha").is_err());
     }
 

@@ -220,7 +220,18 @@ impl GrpcInferenceService for InferenceService {
         let state = Arc::clone(&self.state);
         tokio::spawn(async move {
             let slots = Arc::new(Semaphore::new(STREAM_IN_FLIGHT));
-            while let Some(message) = inbound.next().await {
+            loop {
+                let message = tokio::select! {
+                    message = inbound.next() => message,
+                    // A stream would otherwise hold the drain open until the exit timeout cut it:
+                    // requests already taken finish, then the stream ends so the client goes elsewhere.
+                    _ = state.readiness.stopped() => {
+                        let _ = slots.acquire_many(STREAM_IN_FLIGHT as u32).await;
+                        let _ = tx.send(Err(Error::ShuttingDown.into())).await;
+                        break;
+                    }
+                };
+                let Some(message) = message else { break };
                 let request = match message {
                     Ok(r) => r,
                     Err(status) => {

@@ -15,6 +15,8 @@ use crate::telemetry::metrics::GrpcMetrics;
 pub struct Readiness {
     startup_done: AtomicBool,
     draining: AtomicBool,
+    /// The drain delay is over: listeners stop accepting and open streams stop taking requests.
+    stopping: AtomicBool,
     strict: bool,
     changed: watch::Sender<()>,
 }
@@ -24,6 +26,7 @@ impl Readiness {
         Self {
             startup_done: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             strict,
             changed: watch::channel(()).0,
         }
@@ -38,6 +41,28 @@ impl Readiness {
     pub fn mark_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
         self.changed.send_replace(());
+    }
+
+    /// The drain delay is over: nothing new is accepted, not even on streams already open.
+    pub fn mark_stopping(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.stopping.store(true, Ordering::SeqCst);
+        self.changed.send_replace(());
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once `mark_stopping` has been called.
+    pub async fn stopped(&self) {
+        let mut changes = self.changed.subscribe();
+        // Subscribing first means a mark between the check and the wait is still seen.
+        while !self.is_stopping() {
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Tells watchers (gRPC health) to re-evaluate, e.g. after a model load or unload.

@@ -28,6 +28,8 @@ pub fn code_of(error: &Error) -> Code {
                 Code::InvalidArgument
             }
             ModelError::Repository { .. } => Code::Internal,
+            ModelError::InvalidName { .. } => Code::InvalidArgument,
+            ModelError::NotFound { .. } => Code::NotFound,
         },
         Error::Unimplemented(_) => Code::Unimplemented,
         Error::ShuttingDown => Code::Unavailable,

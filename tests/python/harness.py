@@ -43,23 +43,20 @@ def gateway_binary() -> Path:
 
 
 def gateway_command(repository: Path, extra_args: list[str]) -> list[str]:
-    return [
-        str(gateway_binary()),
-        "--model-repository",
-        str(repository),
-        "--grpc-address",
-        "127.0.0.1",
-        "--grpc-port",
-        "0",
-        "--metrics-address",
-        "127.0.0.1",
-        "--metrics-port",
-        "0",
+    defaults = {
+        "--grpc-address": "127.0.0.1",
+        "--grpc-port": "0",
+        "--metrics-address": "127.0.0.1",
+        "--metrics-port": "0",
         # Tests stop servers constantly; waiting out a load balancer's drain delay would only slow them.
-        "--drain-delay-secs",
-        "0",
-        *extra_args,
-    ]
+        "--drain-delay-secs": "0",
+    }
+    command = [str(gateway_binary()), "--model-repository", str(repository)]
+    for flag, value in defaults.items():
+        # A test may set any of these itself (`--flag value` or `--flag=value`).
+        if not any(arg == flag or arg.startswith(flag + "=") for arg in extra_args):
+            command += [flag, value]
+    return command + list(extra_args)
 
 
 def gateway_env() -> dict[str, str]:

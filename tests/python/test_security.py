@@ -1,0 +1,180 @@
+"""TLS, mutual TLS and bearer-token authentication on the gRPC listener, with the real binary and the
+unmodified tritonclient. Certificates are made at test time (tls_certs.py)."""
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+import tritonclient.grpc as grpcclient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from harness import MODELS, Gateway, add_sub_inputs, infer_add_sub, run_gateway_to_exit
+from tls_certs import Pki, make_pki
+
+DEADLINE_S = 60.0
+TOKEN = "correct-horse-battery-staple"
+BEARER = {"authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def secure_gateway():
+    """Starts gateways whose readiness must be checked with a client the test supplies (TLS or a
+    token), and stops them afterwards."""
+    started: list[Gateway] = []
+
+    def start(args: list[str], client_kwargs: dict, headers: dict | None = None) -> Gateway:
+        gateway = Gateway(MODELS, args)
+        started.append(gateway)
+        gateway.wait_listening()
+        client = grpcclient.InferenceServerClient(gateway.url, **client_kwargs)
+        deadline = time.monotonic() + DEADLINE_S
+        while True:
+            try:
+                if client.is_server_ready(headers=headers):
+                    break
+            except InferenceServerException:
+                pass
+            assert gateway.process.poll() is None, gateway.stderr()
+            assert time.monotonic() < deadline, f"not ready; stderr:\n{gateway.stderr()}"
+            time.sleep(0.05)
+        client.close()
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()
+
+
+def tls_args(pki: Pki, mutual: bool = False) -> list[str]:
+    args = [
+        "--grpc-use-ssl-mutual" if mutual else "--grpc-use-ssl",
+        "--grpc-server-cert",
+        str(pki.server_cert),
+        "--grpc-server-key",
+        str(pki.server_key),
+    ]
+    if mutual:
+        args += ["--grpc-root-cert", str(pki.ca_cert)]
+    return args
+
+
+def infer_status(url: str, **client_kwargs) -> str:
+    """'ok' when add_sub answers correctly through a fresh client built with `client_kwargs`, else
+    the gRPC status."""
+    headers = client_kwargs.pop("headers", None)
+    client = grpcclient.InferenceServerClient(url, **client_kwargs)
+    try:
+        a, b = add_sub_inputs()
+        result = infer_add_sub(client, a, b, headers=headers, client_timeout=10)
+        assert (result.as_numpy("OUTPUT0") == a + b).all()
+        return "ok"
+    except InferenceServerException as e:
+        return e.status()
+    finally:
+        client.close()
+
+
+def test_tls(secure_gateway, pki):
+    trusted = {"ssl": True, "root_certificates": str(pki.ca_cert)}
+    gateway = secure_gateway(tls_args(pki), trusted)
+    assert infer_status(gateway.url, **trusted) == "ok"
+    # Also by name: the certificate carries localhost as well as 127.0.0.1.
+    port = gateway.url.rsplit(":", 1)[1]
+    assert infer_status(f"localhost:{port}", **trusted) == "ok"
+    assert infer_status(gateway.url) == "StatusCode.UNAVAILABLE", "plaintext must not get through"
+    wrong_ca = {"ssl": True, "root_certificates": str(pki.rogue_cert)}
+    assert infer_status(gateway.url, **wrong_ca) == "StatusCode.UNAVAILABLE"
+
+
+def test_mutual_tls(secure_gateway, pki):
+    with_cert = {
+        "ssl": True,
+        "root_certificates": str(pki.ca_cert),
+        "private_key": str(pki.client_key),
+        "certificate_chain": str(pki.client_cert),
+    }
+    gateway = secure_gateway(tls_args(pki, mutual=True), with_cert)
+    assert infer_status(gateway.url, **with_cert) == "ok"
+    no_cert = {"ssl": True, "root_certificates": str(pki.ca_cert)}
+    assert infer_status(gateway.url, **no_cert) == "StatusCode.UNAVAILABLE"
+    rogue = dict(with_cert, private_key=str(pki.rogue_key), certificate_chain=str(pki.rogue_cert))
+    assert infer_status(gateway.url, **rogue) == "StatusCode.UNAVAILABLE"
+    assert infer_status(gateway.url) == "StatusCode.UNAVAILABLE"
+    # The server keeps serving the good client after refusing the others.
+    assert infer_status(gateway.url, **with_cert) == "ok"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--grpc-use-ssl"], "--grpc-server-cert"),
+        (["--grpc-use-ssl-mutual", "--grpc-server-cert", "{cert}", "--grpc-server-key", "{key}"], "--grpc-root-cert"),
+        (["--grpc-use-ssl", "--grpc-server-cert", "{cert}", "--grpc-server-key", "{cert}"], "invalid TLS"),
+        (["--auth-token-file", "/nonexistent/token"], "--auth-token-file"),
+    ],
+)
+def test_bad_security_config_fails_startup(pki, args, message):
+    args = [a.format(cert=pki.server_cert, key=pki.server_key) for a in args]
+    code, stderr = run_gateway_to_exit(MODELS, *args)
+    assert code != 0, stderr
+    assert message in stderr, stderr
+
+
+def test_bearer_token(secure_gateway, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    gateway = secure_gateway(["--auth-token-file", str(token_file)], {}, headers=BEARER)
+    assert infer_status(gateway.url, headers=BEARER) == "ok"
+    assert infer_status(gateway.url) == "StatusCode.UNAUTHENTICATED"
+    assert infer_status(gateway.url, headers={"authorization": "Bearer wrong"}) == "StatusCode.UNAUTHENTICATED"
+    assert infer_status(gateway.url, headers={"authorization": TOKEN}) == "StatusCode.UNAUTHENTICATED"
+    client = grpcclient.InferenceServerClient(gateway.url)
+    for call in (client.is_server_live, client.get_server_metadata, lambda: client.load_model("add_sub")):
+        with pytest.raises(InferenceServerException) as refused:
+            call()
+        assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+    # Kubernetes' gRPC probes send no token: health is exempt by default.
+    with grpc.insecure_channel(gateway.url) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert_add_sub_serves_with_token(client)
+    client.close()
+
+
+def assert_add_sub_serves_with_token(client) -> None:
+    a, b = add_sub_inputs(batch=2, seed=3)
+    result = infer_add_sub(client, a, b, headers=BEARER)
+    assert (result.as_numpy("OUTPUT1") == a - b).all()
+
+
+def test_bearer_token_covers_health_when_asked(secure_gateway, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    gateway = secure_gateway(
+        ["--auth-token-file", str(token_file), "--auth-exempt-health", "false"], {}, headers=BEARER
+    )
+    with grpc.insecure_channel(gateway.url) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        health = stub.Check(
+            health_pb2.HealthCheckRequest(service=""), metadata=[("authorization", f"Bearer {TOKEN}")], timeout=10
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_tls_and_token_together(secure_gateway, pki, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    trusted = {"ssl": True, "root_certificates": str(pki.ca_cert)}
+    gateway = secure_gateway(tls_args(pki) + ["--auth-token-file", str(token_file)], trusted, headers=BEARER)
+    assert infer_status(gateway.url, headers=BEARER, **trusted) == "ok"
+    assert infer_status(gateway.url, **trusted) == "StatusCode.UNAUTHENTICATED"
