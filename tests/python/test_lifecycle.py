@@ -1,8 +1,8 @@
 """Production lifecycle against the real binary: drain on SIGTERM under load, model control (poll and
 explicit), the Unix socket listener, load shedding and HTTP/2 settings.
 
-Every wait polls with a deadline; sleeps only pace client loops (and let keepalive pings happen). Servers bind 127.0.0.1 port 0 or a
-Unix socket in a temporary directory."""
+Every wait polls with a deadline; sleeps only pace client loops (and let keepalive pings happen).
+Servers bind 127.0.0.1 port 0 or a Unix socket in a temporary directory."""
 from __future__ import annotations
 
 import json
@@ -66,7 +66,8 @@ def http_ready(gateway: Gateway) -> int | None:
 
 def grpc_health(channel: grpc.Channel) -> int | None:
     try:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+        request = health_pb2.HealthCheckRequest(service="")
+        return health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status
     except grpc.RpcError:
         return None
 
@@ -182,7 +183,9 @@ def test_drain_finishes_queued_requests_before_exiting(gateway_factory, repo_cop
     clients = [grpcclient.InferenceServerClient(gateway.url) for _ in range(3)]
     inputs = [add_sub_inputs(seed=i) for i in range(3)]
     with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(infer_add_sub, c, a, b, client_timeout=DEADLINE_S) for c, (a, b) in zip(clients, inputs)]
+        futures = [
+            pool.submit(infer_add_sub, c, a, b, client_timeout=DEADLINE_S) for c, (a, b) in zip(clients, inputs)
+        ]
         wait_for(lambda: pending_requests(gateway, "add_sub") == 3, "3 requests queued")
         gateway.process.send_signal(signal.SIGTERM)
         for future, (a, b) in zip(futures, inputs):

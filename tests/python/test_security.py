@@ -115,7 +115,10 @@ def test_mutual_tls(secure_gateway, pki):
     "args, message",
     [
         (["--grpc-use-ssl"], "--grpc-server-cert"),
-        (["--grpc-use-ssl-mutual", "--grpc-server-cert", "{cert}", "--grpc-server-key", "{key}"], "--grpc-root-cert"),
+        (
+            ["--grpc-use-ssl-mutual", "--grpc-server-cert", "{cert}", "--grpc-server-key", "{key}"],
+            "--grpc-root-cert",
+        ),
         (["--grpc-use-ssl", "--grpc-server-cert", "{cert}", "--grpc-server-key", "{cert}"], "invalid TLS"),
         (["--auth-token-file", "/nonexistent/token"], "--auth-token-file"),
     ],
@@ -142,7 +145,8 @@ def test_bearer_token(secure_gateway, tmp_path):
         assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
     # Kubernetes' gRPC probes send no token: health is exempt by default.
     with grpc.insecure_channel(gateway.url) as channel:
-        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        request = health_pb2.HealthCheckRequest(service="")
+        health = health_pb2_grpc.HealthStub(channel).Check(request, timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert_add_sub_serves_with_token(client)
     client.close()
@@ -166,7 +170,9 @@ def test_bearer_token_covers_health_when_asked(secure_gateway, tmp_path):
             stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         health = stub.Check(
-            health_pb2.HealthCheckRequest(service=""), metadata=[("authorization", f"Bearer {TOKEN}")], timeout=10
+            health_pb2.HealthCheckRequest(service=""),
+            metadata=[("authorization", f"Bearer {TOKEN}")],
+            timeout=10,
         )
         assert health.status == health_pb2.HealthCheckResponse.SERVING
 

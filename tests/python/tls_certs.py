@@ -24,9 +24,6 @@ class Pki:
     rogue_cert: Path
     rogue_key: Path
 
-    def read(self, path: Path) -> bytes:
-        return path.read_bytes()
-
 
 def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
