@@ -345,3 +345,48 @@ pub fn graph_signature(session: &Session) -> Result<GraphSignature, RuntimeError
             .collect::<Result<_, _>>()?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::ModelParameter;
+
+    fn plan_with(params: &[(&str, &str)]) -> Result<SessionPlan, RuntimeError> {
+        let config = ModelConfig {
+            parameters: params
+                .iter()
+                .map(|(k, v)| {
+                    let value = ModelParameter {
+                        string_value: v.to_string(),
+                    };
+                    (k.to_string(), value)
+                })
+                .collect(),
+            ..Default::default()
+        };
+        SessionPlan::from_config(
+            Path::new("model.onnx"),
+            &config,
+            model_instance_group::Kind::Cpu,
+            0,
+            2,
+        )
+    }
+
+    #[test]
+    fn intra_op_spinning_is_off_unless_the_config_asks() {
+        assert!(!plan_with(&[]).unwrap().intra_op_spinning);
+        assert!(
+            !plan_with(&[(SPINNING_PARAMETER, "0")])
+                .unwrap()
+                .intra_op_spinning
+        );
+        assert!(
+            plan_with(&[(SPINNING_PARAMETER, "1")])
+                .unwrap()
+                .intra_op_spinning
+        );
+        let error = plan_with(&[(SPINNING_PARAMETER, "yes")]).unwrap_err();
+        assert!(error.to_string().contains(SPINNING_PARAMETER), "{error}");
+    }
+}
