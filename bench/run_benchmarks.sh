@@ -19,11 +19,14 @@ DURATION="${DURATION:-5}"
 CONCURRENCY="${CONCURRENCY:-16}"
 SHM_ITERATIONS="${SHM_ITERATIONS:-200}"
 PYTHON="${PYTHON:-.venv/bin/python}"
+# The raw loadgen results of the last run are kept here (target/ is not committed).
+OUT_DIR="${OUT_DIR:-target/bench}"
 GATEWAY=target/release/onnx-gateway
 LOADGEN=target/release/loadgen
 
 cargo build --release --bins
 
+mkdir -p "$OUT_DIR"
 work="$(mktemp -d)"
 gateway_pid=""
 cleanup() {
@@ -114,40 +117,8 @@ kill -TERM "$gateway_pid"
 wait "$gateway_pid" || true
 gateway_pid=""
 
-"$PYTHON" - "$results" <<'EOF'
-import json, statistics, sys
-runs = {}
-for line in open(sys.argv[1]):
-    entry = json.loads(line)
-    runs.setdefault(entry["name"], []).append(entry["result"])
-
-def median_run(name):
-    """The round with the median throughput, so its latencies belong to one real run."""
-    ordered = sorted(runs[name], key=lambda r: r["rows_per_s"])
-    return ordered[len(ordered) // 2]
-
-labels = {
-    "batching_off": "gateway, dynamic batching OFF, 16 clients x batch 1",
-    "batching_on": "gateway, dynamic batching ON (shipped, 100 us window), 16 clients x batch 1",
-    "batching_on_500us": "gateway, dynamic batching ON with a 500 us window, 16 clients x batch 1",
-    "in_process_b1": "in-process ONNX Runtime, batch 1",
-    "in_process_b16": "in-process ONNX Runtime, batch 16",
-}
-print("\n| configuration | rows/s (median round) | rows/s all rounds | p50 ms | p90 ms | p99 ms | errors |")
-print("|---|---:|---|---:|---:|---:|---:|")
-for name, label in labels.items():
-    r = median_run(name)
-    every = ", ".join(f"{x['rows_per_s']:.0f}" for x in runs[name])
-    errors = sum(x["errors"] for x in runs[name])
-    print(f"| {label} | {r['rows_per_s']:.0f} | {every} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {errors} |")
-on, off = median_run("batching_on")["rows_per_s"], median_run("batching_off")["rows_per_s"]
-b1, b16 = median_run("in_process_b1")["rows_per_s"], median_run("in_process_b16")["rows_per_s"]
-print(f"\nbatching ON / OFF: {on / off:.2f}x")
-print(f"gateway ON / in-process batch 1: {on / b1:.2f}x; gateway ON / in-process batch 16: {on / b16:.2f}x")
-print(f"gateway OFF / in-process batch 1: {off / b1:.2f}x")
-per_round = [a["rows_per_s"] / b["rows_per_s"] for a, b in zip(runs["batching_on"], runs["batching_off"])]
-print("ON / OFF per round: " + ", ".join(f"{x:.2f}x" for x in per_round))
-EOF
+"$PYTHON" bench/summarize_loadgen.py "$results"
+cp "$results" "$OUT_DIR/loadgen_results.jsonl"
 
 echo
 echo "== system shared memory vs inline tensors (4 MiB per request, identity_uint8)"
