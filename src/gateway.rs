@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tower::layer::util::{Identity as NoLayer, Stack};
 
@@ -384,7 +384,10 @@ async fn serve_grpc(
     }
     let router = grpc_router(&state, &args, tls, auth, health_service)?;
     let mut stop_tcp = stop.clone();
-    let tcp = router.serve_with_incoming_shutdown(TcpListenerStream::new(tcp), async move {
+    // TCP_NODELAY: without it a small response can sit behind Nagle's algorithm until the client's
+    // delayed ACK (~40 ms), which showed as a 40-50 ms p99 on small tensors.
+    let incoming = TcpIncoming::from(tcp).with_nodelay(Some(true));
+    let tcp = router.serve_with_incoming_shutdown(incoming, async move {
         let _ = stop_tcp.wait_for(|s| *s).await;
     });
     let result = tcp.await.map_err(anyhow::Error::from);

@@ -31,8 +31,8 @@ struct Args {
     /// Server address (host:port).
     #[arg(long, default_value = "127.0.0.1:8001")]
     url: String,
-    /// Model to drive.
-    #[arg(long)]
+    /// Model to drive (required unless --in-process).
+    #[arg(long, default_value = "", required_unless_present = "in_process")]
     model: String,
     /// Rows per request (the batch dimension) for batching models.
     #[arg(long, default_value_t = 1)]
@@ -55,9 +55,13 @@ struct Args {
     /// Instead of the server, run ONNX Runtime in this process on this model file at --batch-size.
     #[arg(long)]
     in_process: Option<PathBuf>,
-    /// Intra-op threads for --in-process.
+    /// Intra-op threads for --in-process; 0 = the CPU budget, as the gateway gives one instance.
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Whether --in-process intra-op threads spin while idle (ONNX Runtime's default: on). The
+    /// gateway turns it off unless a model's config asks for it.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    intra_op_spinning: bool,
     /// Print one machine-readable JSON line instead of the table.
     #[arg(long)]
     json: bool,
@@ -307,6 +311,7 @@ fn in_process(args: &Args, model_path: &std::path::Path) -> anyhow::Result<Repor
         model_path: model_path.to_path_buf(),
         intra_op_threads: threads,
         inter_op_threads: 1,
+        intra_op_spinning: args.intra_op_spinning,
         parallel_execution: false,
         optimization: OptimizationLevel::All,
         providers: vec![ProviderPlan::Cpu],
@@ -359,7 +364,10 @@ fn in_process(args: &Args, model_path: &std::path::Path) -> anyhow::Result<Repor
         executor.execute(inputs.clone(), &[])?;
         latencies.push(t0.elapsed());
     }
-    let label = format!("in-process ORT b={} threads={threads}", args.batch_size);
+    let label = format!(
+        "in-process ORT b={} threads={threads} spinning={}",
+        args.batch_size, args.intra_op_spinning
+    );
     Ok(Report {
         label,
         latencies,

@@ -32,6 +32,9 @@ pub struct SessionPlan {
     pub model_path: PathBuf,
     pub intra_op_threads: usize,
     pub inter_op_threads: usize,
+    /// Whether idle intra-op threads busy-wait for the next parallel section (ONNX Runtime's
+    /// `session.intra_op.allow_spinning`).
+    pub intra_op_spinning: bool,
     pub parallel_execution: bool,
     pub optimization: OptimizationLevel,
     /// Providers in priority order; CPU is always the implicit last resort for unsupported nodes.
@@ -63,6 +66,18 @@ impl SessionPlan {
         let intra_op_threads =
             thread_param(&params, "intra_op_thread_count")?.unwrap_or(default_intra_threads);
         let inter_op_threads = thread_param(&params, "inter_op_thread_count")?.unwrap_or(1);
+        // Off unless the config asks: ONNX Runtime's pool threads spin after every run, and in a
+        // server they burn the cores the gRPC transport and the other instances need (on 2 cores
+        // they took about half the CPU at batch 1 and halved throughput; see docs/PERFORMANCE.md).
+        let intra_op_spinning = match params.get(SPINNING_PARAMETER).map(|v| v.trim()) {
+            None | Some("0") => false,
+            Some("1") => true,
+            Some(other) => {
+                return Err(RuntimeError::Session(format!(
+                    "parameter {SPINNING_PARAMETER} must be \"0\" or \"1\", got \"{other}\""
+                )))
+            }
+        };
         let parallel_execution = match params.get("execution_mode").copied() {
             None | Some("0") => false,
             Some("1") => true,
@@ -88,12 +103,16 @@ impl SessionPlan {
             model_path: model_path.to_path_buf(),
             intra_op_threads: intra_op_threads.max(1),
             inter_op_threads: inter_op_threads.max(1),
+            intra_op_spinning,
             parallel_execution,
             optimization,
             providers,
         })
     }
 }
+
+/// Model config parameter (named as ONNX Runtime's session config key) that turns spinning back on.
+pub const SPINNING_PARAMETER: &str = "session.intra_op.allow_spinning";
 
 fn thread_param(params: &HashMap<&str, &str>, key: &str) -> Result<Option<usize>, RuntimeError> {
     match params.get(key) {
@@ -266,6 +285,9 @@ pub fn load_session(plan: &SessionPlan) -> Result<Session, RuntimeError> {
         .with_inter_threads(plan.inter_op_threads)
         .map_err(fail)?;
     let builder = builder
+        .with_intra_op_spinning(plan.intra_op_spinning)
+        .map_err(fail)?;
+    let builder = builder
         .with_parallel_execution(plan.parallel_execution)
         .map_err(fail)?;
     let builder = builder.with_optimization_level(level).map_err(fail)?;
@@ -322,4 +344,49 @@ pub fn graph_signature(session: &Session) -> Result<GraphSignature, RuntimeError
             .map(describe)
             .collect::<Result<_, _>>()?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::ModelParameter;
+
+    fn plan_with(params: &[(&str, &str)]) -> Result<SessionPlan, RuntimeError> {
+        let config = ModelConfig {
+            parameters: params
+                .iter()
+                .map(|(k, v)| {
+                    let value = ModelParameter {
+                        string_value: v.to_string(),
+                    };
+                    (k.to_string(), value)
+                })
+                .collect(),
+            ..Default::default()
+        };
+        SessionPlan::from_config(
+            Path::new("model.onnx"),
+            &config,
+            model_instance_group::Kind::Cpu,
+            0,
+            2,
+        )
+    }
+
+    #[test]
+    fn intra_op_spinning_is_off_unless_the_config_asks() {
+        assert!(!plan_with(&[]).unwrap().intra_op_spinning);
+        assert!(
+            !plan_with(&[(SPINNING_PARAMETER, "0")])
+                .unwrap()
+                .intra_op_spinning
+        );
+        assert!(
+            plan_with(&[(SPINNING_PARAMETER, "1")])
+                .unwrap()
+                .intra_op_spinning
+        );
+        let error = plan_with(&[(SPINNING_PARAMETER, "yes")]).unwrap_err();
+        assert!(error.to_string().contains(SPINNING_PARAMETER), "{error}");
+    }
 }

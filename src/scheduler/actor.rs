@@ -17,6 +17,7 @@ use tracing::Span;
 
 use super::policy::{BatchPolicy, Batchable, Next, PolicyConfig};
 use super::settings::SchedulerSettings;
+use super::timer::PreciseTimer;
 use super::worker::{worker_loop, Batch, Orderer, Responder, RunningJob, WorkerContext};
 use super::{ExecuteError, InferRequest, InferResponse, ModelExecutor, SchedulerError};
 use crate::telemetry::stats::{FailureReason, ModelStats};
@@ -94,6 +95,7 @@ impl Scheduler {
             idle,
             busy: 0,
             next_seq: 0,
+            timer: PreciseTimer::start(format!("{}-timer", shared.settings.model)),
             ctx,
         };
         tokio::spawn(batcher.run(finished_tx));
@@ -391,6 +393,8 @@ struct Batcher {
     /// Batches sent and not yet finished.
     busy: usize,
     next_seq: u64,
+    /// Wakes the batcher at sub-millisecond deadlines, which tokio's timer rounds up.
+    timer: PreciseTimer,
     ctx: Arc<WorkerContext>,
 }
 
@@ -413,6 +417,7 @@ impl Batcher {
                     self.requests.close();
                 }
                 _ = self.shared.sweep.notified() => {}
+                _ = self.timer.fired() => {}
                 _ = sleep_until_or_forever(wake) => {}
             }
             while let Ok(instance) = self.free.try_recv() {
@@ -428,6 +433,7 @@ impl Batcher {
                 self.record_cancelled(gone, now);
             }
             wake = self.dispatch(now, drained);
+            self.timer.set(wake.map(Instant::into_std));
             let gone = self.policy.take_cancelled();
             self.record_cancelled(gone, now);
             if drained && self.policy.is_empty() && self.busy == 0 {

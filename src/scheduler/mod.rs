@@ -3,6 +3,7 @@
 pub mod actor;
 pub mod policy;
 pub mod settings;
+mod timer;
 mod worker;
 
 pub use actor::Scheduler;

@@ -40,6 +40,12 @@ def test_exit_on_error_false_serves_the_rest(gateway_factory, repo_with_broken_m
     gateway = gateway_factory(repo_with_broken_model, "--exit-on-error=false", wait_ready=False)
     gateway.wait_live()
     client = gateway.client()
+    # Live comes before the models finish loading: wait until both have settled, then look.
+    settled = {"add_sub": "READY", BROKEN: "UNAVAILABLE"}
+    gateway.wait_until(
+        lambda c: {m.name: m.state for m in c.get_model_repository_index().models} == settled,
+        "both models settled",
+    )
     # Strict readiness (the default): one model failed, so the server is live but not ready.
     assert client.is_server_live()
     assert not client.is_server_ready()
