@@ -166,11 +166,7 @@ impl GrpcInferenceService for InferenceService {
         request: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         let r = request.into_inner();
-        let model = self
-            .state
-            .models
-            .get(&r.name, &r.version)
-            .map_err(Error::from)?;
+        let model = self.lookup(&r.name, &r.version)?;
         let versions = self
             .state
             .models
@@ -275,11 +271,7 @@ impl GrpcInferenceService for InferenceService {
         request: Request<ModelConfigRequest>,
     ) -> Result<Response<ModelConfigResponse>, Status> {
         let r = request.into_inner();
-        let model = self
-            .state
-            .models
-            .get(&r.name, &r.version)
-            .map_err(Error::from)?;
+        let model = self.lookup(&r.name, &r.version)?;
         Ok(Response::new(ModelConfigResponse {
             config: Some(model.config.clone()),
         }))
@@ -301,11 +293,7 @@ impl GrpcInferenceService for InferenceService {
                 .filter(|m| m.name == r.name)
                 .collect()
         } else {
-            vec![self
-                .state
-                .models
-                .get(&r.name, &r.version)
-                .map_err(Error::from)?]
+            vec![self.lookup(&r.name, &r.version)?]
         };
         Ok(Response::new(ModelStatisticsResponse {
             model_stats: models.iter().map(model_statistics).collect(),
@@ -456,6 +444,15 @@ impl GrpcInferenceService for InferenceService {
 }
 
 impl InferenceService {
+    /// The model version a request names, or the status Triton gives for it.
+    fn lookup(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Arc<crate::model::manager::LoadedModel>, Status> {
+        Ok(self.state.models.get(name, version).map_err(Error::from)?)
+    }
+
     fn require_explicit_control(&self) -> Result<(), Status> {
         match self.state.control_mode {
             ModelControlMode::Explicit => Ok(()),
