@@ -509,16 +509,7 @@ async fn broken_model_is_unavailable_when_exit_on_error_is_off() {
     config.models.strict_readiness = false;
     let server = TestServer::start_with(config).await;
     let mut client = server.client().await;
-    let index = client
-        .repository_index(RepositoryIndexRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let broken = index
-        .models
-        .iter()
-        .find(|m| m.name == "broken")
-        .expect("broken listed");
+    let broken = index_row(&mut client, "broken").await;
     assert_eq!(broken.state, "UNAVAILABLE");
     assert!(!broken.reason.is_empty());
     let response = client

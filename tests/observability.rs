@@ -760,24 +760,13 @@ impl Binary {
     }
 
     async fn wait_ready(&self) {
-        let mut client = self.client();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let ready = client
-                .server_ready(ServerReadyRequest {})
-                .await
-                .map(|r| r.into_inner().ready)
-                .unwrap_or(false);
-            if ready {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
+        wait_until_ready(&mut self.client(), || {
+            format!(
                 "the binary never became ready: {:?}",
                 self.lines.lock().unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            )
+        })
+        .await;
     }
 
     fn client(&self) -> Client {

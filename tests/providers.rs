@@ -3,7 +3,6 @@
 mod common;
 
 use common::*;
-use onnx_gateway::proto::RepositoryIndexRequest;
 use onnx_gateway::Config;
 
 fn add_sub_repo_with(instance_group: &str, extra: &str) -> tempfile::TempDir {
@@ -29,17 +28,7 @@ async fn load_failure_reason(repo: &std::path::Path) -> String {
     config.models.strict_readiness = false;
     let server = TestServer::start_with(config).await;
     let mut client = server.client().await;
-    let index = client
-        .repository_index(RepositoryIndexRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let row = index
-        .models
-        .iter()
-        .find(|m| m.name == "gpu_add_sub")
-        .expect("model listed")
-        .clone();
+    let row = index_row(&mut client, "gpu_add_sub").await;
     server.stop().await.unwrap();
     assert_eq!(row.state, "UNAVAILABLE", "{row:?}");
     row.reason

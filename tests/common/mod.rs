@@ -42,23 +42,10 @@ impl TestServer {
     /// Starts the gateway and waits until it reports ready (or fails the test after 60 s).
     pub async fn start_with(config: Config) -> TestServer {
         let server = Self::spawn(config).await;
-        let mut client = server.client().await;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let ready = client
-                .server_ready(ServerReadyRequest {})
-                .await
-                .map(|r| r.into_inner().ready)
-                .unwrap_or(false);
-            if ready {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "gateway did not become ready"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until_ready(&mut server.client().await, || {
+            "gateway did not become ready".into()
+        })
+        .await;
         server
     }
 
@@ -115,6 +102,40 @@ impl Drop for TestServer {
             task.abort();
         }
     }
+}
+
+/// Polls ServerReady until it is true; after 60 s fails the test with `why()`.
+pub async fn wait_until_ready(client: &mut Client, why: impl Fn() -> String) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = client
+            .server_ready(ServerReadyRequest {})
+            .await
+            .map(|r| r.into_inner().ready)
+            .unwrap_or(false);
+        if ready {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{}", why());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The repository-index row of `name` (fails the test when the model is not listed).
+pub async fn index_row(
+    client: &mut Client,
+    name: &str,
+) -> onnx_gateway::proto::repository_index_response::ModelIndex {
+    let index = client
+        .repository_index(onnx_gateway::proto::RepositoryIndexRequest::default())
+        .await
+        .expect("repository index")
+        .into_inner();
+    index
+        .models
+        .into_iter()
+        .find(|m| m.name == name)
+        .unwrap_or_else(|| panic!("{name} not listed"))
 }
 
 /// Little-endian bytes of f32 values.
