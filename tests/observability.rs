@@ -20,23 +20,17 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::otlp::{start_grpc_receiver, start_http_receiver, Exports, Receiver};
 use common::*;
 use onnx_gateway::proto::model_infer_request::InferInputTensor;
 use onnx_gateway::proto::*;
 use onnx_gateway::telemetry::metrics::TRITON_COMPAT_METRICS;
 use onnx_gateway::{Config, Gateway};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::trace::v1::Span as OtlpSpan;
-use prost::Message as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tonic::Code;
 
 // ---------------------------------------------------------------------------------------------
@@ -855,55 +849,6 @@ fn grpc_listening_addr(line: &str) -> Option<SocketAddr> {
 const TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
 const CALLER_SPAN_ID: &str = "b7ad6b7169203331";
 
-/// Every export the receiver got, in arrival order.
-type Exports = mpsc::UnboundedReceiver<ExportTraceServiceRequest>;
-
-struct GrpcReceiver(mpsc::UnboundedSender<ExportTraceServiceRequest>);
-
-#[tonic::async_trait]
-impl TraceService for GrpcReceiver {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let _ = self.0.send(request.into_inner());
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-/// An OTLP/gRPC trace receiver on 127.0.0.1:0, running until the test's runtime ends.
-async fn start_grpc_receiver() -> (SocketAddr, Exports) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, exports) = mpsc::unbounded_channel();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(GrpcReceiver(tx)))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    (addr, exports)
-}
-
-/// An OTLP/HTTP receiver: POST /v1/traces with an ExportTraceServiceRequest in protobuf.
-async fn start_http_receiver() -> (SocketAddr, Exports) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, exports) = mpsc::unbounded_channel();
-    let app = axum::Router::new().route(
-        "/v1/traces",
-        axum::routing::post(move |body: bytes::Bytes| async move {
-            let request = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
-            let _ = tx.send(request);
-            (
-                [("content-type", "application/x-protobuf")],
-                ExportTraceServiceResponse::default().encode_to_vec(),
-            )
-        }),
-    );
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (addr, exports)
-}
-
 /// The spans of every export received so far, with the service names of their resources.
 fn received_spans(exports: &mut Exports) -> (Vec<OtlpSpan>, Vec<String>) {
     let (mut spans, mut services) = (Vec::new(), Vec::new());
@@ -940,12 +885,9 @@ fn hex(bytes: &[u8]) -> String {
 
 /// A traced request through the binary: the receiver must get the caller's trace continued by
 /// `infer`, its `queue` and `compute` children, and an `execute_batch` span linked to it.
-async fn traced_request_reaches_the_receiver(
-    protocol: &str,
-    (addr, mut exports): (SocketAddr, Exports),
-) {
+async fn traced_request_reaches_the_receiver(protocol: &str, mut receiver: Receiver) {
     let repo = add_sub_repo();
-    let endpoint = format!("http://{addr}");
+    let endpoint = format!("http://{}", receiver.addr);
     let binary = Binary::start(
         repo.path(),
         &[
@@ -966,7 +908,7 @@ async fn traced_request_reaches_the_receiver(
     // Shutdown flushes the spans still queued in the batch processor.
     let logs = binary.terminate().await;
 
-    let (spans, services) = received_spans(&mut exports);
+    let (spans, services) = received_spans(&mut receiver.exports);
     let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
     let context = format!("spans {names:?}\nlogs {logs:#?}");
     assert!(

@@ -2,115 +2,21 @@
 //! implementing the collector's TraceService; HTTP: an axum route on /v1/traces), the gateway's
 //! tracing pipeline exports a request span whose parent came in a W3C `traceparent`, and the
 //! receiver must see the caller's trace id and parent span id.
+mod common;
+
 use std::net::SocketAddr;
+
+use common::otlp::{start_grpc_receiver, start_http_receiver, Exports};
 
 use onnx_gateway::server::trace_context::parent_context_from_headers;
 use onnx_gateway::telemetry::otel::{OtelPlan, OtelTracing, TraceProtocol, TracingArgs};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
-use prost::Message as _;
-use tokio::sync::{mpsc, oneshot};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT_SPAN_ID: &str = "00f067aa0ba902b7";
-
-type Exports = mpsc::UnboundedReceiver<ExportTraceServiceRequest>;
-
-/// The receiving end of OTLP/gRPC: hands every export to the test.
-struct GrpcReceiver(mpsc::UnboundedSender<ExportTraceServiceRequest>);
-
-#[tonic::async_trait]
-impl TraceService for GrpcReceiver {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let _ = self.0.send(request.into_inner());
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-/// A running receiver: where it listens, what it received, and how to stop it.
-struct Receiver {
-    addr: SocketAddr,
-    exports: Exports,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Receiver {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.expect("receiver task");
-    }
-}
-
-async fn start_grpc_receiver() -> Receiver {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, exports) = mpsc::unbounded_channel();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(GrpcReceiver(tx)))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async {
-                    let _ = stopped.await;
-                },
-            )
-            .await
-            .expect("OTLP/gRPC receiver");
-    });
-    Receiver {
-        addr,
-        exports,
-        stop,
-        task,
-    }
-}
-
-async fn start_http_receiver() -> Receiver {
-    use axum::routing::post;
-
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, exports) = mpsc::unbounded_channel();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let app = axum::Router::new().route(
-        "/v1/traces",
-        post(move |body: bytes::Bytes| async move {
-            let request = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
-            let _ = tx.send(request);
-            (
-                [("content-type", "application/x-protobuf")],
-                ExportTraceServiceResponse::default().encode_to_vec(),
-            )
-        }),
-    );
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("OTLP/HTTP receiver");
-    });
-    Receiver {
-        addr,
-        exports,
-        stop,
-        task,
-    }
-}
 
 /// What the server does for one request: a span per request whose parent is the caller's
 /// traceparent, with a queue child; plus a dependency's span that must not be exported.

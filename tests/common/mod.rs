@@ -1,6 +1,8 @@
 //! Shared harness for integration tests: a real gateway on 127.0.0.1:0, a gRPC client, shutdown via
 //! a oneshot. No fixed ports and no sleeps: readiness is awaited through ServerReady.
 #![allow(dead_code)]
+pub mod otlp;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
