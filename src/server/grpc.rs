@@ -259,6 +259,14 @@ impl GrpcInferenceService for InferenceService {
                 let Some(message) = message else { break };
                 let request = match message {
                     Ok(r) => r,
+                    // A message that does not fit the memory budget cannot be skipped (its bytes
+                    // were never read): answers already taken finish, then the stream ends with the
+                    // budget's status.
+                    Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                        let _ = slots.acquire_many(STREAM_IN_FLIGHT as u32).await;
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
                     Err(status) => {
                         tracing::debug!(%status, "inference stream ended by the client");
                         break;
