@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import struct
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -39,6 +40,15 @@ def metric(admin_url: str, name: str) -> float:
     match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
     assert match, f"{name} not in /metrics"
     return float(match.group(1))
+
+
+def wait_for_metric(admin_url: str, name: str, value: float, timeout: float = 10.0) -> None:
+    """Response bodies release their reservation when the server drops them, just after the client
+    has its answer: poll until the gauge shows it (fails after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while metric(admin_url, name) != value:
+        assert time.monotonic() < deadline, f"{name} stayed at {metric(admin_url, name)}, expected {value}"
+        time.sleep(0.05)
 
 
 def open_stub(gateway):
@@ -110,7 +120,7 @@ def test_overload_is_refused_by_the_budget_and_memory_stays_bounded(gateway_fact
     assert metric(gateway.admin_url, "onnx_gateway_inflight_request_bytes_peak") <= OVERLOAD_BUDGET
     # Everything was given back, the refusals are counted, and the server keeps serving.
     small_fp32_serves(stub)
-    assert metric(gateway.admin_url, "onnx_gateway_inflight_request_bytes") == 0
+    wait_for_metric(gateway.admin_url, "onnx_gateway_inflight_request_bytes", 0)
     assert metric(gateway.admin_url, "onnx_gateway_inflight_request_bytes_limit") == OVERLOAD_BUDGET
     assert metric(gateway.admin_url, "onnx_gateway_budget_refused_total") >= len(refused)
     for channel, _ in channels:
