@@ -25,6 +25,7 @@ use crate::proto::repository_index_response::ModelIndex;
 use crate::proto::*;
 use crate::scheduler::SchedulerError;
 use crate::telemetry::stats::FailureReason;
+use crate::tensor::names::{bounded_text, shown};
 
 /// Requests one stream may have in flight; more wait for a slot, which pushes back on the client
 /// through HTTP/2 flow control instead of growing memory.
@@ -488,11 +489,11 @@ impl GrpcInferenceService for InferenceService {
 /// match it.
 fn stream_error(request: &ModelInferRequest, error: Error) -> ModelStreamInferResponse {
     ModelStreamInferResponse {
-        error_message: crate::tensor::names::bounded_text(error.to_string()),
+        error_message: bounded_text(error.to_string()),
         infer_response: Some(ModelInferResponse {
-            model_name: crate::tensor::names::bounded_text(request.model_name.clone()),
-            model_version: crate::tensor::names::bounded_text(request.model_version.clone()),
-            id: crate::tensor::names::bounded_text(request.id.clone()),
+            model_name: bounded_text(request.model_name.clone()),
+            model_version: bounded_text(request.model_version.clone()),
+            id: bounded_text(request.id.clone()),
             ..Default::default()
         }),
     }
@@ -535,12 +536,14 @@ fn config_override(
     for key in r.parameters.keys() {
         if key.starts_with("file:") {
             return Err(Status::invalid_argument(format!(
-                "load parameter '{key}': model file overrides are not supported; place the file in the repository"
+                "load parameter '{}': model file overrides are not supported; place the file in the repository",
+                shown(key)
             )));
         }
         if key != "config" {
             return Err(Status::invalid_argument(format!(
-                "unknown load parameter '{key}'"
+                "unknown load parameter '{}'",
+                shown(key)
             )));
         }
     }
@@ -553,7 +556,7 @@ fn config_override(
         Some(ParameterChoice::StringParam(json)) => {
             crate::model::config_json::parse_config_json(&r.model_name, json)
                 .map(Some)
-                .map_err(|e| Status::invalid_argument(e.to_string()))
+                .map_err(|e| Status::invalid_argument(bounded_text(e.to_string())))
         }
         Some(_) => Err(Status::invalid_argument(
             "load parameter 'config' must be a string holding JSON",
@@ -571,7 +574,8 @@ fn shm_status(e: crate::shm::ShmError) -> Status {
         K::Internal => tonic::Code::Internal,
         K::Unavailable => tonic::Code::Unavailable,
     };
-    Status::new(code, e.to_string())
+    // Region names come from clients.
+    Status::new(code, bounded_text(e.to_string()))
 }
 
 fn cuda_shm_unimplemented() -> Status {
