@@ -25,6 +25,8 @@ pub struct Config {
     pub log: crate::telemetry::logging::LoggingArgs,
     #[command(flatten)]
     pub tracing: crate::telemetry::otel::TracingArgs,
+    #[command(flatten)]
+    pub security: SecurityArgs,
 }
 
 /// How models are loaded and when the server counts as ready.
@@ -191,6 +193,27 @@ pub struct LifecycleArgs {
     /// Kubernetes endpoints stop sending traffic before the listener closes.
     #[arg(long, env = "ONNX_GATEWAY_DRAIN_DELAY_SECS", default_value_t = 5)]
     pub drain_delay_secs: u64,
+}
+
+/// Encrypted model files, per-model authorization and the audit log (security/).
+#[derive(Debug, Clone, Args)]
+pub struct SecurityArgs {
+    /// Key for encrypted model files (`model.onnx.enc`): 32 raw bytes or 64 hex characters.
+    /// Repeatable (comma-separated in the variable) so old and new keys work during a rotation.
+    #[arg(
+        long = "model-key-file",
+        env = "ONNX_GATEWAY_MODEL_KEY_FILE",
+        value_delimiter = ','
+    )]
+    pub model_key_files: Vec<PathBuf>,
+    /// JSON policy of tokens (by SHA-256), the models each may use and whether it is an admin.
+    /// Reloaded on SIGHUP; a file that does not parse keeps the last good policy.
+    #[arg(long, env = "ONNX_GATEWAY_AUTH_POLICY_FILE")]
+    pub auth_policy_file: Option<PathBuf>,
+    /// Append JSON lines for denied calls, model loads/unloads, policy reloads and shared-memory
+    /// registrations to this file.
+    #[arg(long, env = "ONNX_GATEWAY_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
 }
 
 impl Config {

@@ -17,6 +17,7 @@ use crate::model::manager::{ManagerSettings, ModelManager};
 use crate::model::poll;
 use crate::proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::runtime::init_onnxruntime;
+use crate::security::{AccessControl, AuditEvent, AuditLog, KeyRing};
 use crate::server::admin::{serve_admin, AdminState};
 use crate::server::auth::TokenAuthLayer;
 use crate::server::grpc::InferenceService;
@@ -47,16 +48,12 @@ struct GrpcListeners {
 }
 
 impl GrpcListeners {
-    async fn bind(args: &GrpcArgs) -> anyhow::Result<Self> {
+    async fn bind(args: &GrpcArgs, access: &Arc<AccessControl>) -> anyhow::Result<Self> {
         let addr = SocketAddr::new(args.grpc_address, args.grpc_port);
         let tcp = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot bind gRPC address {addr}"))?;
-        let token = match &args.auth.auth_token_file {
-            Some(path) => Some(read_token(path)?),
-            None => None,
-        };
-        let auth = TokenAuthLayer::new(token, args.auth.auth_exempt_health);
+        let auth = TokenAuthLayer::new(Arc::clone(access), args.auth.auth_exempt_health);
         let tls = tls_config(&args.tls)?;
         if let Some(tls) = &tls {
             // Parses the certificates and key now rather than when the server starts.
@@ -90,6 +87,66 @@ fn read_token(path: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// The authorization policy (token file and/or policy file) and the audit log it writes to.
+fn access_control(config: &Config) -> anyhow::Result<Arc<AccessControl>> {
+    let audit = match &config.security.audit_log {
+        Some(path) => AuditLog::open(path)
+            .with_context(|| format!("cannot open --audit-log {}", path.display()))?,
+        None => AuditLog::disabled(),
+    };
+    let token = match &config.grpc.auth.auth_token_file {
+        Some(path) => Some(zeroize::Zeroizing::new(read_token(path)?)),
+        None => None,
+    };
+    let access = AccessControl::configure(
+        token.as_ref().map(|t| t.as_bytes()),
+        config.security.auth_policy_file.as_deref(),
+        Arc::new(audit),
+    )
+    .map_err(anyhow::Error::msg)?;
+    Ok(Arc::new(access))
+}
+
+/// The keys for encrypted model files; their ids (never the keys) are logged.
+fn model_keys(config: &Config) -> anyhow::Result<Arc<KeyRing>> {
+    let keys = KeyRing::from_files(&config.security.model_key_files).map_err(anyhow::Error::msg)?;
+    if !keys.is_empty() {
+        let ids: Vec<String> = keys.ids().iter().map(|id| id.to_string()).collect();
+        tracing::info!(key_ids = ?ids, "model decryption keys loaded");
+    }
+    Ok(Arc::new(keys))
+}
+
+/// SIGHUP re-reads --auth-policy-file (a broken file keeps the last good policy).
+fn reload_policy_on_sighup(access: &Arc<AccessControl>) -> anyhow::Result<()> {
+    if !access.has_policy_file() {
+        return Ok(());
+    }
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    let access = Arc::clone(access);
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            let _ = access.reload();
+        }
+    });
+    Ok(())
+}
+
+/// An audit line for a load or unload the server did by itself (startup, poll).
+fn audit_model_change<E: std::fmt::Display>(
+    state: &ServerState,
+    event: &'static str,
+    rpc: &str,
+    model: &str,
+    result: &Result<(), E>,
+) {
+    let outcome = if result.is_ok() { "ok" } else { "failed" };
+    let mut line = AuditEvent::new(event, rpc, outcome).model(model);
+    line.reason = result.as_ref().err().map(|e| e.to_string());
+    state.access.audit().record(line);
+}
+
 fn bind_uds(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     // A previous run (or a restarted sidecar) may have left the socket file behind. Only a socket
     // is replaced: a typo must not delete someone's file.
@@ -113,15 +170,19 @@ impl Gateway {
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
         let location = init_onnxruntime(config.runtime.onnxruntime_lib.as_deref())?;
         tracing::info!(library = ?location, "ONNX Runtime loaded");
-        let grpc = GrpcListeners::bind(&config.grpc).await?;
+        let access = access_control(&config)?;
+        let grpc = GrpcListeners::bind(&config.grpc, &access).await?;
         let admin_addr = SocketAddr::new(config.admin.metrics_address, config.admin.metrics_port);
         let admin = TcpListener::bind(admin_addr)
             .await
             .with_context(|| format!("cannot bind admin HTTP address {admin_addr}"))?;
-        let models = Arc::new(ModelManager::new(ManagerSettings {
-            repository: config.models.model_repository.clone(),
-            default_max_queue_size: config.models.default_max_queue_size,
-        }));
+        let models = Arc::new(
+            ModelManager::new(ManagerSettings {
+                repository: config.models.model_repository.clone(),
+                default_max_queue_size: config.models.default_max_queue_size,
+            })
+            .with_model_keys(model_keys(&config)?),
+        );
         let readiness = Arc::new(Readiness::new(config.models.strict_readiness));
         let control_mode = config.models.model_control_mode;
         let shm = Arc::new(if config.shm.allow_client_shm {
@@ -136,6 +197,7 @@ impl Gateway {
             control_mode,
             shm,
             grpc_metrics,
+            access,
         });
         Ok(Self {
             config,
@@ -172,6 +234,7 @@ impl Gateway {
         } = self;
         tracing::info!(addr = %grpc.tcp.local_addr()?, "gRPC listening");
         tracing::info!(addr = %admin.local_addr()?, "admin HTTP listening");
+        reload_policy_on_sighup(&state.access)?;
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         // The admin server outlives the gRPC drain, so liveness and metrics answer until the end.
@@ -302,6 +365,7 @@ async fn load_models(config: &Config, state: &Arc<ServerState>) -> anyhow::Resul
     for name in names {
         let result = state.models.load(&name, None).await;
         state.readiness.notify();
+        audit_model_change(state, "model_load", "startup", &name, &result);
         if let Err(e) = result {
             if config.models.exit_on_error {
                 anyhow::bail!("failed to load model '{name}': {e}");
@@ -336,11 +400,13 @@ async fn poll_repository(
         let changes = poll::diff(&before, &after);
         for name in changes.added.iter().chain(&changes.changed) {
             tracing::info!(model = %name, "repository change detected: loading");
-            let _ = state.models.load(name, None).await;
+            let result = state.models.load(name, None).await;
+            audit_model_change(&state, "model_load", "poll", name, &result);
         }
         for name in &changes.removed {
             tracing::info!(model = %name, "model removed from the repository: unloading");
-            let _ = state.models.unload(name).await;
+            let result = state.models.unload(name).await;
+            audit_model_change(&state, "model_unload", "poll", name, &result);
         }
         state.readiness.notify();
         before = after;

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use super::auth::{authorize, may_see, Caller};
 use super::trace_context::parent_context_from_headers;
 
 use super::decode::{decode_request, DecodedRequest};
@@ -22,6 +23,7 @@ use crate::proto::grpc_inference_service_server::GrpcInferenceService;
 use crate::proto::repository_index_response::ModelIndex;
 use crate::proto::*;
 use crate::scheduler::SchedulerError;
+use crate::security::{Access, AuditEvent};
 use crate::telemetry::stats::FailureReason;
 
 /// Requests one stream may have in flight; more wait for a slot, which pushes back on the client
@@ -140,6 +142,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelReadyRequest>,
     ) -> Result<Response<ModelReadyResponse>, Status> {
+        self.allow(&request, Access::Model(&request.get_ref().name))?;
         let r = request.into_inner();
         let ready =
             !self.state.readiness.is_draining() && self.state.models.is_ready(&r.name, &r.version);
@@ -165,6 +168,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
+        self.allow(&request, Access::Model(&request.get_ref().name))?;
         let r = request.into_inner();
         let model = self.lookup(&r.name, &r.version)?;
         let versions = self
@@ -197,6 +201,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
+        self.allow(&request, Access::Model(&request.get_ref().model_name))?;
         let parent = parent_context_from_headers(request.metadata().as_ref());
         let response = infer(&self.state, request.into_inner(), &parent).await?;
         Ok(Response::new(response))
@@ -211,6 +216,8 @@ impl GrpcInferenceService for InferenceService {
         request: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         let parent = parent_context_from_headers(request.metadata().as_ref());
+        // The layer resolved the token once for the stream; each message's model is checked below.
+        let caller = request.extensions().get::<Caller>().cloned();
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<StreamResult>(STREAM_IN_FLIGHT);
         let state = Arc::clone(&self.state);
@@ -239,17 +246,25 @@ impl GrpcInferenceService for InferenceService {
                     break;
                 };
                 let (state, tx, parent) = (Arc::clone(&state), tx.clone(), parent.clone());
+                let caller = caller.clone();
                 tokio::spawn(async move {
                     let id = request.id.clone();
                     let (name, version) =
                         (request.model_name.clone(), request.model_version.clone());
-                    let message = match infer(&state, request, &parent).await {
+                    let allowed = stream_message_allowed(&state, caller.as_ref(), &name);
+                    let result = match allowed {
+                        Ok(()) => infer(&state, request, &parent)
+                            .await
+                            .map_err(|e| e.to_string()),
+                        Err(refusal) => Err(refusal),
+                    };
+                    let message = match result {
                         Ok(response) => ModelStreamInferResponse {
                             error_message: String::new(),
                             infer_response: Some(response),
                         },
                         Err(e) => ModelStreamInferResponse {
-                            error_message: e.to_string(),
+                            error_message: e,
                             infer_response: Some(ModelInferResponse {
                                 model_name: name,
                                 model_version: version,
@@ -270,6 +285,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelConfigRequest>,
     ) -> Result<Response<ModelConfigResponse>, Status> {
+        self.allow(&request, Access::Model(&request.get_ref().name))?;
         let r = request.into_inner();
         let model = self.lookup(&r.name, &r.version)?;
         Ok(Response::new(ModelConfigResponse {
@@ -281,9 +297,14 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelStatisticsRequest>,
     ) -> Result<Response<ModelStatisticsResponse>, Status> {
+        if !request.get_ref().name.is_empty() {
+            self.allow(&request, Access::Model(&request.get_ref().name))?;
+        }
+        let mut visible = self.state.models.loaded();
+        visible.retain(|m| may_see(&request, &m.name));
         let r = request.into_inner();
         let models = if r.name.is_empty() {
-            self.state.models.loaded()
+            visible
         } else if r.version.is_empty() {
             self.state.models.get(&r.name, "").map_err(Error::from)?;
             self.state
@@ -304,13 +325,15 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<RepositoryIndexRequest>,
     ) -> Result<Response<RepositoryIndexResponse>, Status> {
-        let r = request.into_inner();
         let models = self
             .state
             .models
             .index()
             .into_iter()
-            .filter(|e| !r.ready || e.state == crate::model::manager::ModelState::Ready)
+            .filter(|e| may_see(&request, &e.name))
+            .filter(|e| {
+                !request.get_ref().ready || e.state == crate::model::manager::ModelState::Ready
+            })
             .map(|e| ModelIndex {
                 name: e.name,
                 version: e.version,
@@ -325,15 +348,15 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<RepositoryModelLoadRequest>,
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
+        self.allow(&request, Access::Admin)?;
         self.require_explicit_control()?;
+        let caller = request.extensions().get::<Caller>().cloned();
         let r = request.into_inner();
         let config = config_override(&r)?;
-        self.state
-            .models
-            .load(&r.model_name, config)
-            .await
-            .map_err(Error::from)?;
+        let result = self.state.models.load(&r.model_name, config).await;
         self.state.readiness.notify();
+        self.audit(caller.as_ref(), "model_load", &r.model_name, &result);
+        result.map_err(Error::from)?;
         Ok(Response::new(RepositoryModelLoadResponse {}))
     }
 
@@ -341,14 +364,14 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<RepositoryModelUnloadRequest>,
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
+        self.allow(&request, Access::Admin)?;
         self.require_explicit_control()?;
+        let caller = request.extensions().get::<Caller>().cloned();
         let r = request.into_inner();
         crate::model::repository::validate_model_name(&r.model_name).map_err(Error::from)?;
-        self.state
-            .models
-            .unload(&r.model_name)
-            .await
-            .map_err(Error::from)?;
+        let result = self.state.models.unload(&r.model_name).await;
+        self.audit(caller.as_ref(), "model_unload", &r.model_name, &result);
+        result.map_err(Error::from)?;
         self.state.readiness.notify();
         Ok(Response::new(RepositoryModelUnloadResponse {}))
     }
@@ -357,6 +380,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<SystemSharedMemoryStatusRequest>,
     ) -> Result<Response<SystemSharedMemoryStatusResponse>, Status> {
+        self.allow(&request, Access::Admin)?;
         let r = request.into_inner();
         let name = (!r.name.is_empty()).then_some(r.name.as_str());
         let regions = self.state.shm.status(name).map_err(shm_status)?;
@@ -379,11 +403,15 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<SystemSharedMemoryRegisterRequest>,
     ) -> Result<Response<SystemSharedMemoryRegisterResponse>, Status> {
+        self.allow(&request, Access::Admin)?;
+        let caller = request.extensions().get::<Caller>().cloned();
         let r = request.into_inner();
-        self.state
+        let result = self
+            .state
             .shm
-            .register(&r.name, &r.key, r.offset, r.byte_size)
-            .map_err(shm_status)?;
+            .register(&r.name, &r.key, r.offset, r.byte_size);
+        self.audit_shm(caller.as_ref(), "shm_register", &r.name, &result);
+        result.map_err(shm_status)?;
         tracing::debug!(region = %r.name, key = %r.key, bytes = r.byte_size, "shared memory region registered");
         Ok(Response::new(SystemSharedMemoryRegisterResponse {}))
     }
@@ -392,40 +420,48 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<SystemSharedMemoryUnregisterRequest>,
     ) -> Result<Response<SystemSharedMemoryUnregisterResponse>, Status> {
+        self.allow(&request, Access::Admin)?;
+        let caller = request.extensions().get::<Caller>().cloned();
         let r = request.into_inner();
-        if r.name.is_empty() {
-            self.state.shm.unregister_all().map_err(shm_status)?;
+        let result = if r.name.is_empty() {
+            self.state.shm.unregister_all()
         } else {
-            self.state.shm.unregister(&r.name).map_err(shm_status)?;
-        }
+            self.state.shm.unregister(&r.name)
+        };
+        self.audit_shm(caller.as_ref(), "shm_unregister", &r.name, &result);
+        result.map_err(shm_status)?;
         Ok(Response::new(SystemSharedMemoryUnregisterResponse {}))
     }
 
     async fn cuda_shared_memory_status(
         &self,
-        _: Request<CudaSharedMemoryStatusRequest>,
+        request: Request<CudaSharedMemoryStatusRequest>,
     ) -> Result<Response<CudaSharedMemoryStatusResponse>, Status> {
+        self.allow(&request, Access::Admin)?;
         Err(cuda_shm_unimplemented())
     }
 
     async fn cuda_shared_memory_register(
         &self,
-        _: Request<CudaSharedMemoryRegisterRequest>,
+        request: Request<CudaSharedMemoryRegisterRequest>,
     ) -> Result<Response<CudaSharedMemoryRegisterResponse>, Status> {
+        self.allow(&request, Access::Admin)?;
         Err(cuda_shm_unimplemented())
     }
 
     async fn cuda_shared_memory_unregister(
         &self,
-        _: Request<CudaSharedMemoryUnregisterRequest>,
+        request: Request<CudaSharedMemoryUnregisterRequest>,
     ) -> Result<Response<CudaSharedMemoryUnregisterResponse>, Status> {
+        self.allow(&request, Access::Admin)?;
         Err(cuda_shm_unimplemented())
     }
 
     async fn trace_setting(
         &self,
-        _: Request<TraceSettingRequest>,
+        request: Request<TraceSettingRequest>,
     ) -> Result<Response<TraceSettingResponse>, Status> {
+        self.allow(&request, Access::Admin)?;
         Err(unimplemented(
             "TraceSetting",
             "tracing is configured with OTEL_* variables and --trace-* flags at startup",
@@ -434,8 +470,9 @@ impl GrpcInferenceService for InferenceService {
 
     async fn log_settings(
         &self,
-        _: Request<LogSettingsRequest>,
+        request: Request<LogSettingsRequest>,
     ) -> Result<Response<LogSettingsResponse>, Status> {
+        self.allow(&request, Access::Admin)?;
         Err(unimplemented(
             "LogSettings",
             "logging is configured with RUST_LOG / --log-verbose at startup",
@@ -451,6 +488,69 @@ impl InferenceService {
         version: &str,
     ) -> Result<Arc<crate::model::manager::LoadedModel>, Status> {
         Ok(self.state.models.get(name, version).map_err(Error::from)?)
+    }
+
+    /// The per-call authorization check (the layer already authenticated the token).
+    fn allow<T>(&self, request: &Request<T>, access: Access<'_>) -> Result<(), Status> {
+        authorize(&self.state.access, request, access)
+    }
+
+    /// An audit line for a model load or unload by `caller`.
+    fn audit<E: std::fmt::Display>(
+        &self,
+        caller: Option<&Caller>,
+        event: &'static str,
+        model: &str,
+        result: &Result<(), E>,
+    ) {
+        self.record(
+            caller,
+            event,
+            model,
+            result.as_ref().err().map(|e| e.to_string()),
+        );
+    }
+
+    fn audit_shm(
+        &self,
+        caller: Option<&Caller>,
+        event: &'static str,
+        region: &str,
+        result: &Result<(), crate::shm::ShmError>,
+    ) {
+        let reason = result.as_ref().err().map(|e| e.to_string());
+        let rpc = caller.map_or("", |c| &*c.rpc);
+        let mut line = AuditEvent::new(event, rpc, if reason.is_some() { "failed" } else { "ok" })
+            .caller(
+                caller.map(|c| &*c.principal.name),
+                caller.and_then(|c| c.peer.as_deref()),
+            );
+        line.reason = reason;
+        if !region.is_empty() {
+            line.reason = Some(match line.reason {
+                Some(r) => format!("region '{region}': {r}"),
+                None => format!("region '{region}'"),
+            });
+        }
+        self.state.access.audit().record(line);
+    }
+
+    fn record(
+        &self,
+        caller: Option<&Caller>,
+        event: &'static str,
+        model: &str,
+        reason: Option<String>,
+    ) {
+        let rpc = caller.map_or("", |c| &*c.rpc);
+        let mut line = AuditEvent::new(event, rpc, if reason.is_some() { "failed" } else { "ok" })
+            .caller(
+                caller.map(|c| &*c.principal.name),
+                caller.and_then(|c| c.peer.as_deref()),
+            )
+            .model(model);
+        line.reason = reason;
+        self.state.access.audit().record(line);
     }
 
     fn require_explicit_control(&self) -> Result<(), Status> {
@@ -508,6 +608,23 @@ fn shm_status(e: crate::shm::ShmError) -> Status {
         K::Unavailable => tonic::Code::Unavailable,
     };
     Status::new(code, e.to_string())
+}
+
+/// The per-message check of ModelStreamInfer: the refusal text becomes that message's
+/// `error_message`, and the stream goes on.
+fn stream_message_allowed(
+    state: &ServerState,
+    caller: Option<&Caller>,
+    model: &str,
+) -> Result<(), String> {
+    match caller {
+        Some(caller) => state
+            .access
+            .authorize(&caller.principal, Access::Model(model), &caller.context())
+            .map_err(|e| super::auth::auth_status(e).message().to_string()),
+        None if !state.access.is_enabled() => Ok(()),
+        None => Err(crate::security::AuthError::Unauthenticated.to_string()),
+    }
 }
 
 fn cuda_shm_unimplemented() -> Status {

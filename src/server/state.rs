@@ -95,6 +95,8 @@ pub struct ServerState {
     pub shm: Arc<ShmRegistry>,
     /// Calls by gRPC method and status code, for /metrics.
     pub grpc_metrics: Arc<GrpcMetrics>,
+    /// Who may call what (--auth-token-file, --auth-policy-file), and the audit log.
+    pub access: Arc<crate::security::AccessControl>,
 }
 
 impl ServerState {
