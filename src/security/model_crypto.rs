@@ -368,7 +368,10 @@ mod tests {
         assert_eq!(ModelKey::parse(&with_newline).unwrap().id(), key(7).id());
         assert_eq!(ModelKey::parse(b"short").unwrap_err(), KeyError::Length(5));
         let not_hex = "zz".repeat(32);
-        assert_eq!(ModelKey::parse(not_hex.as_bytes()).unwrap_err(), KeyError::NotHex);
+        assert_eq!(
+            ModelKey::parse(not_hex.as_bytes()).unwrap_err(),
+            KeyError::NotHex
+        );
         assert!(!format!("{:?}", key(1)).contains("0101"));
     }
 }
