@@ -27,6 +27,9 @@ pub struct AuditEvent {
     pub rpc: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// The shared-memory region a registration names (empty: every region).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
     /// `ok`, `failed`, `unauthenticated` or `permission_denied`.
     pub outcome: &'static str,
     /// Why, when not `ok`. Error texts never carry tensor contents.
@@ -46,6 +49,11 @@ impl AuditEvent {
 
     pub fn model(mut self, model: impl Into<String>) -> Self {
         self.model = Some(model.into());
+        self
+    }
+
+    pub fn region(mut self, region: impl Into<String>) -> Self {
+        self.region = Some(region.into());
         self
     }
 

@@ -355,7 +355,8 @@ impl GrpcInferenceService for InferenceService {
         let config = config_override(&r)?;
         let result = self.state.models.load(&r.model_name, config).await;
         self.state.readiness.notify();
-        self.audit(caller.as_ref(), "model_load", &r.model_name, &result);
+        let line = audit_line(caller.as_ref(), "model_load", &result).model(&r.model_name);
+        self.state.access.audit().record(line);
         result.map_err(Error::from)?;
         Ok(Response::new(RepositoryModelLoadResponse {}))
     }
@@ -370,7 +371,8 @@ impl GrpcInferenceService for InferenceService {
         let r = request.into_inner();
         crate::model::repository::validate_model_name(&r.model_name).map_err(Error::from)?;
         let result = self.state.models.unload(&r.model_name).await;
-        self.audit(caller.as_ref(), "model_unload", &r.model_name, &result);
+        let line = audit_line(caller.as_ref(), "model_unload", &result).model(&r.model_name);
+        self.state.access.audit().record(line);
         result.map_err(Error::from)?;
         self.state.readiness.notify();
         Ok(Response::new(RepositoryModelUnloadResponse {}))
@@ -410,7 +412,8 @@ impl GrpcInferenceService for InferenceService {
             .state
             .shm
             .register(&r.name, &r.key, r.offset, r.byte_size);
-        self.audit_shm(caller.as_ref(), "shm_register", &r.name, &result);
+        let line = audit_line(caller.as_ref(), "shm_register", &result).region(&r.name);
+        self.state.access.audit().record(line);
         result.map_err(shm_status)?;
         tracing::debug!(region = %r.name, key = %r.key, bytes = r.byte_size, "shared memory region registered");
         Ok(Response::new(SystemSharedMemoryRegisterResponse {}))
@@ -428,7 +431,8 @@ impl GrpcInferenceService for InferenceService {
         } else {
             self.state.shm.unregister(&r.name)
         };
-        self.audit_shm(caller.as_ref(), "shm_unregister", &r.name, &result);
+        let line = audit_line(caller.as_ref(), "shm_unregister", &result).region(&r.name);
+        self.state.access.audit().record(line);
         result.map_err(shm_status)?;
         Ok(Response::new(SystemSharedMemoryUnregisterResponse {}))
     }
@@ -495,64 +499,6 @@ impl InferenceService {
         authorize(&self.state.access, request, access)
     }
 
-    /// An audit line for a model load or unload by `caller`.
-    fn audit<E: std::fmt::Display>(
-        &self,
-        caller: Option<&Caller>,
-        event: &'static str,
-        model: &str,
-        result: &Result<(), E>,
-    ) {
-        self.record(
-            caller,
-            event,
-            model,
-            result.as_ref().err().map(|e| e.to_string()),
-        );
-    }
-
-    fn audit_shm(
-        &self,
-        caller: Option<&Caller>,
-        event: &'static str,
-        region: &str,
-        result: &Result<(), crate::shm::ShmError>,
-    ) {
-        let reason = result.as_ref().err().map(|e| e.to_string());
-        let rpc = caller.map_or("", |c| &*c.rpc);
-        let mut line = AuditEvent::new(event, rpc, if reason.is_some() { "failed" } else { "ok" })
-            .caller(
-                caller.map(|c| &*c.principal.name),
-                caller.and_then(|c| c.peer.as_deref()),
-            );
-        line.reason = reason;
-        if !region.is_empty() {
-            line.reason = Some(match line.reason {
-                Some(r) => format!("region '{region}': {r}"),
-                None => format!("region '{region}'"),
-            });
-        }
-        self.state.access.audit().record(line);
-    }
-
-    fn record(
-        &self,
-        caller: Option<&Caller>,
-        event: &'static str,
-        model: &str,
-        reason: Option<String>,
-    ) {
-        let rpc = caller.map_or("", |c| &*c.rpc);
-        let mut line = AuditEvent::new(event, rpc, if reason.is_some() { "failed" } else { "ok" })
-            .caller(
-                caller.map(|c| &*c.principal.name),
-                caller.and_then(|c| c.peer.as_deref()),
-            )
-            .model(model);
-        line.reason = reason;
-        self.state.access.audit().record(line);
-    }
-
     fn require_explicit_control(&self) -> Result<(), Status> {
         match self.state.control_mode {
             ModelControlMode::Explicit => Ok(()),
@@ -608,6 +554,22 @@ fn shm_status(e: crate::shm::ShmError) -> Status {
         K::Unavailable => tonic::Code::Unavailable,
     };
     Status::new(code, e.to_string())
+}
+
+/// An audit line for an action `caller` asked for, with its outcome.
+fn audit_line<E: std::fmt::Display>(
+    caller: Option<&Caller>,
+    event: &'static str,
+    result: &Result<(), E>,
+) -> AuditEvent {
+    let rpc = caller.map_or("", |c| &*c.rpc);
+    let outcome = if result.is_ok() { "ok" } else { "failed" };
+    let mut line = AuditEvent::new(event, rpc, outcome).caller(
+        caller.map(|c| &*c.principal.name),
+        caller.and_then(|c| c.peer.as_deref()),
+    );
+    line.reason = result.as_ref().err().map(|e| e.to_string());
+    line
 }
 
 /// The per-message check of ModelStreamInfer: the refusal text becomes that message's

@@ -237,6 +237,7 @@ def test_audit_lines_record_denials_and_loads_without_tokens(served):
     status_of(lambda: client.get_model_metadata("digits_classifier", headers=bearer("team-a")))
     status_of(lambda: client.get_model_metadata("add_sub", headers={"authorization": "Bearer guessed-token-123"}))
     client.load_model("add_sub", headers=bearer("ops"))
+    status_of(lambda: client.register_system_shared_memory("audited", "/no-such-region", 64, headers=bearer("ops")))
     text = audit_file.read_text()
     for secret in [*TOKENS.values(), "guessed-token-123"]:
         assert secret not in text
@@ -254,6 +255,8 @@ def test_audit_lines_record_denials_and_loads_without_tokens(served):
     rpc_loads = [l for l in lines if l["event"] == "model_load" and l.get("token") == "ops" and l["model"] == "add_sub"]
     assert rpc_loads and rpc_loads[-1]["outcome"] == "ok"
     assert rpc_loads[-1]["rpc"] == "/inference.GRPCInferenceService/RepositoryModelLoad"
+    shm = [l for l in lines if l["event"] == "shm_register" and l.get("region") == "audited"]
+    assert shm and shm[-1]["token"] == "ops" and shm[-1]["outcome"] == "failed" and shm[-1]["reason"], lines
 
 
 def wait_for(predicate, what: str):
