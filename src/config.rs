@@ -257,4 +257,38 @@ mod tests {
         assert_eq!(c.grpc.grpc_port, 8001);
         assert_eq!(c.admin.metrics_port, 8002);
     }
+
+    #[test]
+    fn security_flags_leave_the_others_as_they_were() {
+        let c = Config::parse_from([
+            "g",
+            "--model-repository",
+            "m",
+            "--model-control-mode=explicit",
+            "--model-key-file",
+            "old.key",
+            "--model-key-file=new.key",
+            "--auth-policy-file",
+            "policy.json",
+            "--audit-log",
+            "audit.jsonl",
+        ]);
+        assert_eq!(c.models.model_control_mode, ModelControlMode::Explicit);
+        let keys: Vec<&str> = c
+            .security
+            .model_key_files
+            .iter()
+            .filter_map(|p| p.to_str())
+            .collect();
+        assert_eq!(keys, ["old.key", "new.key"]);
+        assert_eq!(
+            c.security.auth_policy_file.as_deref(),
+            Some(std::path::Path::new("policy.json"))
+        );
+        assert!(c.security.audit_log.is_some());
+        let plain = Config::parse_from(["g", "--model-repository", "m"]);
+        assert!(
+            plain.security.model_key_files.is_empty() && plain.security.auth_policy_file.is_none()
+        );
+    }
 }
