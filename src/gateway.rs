@@ -17,7 +17,7 @@ use crate::model::manager::{ManagerSettings, ModelManager};
 use crate::model::poll;
 use crate::proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::runtime::init_onnxruntime;
-use crate::security::{AccessControl, AuditEvent, AuditLog, KeyRing};
+use crate::security::{self, AccessControl};
 use crate::server::admin::{serve_admin, AdminState};
 use crate::server::auth::TokenAuthLayer;
 use crate::server::grpc::InferenceService;
@@ -87,66 +87,6 @@ fn read_token(path: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
-/// The authorization policy (token file and/or policy file) and the audit log it writes to.
-fn access_control(config: &Config) -> anyhow::Result<Arc<AccessControl>> {
-    let audit = match &config.security.audit_log {
-        Some(path) => AuditLog::open(path)
-            .with_context(|| format!("cannot open --audit-log {}", path.display()))?,
-        None => AuditLog::disabled(),
-    };
-    let token = match &config.grpc.auth.auth_token_file {
-        Some(path) => Some(zeroize::Zeroizing::new(read_token(path)?)),
-        None => None,
-    };
-    let access = AccessControl::configure(
-        token.as_ref().map(|t| t.as_bytes()),
-        config.security.auth_policy_file.as_deref(),
-        Arc::new(audit),
-    )
-    .map_err(anyhow::Error::msg)?;
-    Ok(Arc::new(access))
-}
-
-/// The keys for encrypted model files; their ids (never the keys) are logged.
-fn model_keys(config: &Config) -> anyhow::Result<Arc<KeyRing>> {
-    let keys = KeyRing::from_files(&config.security.model_key_files).map_err(anyhow::Error::msg)?;
-    if !keys.is_empty() {
-        let ids: Vec<String> = keys.ids().iter().map(|id| id.to_string()).collect();
-        tracing::info!(key_ids = ?ids, "model decryption keys loaded");
-    }
-    Ok(Arc::new(keys))
-}
-
-/// SIGHUP re-reads --auth-policy-file (a broken file keeps the last good policy).
-fn reload_policy_on_sighup(access: &Arc<AccessControl>) -> anyhow::Result<()> {
-    if !access.has_policy_file() {
-        return Ok(());
-    }
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
-    let access = Arc::clone(access);
-    tokio::spawn(async move {
-        while hangup.recv().await.is_some() {
-            let _ = access.reload();
-        }
-    });
-    Ok(())
-}
-
-/// An audit line for a load or unload the server did by itself (startup, poll).
-fn audit_model_change<E: std::fmt::Display>(
-    state: &ServerState,
-    event: &'static str,
-    rpc: &str,
-    model: &str,
-    result: &Result<(), E>,
-) {
-    let outcome = if result.is_ok() { "ok" } else { "failed" };
-    let mut line = AuditEvent::new(event, rpc, outcome).model(model);
-    line.reason = result.as_ref().err().map(|e| e.to_string());
-    state.access.audit().record(line);
-}
-
 fn bind_uds(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     // A previous run (or a restarted sidecar) may have left the socket file behind. Only a socket
     // is replaced: a typo must not delete someone's file.
@@ -170,7 +110,14 @@ impl Gateway {
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
         let location = init_onnxruntime(config.runtime.onnxruntime_lib.as_deref())?;
         tracing::info!(library = ?location, "ONNX Runtime loaded");
-        let access = access_control(&config)?;
+        let token = match &config.grpc.auth.auth_token_file {
+            Some(path) => Some(zeroize::Zeroizing::new(read_token(path)?)),
+            None => None,
+        };
+        let access = security::setup::access_control(
+            &config.security,
+            token.as_ref().map(|t| t.as_bytes()),
+        )?;
         let grpc = GrpcListeners::bind(&config.grpc, &access).await?;
         let admin_addr = SocketAddr::new(config.admin.metrics_address, config.admin.metrics_port);
         let admin = TcpListener::bind(admin_addr)
@@ -181,7 +128,7 @@ impl Gateway {
                 repository: config.models.model_repository.clone(),
                 default_max_queue_size: config.models.default_max_queue_size,
             })
-            .with_model_keys(model_keys(&config)?),
+            .with_model_keys(security::setup::model_keys(&config.security)?),
         );
         let readiness = Arc::new(Readiness::new(config.models.strict_readiness));
         let control_mode = config.models.model_control_mode;
@@ -234,7 +181,7 @@ impl Gateway {
         } = self;
         tracing::info!(addr = %grpc.tcp.local_addr()?, "gRPC listening");
         tracing::info!(addr = %admin.local_addr()?, "admin HTTP listening");
-        reload_policy_on_sighup(&state.access)?;
+        security::setup::reload_policy_on_sighup(&state.access)?;
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         // The admin server outlives the gRPC drain, so liveness and metrics answer until the end.
@@ -365,7 +312,10 @@ async fn load_models(config: &Config, state: &Arc<ServerState>) -> anyhow::Resul
     for name in names {
         let result = state.models.load(&name, None).await;
         state.readiness.notify();
-        audit_model_change(state, "model_load", "startup", &name, &result);
+        state
+            .access
+            .audit()
+            .model_change("model_load", "startup", &name, &result);
         if let Err(e) = result {
             if config.models.exit_on_error {
                 anyhow::bail!("failed to load model '{name}': {e}");
@@ -401,12 +351,18 @@ async fn poll_repository(
         for name in changes.added.iter().chain(&changes.changed) {
             tracing::info!(model = %name, "repository change detected: loading");
             let result = state.models.load(name, None).await;
-            audit_model_change(&state, "model_load", "poll", name, &result);
+            state
+                .access
+                .audit()
+                .model_change("model_load", "poll", name, &result);
         }
         for name in &changes.removed {
             tracing::info!(model = %name, "model removed from the repository: unloading");
             let result = state.models.unload(name).await;
-            audit_model_change(&state, "model_unload", "poll", name, &result);
+            state
+                .access
+                .audit()
+                .model_change("model_unload", "poll", name, &result);
         }
         state.readiness.notify();
         before = after;

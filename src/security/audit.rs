@@ -125,6 +125,22 @@ impl AuditLog {
     }
 }
 
+impl AuditLog {
+    /// A load or unload the server did by itself (`rpc`: `startup`, `poll`), with its outcome.
+    pub fn model_change<E: std::fmt::Display>(
+        &self,
+        event: &'static str,
+        rpc: &str,
+        model: &str,
+        result: &Result<(), E>,
+    ) {
+        let outcome = if result.is_ok() { "ok" } else { "failed" };
+        let mut line = AuditEvent::new(event, rpc, outcome).model(model);
+        line.reason = result.as_ref().err().map(|e| e.to_string());
+        self.record(line);
+    }
+}
+
 /// Now as `2026-12-01T10:15:47.123Z`.
 fn rfc3339_now() -> String {
     let since = SystemTime::now()

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod encrypt_command;
 pub mod model_crypto;
 pub mod policy;
+pub mod setup;
 
 pub use access::{AccessControl, AuthError, CallContext};
 pub use audit::{AuditEvent, AuditLog};
