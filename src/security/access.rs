@@ -10,7 +10,7 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 
 use super::audit::{AuditEvent, AuditLog};
-use super::policy::{bearer_token, Access, Policy, Principal};
+use super::policy::{Access, Credential, Policy, Principal};
 
 /// The principal name of the `--auth-token-file` token.
 pub const TOKEN_FILE_PRINCIPAL: &str = "auth-token-file";
@@ -108,14 +108,22 @@ impl AccessControl {
         authorization: Option<&[u8]>,
         call: &CallContext<'_>,
     ) -> Result<Principal, AuthError> {
+        let credential = authorization.and_then(Credential::from_authorization);
+        self.principal_of(credential.as_ref(), call)
+    }
+
+    /// The principal a credential stands for under the policy in force now (a stream asks again per
+    /// message, so a reload that revokes a token also stops its open streams). A refusal is audited.
+    pub fn principal_of(
+        &self,
+        credential: Option<&Credential>,
+        call: &CallContext<'_>,
+    ) -> Result<Principal, AuthError> {
         let Some(policy) = &self.policy else {
             return Ok(Principal::all_rights(ANONYMOUS_PRINCIPAL));
         };
         let policy = Arc::clone(&policy.read());
-        match authorization
-            .and_then(bearer_token)
-            .and_then(|t| policy.principal_for(t))
-        {
+        match credential.and_then(|c| policy.principal_for_credential(c)) {
             Some(principal) => Ok(principal.clone()),
             None => Err(self.deny(None, AuthError::Unauthenticated, call, None)),
         }

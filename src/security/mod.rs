@@ -11,4 +11,4 @@ pub mod setup;
 pub use access::{AccessControl, AuthError, CallContext};
 pub use audit::{AuditEvent, AuditLog};
 pub use model_crypto::{KeyRing, PlaintextModel};
-pub use policy::{Access, Principal};
+pub use policy::{Access, Credential, Principal};

@@ -175,15 +175,41 @@ impl Policy {
 
     /// The principal holding `token`, if any.
     pub fn principal_for(&self, token: &[u8]) -> Option<&Principal> {
-        let given = sha256(token);
+        self.principal_for_credential(&Credential::of(token))
+    }
+
+    /// The principal whose token hashes to `credential`, if any.
+    pub fn principal_for_credential(&self, credential: &Credential) -> Option<&Principal> {
         let mut found = None;
         // No early exit: every rule is compared, whatever matched.
         for rule in &self.rules {
-            if bool::from(rule.hash.ct_eq(&given)) {
+            if bool::from(rule.hash.ct_eq(&credential.0)) {
                 found = Some(&rule.principal);
             }
         }
         found
+    }
+}
+
+/// A presented token, kept only as its SHA-256, so a long-lived call (a stream) can be checked again
+/// against a reloaded policy without holding the token itself. Debug shows nothing of it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credential([u8; 32]);
+
+impl Credential {
+    pub fn of(token: &[u8]) -> Self {
+        Self(sha256(token))
+    }
+
+    /// The credential of an `authorization` header value (`Bearer <token>`), if it holds one.
+    pub fn from_authorization(header_value: &[u8]) -> Option<Self> {
+        bearer_token(header_value).map(Self::of)
+    }
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credential(..)")
     }
 }
 
@@ -247,6 +273,13 @@ mod tests {
         assert!(policy.principal_for(b"token-b").is_none());
         assert!(policy.principal_for(b"").is_none());
         assert!(!format!("{policy:?}").contains(&hex(&sha256(b"token-a"))));
+        let credential = Credential::of(b"token-a");
+        assert_eq!(policy.principal_for_credential(&credential), Some(a));
+        assert_eq!(format!("{credential:?}"), "Credential(..)");
+        assert_eq!(
+            Credential::from_authorization(b"Bearer token-a"),
+            Some(credential)
+        );
     }
 
     #[test]

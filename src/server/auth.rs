@@ -10,12 +10,14 @@ use http::{Request, Response};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 
-use crate::security::{Access, AccessControl, AuthError, CallContext, Principal};
+use crate::security::{Access, AccessControl, AuthError, CallContext, Credential, Principal};
 
 /// The authenticated caller of one gRPC call, as the layer found it.
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub principal: Principal,
+    /// The token's hash, to resolve the principal again under a reloaded policy (streams).
+    pub credential: Option<Credential>,
     pub peer: Option<Arc<str>>,
     /// The call's path, `/inference.GRPCInferenceService/ModelInfer`.
     pub rpc: Arc<str>,
@@ -137,14 +139,15 @@ where
             rpc: &rpc,
             peer: peer.as_deref(),
         };
-        let authorization = request
+        let credential = request
             .headers()
             .get(http::header::AUTHORIZATION)
-            .map(|v| v.as_bytes());
-        match self.layer.access.authenticate(authorization, &call) {
+            .and_then(|v| Credential::from_authorization(v.as_bytes()));
+        match self.layer.access.principal_of(credential.as_ref(), &call) {
             Ok(principal) => {
                 request.extensions_mut().insert(Caller {
                     principal,
+                    credential,
                     peer,
                     rpc,
                 });

@@ -580,10 +580,14 @@ fn stream_message_allowed(
     model: &str,
 ) -> Result<(), String> {
     match caller {
-        Some(caller) => state
-            .access
-            .authorize(&caller.principal, Access::Model(model), &caller.context())
-            .map_err(|e| super::auth::auth_status(e).message().to_string()),
+        Some(caller) => {
+            let call = caller.context();
+            // Resolved again per message: a policy reload applies to streams already open.
+            let principal = state.access.principal_of(caller.credential.as_ref(), &call);
+            principal
+                .and_then(|p| state.access.authorize(&p, Access::Model(model), &call))
+                .map_err(|e| e.to_string())
+        }
         None if !state.access.is_enabled() => Ok(()),
         None => Err(crate::security::AuthError::Unauthenticated.to_string()),
     }

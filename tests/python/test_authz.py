@@ -308,3 +308,29 @@ def test_a_bad_policy_file_stops_startup(tmp_path, content, message):
     policy_file.write_text(content)
     code, stderr = run_gateway_to_exit(MODELS, "--auth-policy-file", str(policy_file))
     assert code != 0 and message in stderr, stderr
+
+
+def test_a_reload_applies_to_streams_already_open(tmp_path):
+    gateway, policy_file, _ = start(tmp_path)
+    client = grpcclient.InferenceServerClient(gateway.url)
+    answers: queue.Queue = queue.Queue()
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)), headers=bearer("team-a"))
+        a, b = add_sub_inputs()
+        inputs = [grpcclient.InferInput("INPUT0", [1, 16], "FP32"), grpcclient.InferInput("INPUT1", [1, 16], "FP32")]
+        inputs[0].set_data_from_numpy(a)
+        inputs[1].set_data_from_numpy(b)
+        client.async_stream_infer("add_sub", inputs, request_id="before")
+        result, error = answers.get(timeout=DEADLINE_S)
+        assert error is None and np.array_equal(result.as_numpy("OUTPUT0"), a + b)
+
+        policy_file.write_text(policy([("team-a", [], False), ("ops", ["*"], True)]))
+        gateway.process.send_signal(signal.SIGHUP)
+        gateway.wait_for_log(re.compile(r"authorization policy reloaded"), timeout=DEADLINE_S)
+        client.async_stream_infer("add_sub", inputs, request_id="after")
+        result, error = answers.get(timeout=DEADLINE_S)
+        assert error is not None and "permission denied" in str(error) and "add_sub" in str(error)
+    finally:
+        client.stop_stream()
+        client.close()
+        assert gateway.stop() == 0
