@@ -114,6 +114,8 @@ def bad_repository(tmp_path: Path, key: bytes, wrong_key: bytes) -> Path:
     add_sealed_model(repo, "tampered", bytes(tampered))
     # Encrypted for another model's place: authenticates only as "elsewhere/1".
     add_sealed_model(repo, "moved", encrypt(key, graph, "elsewhere", 1))
+    # Encrypted for version 1 of its own model, but placed as version 2.
+    add_sealed_model(repo, "other_version", encrypt(key, graph, "other_version", 1), version=2)
     add_sealed_model(repo, "good", encrypt(key, graph, "good", 1))
     add_plain_model(repo, "add_sub")
     return repo
@@ -123,6 +125,7 @@ REASONS = {
     "wrong_key": "no --model-key-file holds the key with id",
     "tampered": "the file was altered, or it was encrypted for another model or version than 'tampered/1'",
     "moved": "encrypted for another model or version than 'moved/1'",
+    "other_version": "encrypted for another model or version than 'other_version/2'",
 }
 
 
