@@ -10,7 +10,10 @@ use super::model_crypto::{encrypt_model, ModelKey};
 
 /// Encrypt an ONNX model file for one model name and version (AES-256-GCM).
 #[derive(Debug, Parser)]
-#[command(name = "onnx-gateway encrypt-model")]
+#[command(
+    name = "onnx-gateway encrypt-model",
+    bin_name = "onnx-gateway encrypt-model"
+)]
 pub struct EncryptModelArgs {
     /// Key file: 32 raw bytes or 64 hex characters (the same file the gateway gets as --model-key-file).
     #[arg(long)]
