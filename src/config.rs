@@ -27,6 +27,8 @@ pub struct Config {
     pub tracing: crate::telemetry::otel::TracingArgs,
     #[command(flatten)]
     pub memory: MemoryArgs,
+    #[command(flatten)]
+    pub security: SecurityArgs,
 }
 
 /// How models are loaded and when the server counts as ready.
@@ -213,6 +215,27 @@ impl MemoryArgs {
     }
 }
 
+/// Encrypted model files, per-model authorization and the audit log (security/).
+#[derive(Debug, Clone, Args)]
+pub struct SecurityArgs {
+    /// Key for encrypted model files (`model.onnx.enc`): 32 raw bytes or 64 hex characters.
+    /// Repeatable (comma-separated in the variable) so old and new keys work during a rotation.
+    #[arg(
+        long = "model-key-file",
+        env = "ONNX_GATEWAY_MODEL_KEY_FILE",
+        value_delimiter = ','
+    )]
+    pub model_key_files: Vec<PathBuf>,
+    /// JSON policy of tokens (by SHA-256), the models each may use and whether it is an admin.
+    /// Reloaded on SIGHUP; a file that does not parse keeps the last good policy.
+    #[arg(long, env = "ONNX_GATEWAY_AUTH_POLICY_FILE")]
+    pub auth_policy_file: Option<PathBuf>,
+    /// Append JSON lines for denied calls, model loads/unloads, policy reloads and shared-memory
+    /// registrations to this file.
+    #[arg(long, env = "ONNX_GATEWAY_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+}
+
 impl Config {
     /// A config for tests and embedding: the repository, everything else default, ports 0 on loopback.
     pub fn for_repository(repo: impl Into<PathBuf>) -> Self {
@@ -253,5 +276,39 @@ mod tests {
         assert!(c.models.exit_on_error);
         assert_eq!(c.grpc.grpc_port, 8001);
         assert_eq!(c.admin.metrics_port, 8002);
+    }
+
+    #[test]
+    fn security_flags_leave_the_others_as_they_were() {
+        let c = Config::parse_from([
+            "g",
+            "--model-repository",
+            "m",
+            "--model-control-mode=explicit",
+            "--model-key-file",
+            "old.key",
+            "--model-key-file=new.key",
+            "--auth-policy-file",
+            "policy.json",
+            "--audit-log",
+            "audit.jsonl",
+        ]);
+        assert_eq!(c.models.model_control_mode, ModelControlMode::Explicit);
+        let keys: Vec<&str> = c
+            .security
+            .model_key_files
+            .iter()
+            .filter_map(|p| p.to_str())
+            .collect();
+        assert_eq!(keys, ["old.key", "new.key"]);
+        assert_eq!(
+            c.security.auth_policy_file.as_deref(),
+            Some(std::path::Path::new("policy.json"))
+        );
+        assert!(c.security.audit_log.is_some());
+        let plain = Config::parse_from(["g", "--model-repository", "m"]);
+        assert!(
+            plain.security.model_key_files.is_empty() && plain.security.auth_policy_file.is_none()
+        );
     }
 }

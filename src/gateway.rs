@@ -17,6 +17,7 @@ use crate::model::manager::{ManagerSettings, ModelManager};
 use crate::model::poll;
 use crate::proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::runtime::init_onnxruntime;
+use crate::security::{self, AccessControl};
 use crate::server::admin::{serve_admin, AdminState};
 use crate::server::auth::TokenAuthLayer;
 use crate::server::budget::MemoryBudget;
@@ -49,16 +50,12 @@ struct GrpcListeners {
 }
 
 impl GrpcListeners {
-    async fn bind(args: &GrpcArgs) -> anyhow::Result<Self> {
+    async fn bind(args: &GrpcArgs, access: &Arc<AccessControl>) -> anyhow::Result<Self> {
         let addr = SocketAddr::new(args.grpc_address, args.grpc_port);
         let tcp = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot bind gRPC address {addr}"))?;
-        let token = match &args.auth.auth_token_file {
-            Some(path) => Some(read_token(path)?),
-            None => None,
-        };
-        let auth = TokenAuthLayer::new(token, args.auth.auth_exempt_health);
+        let auth = TokenAuthLayer::new(Arc::clone(access), args.auth.auth_exempt_health);
         let tls = tls_config(&args.tls)?;
         if let Some(tls) = &tls {
             // Parses the certificates and key now rather than when the server starts.
@@ -115,15 +112,26 @@ impl Gateway {
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
         let location = init_onnxruntime(config.runtime.onnxruntime_lib.as_deref())?;
         tracing::info!(library = ?location, "ONNX Runtime loaded");
-        let grpc = GrpcListeners::bind(&config.grpc).await?;
+        let token = match &config.grpc.auth.auth_token_file {
+            Some(path) => Some(zeroize::Zeroizing::new(read_token(path)?)),
+            None => None,
+        };
+        let access = security::setup::access_control(
+            &config.security,
+            token.as_ref().map(|t| t.as_bytes()),
+        )?;
+        let grpc = GrpcListeners::bind(&config.grpc, &access).await?;
         let admin_addr = SocketAddr::new(config.admin.metrics_address, config.admin.metrics_port);
         let admin = TcpListener::bind(admin_addr)
             .await
             .with_context(|| format!("cannot bind admin HTTP address {admin_addr}"))?;
-        let models = Arc::new(ModelManager::new(ManagerSettings {
-            repository: config.models.model_repository.clone(),
-            default_max_queue_size: config.models.default_max_queue_size,
-        }));
+        let models = Arc::new(
+            ModelManager::new(ManagerSettings {
+                repository: config.models.model_repository.clone(),
+                default_max_queue_size: config.models.default_max_queue_size,
+            })
+            .with_model_keys(security::setup::model_keys(&config.security)?),
+        );
         let readiness = Arc::new(Readiness::new(config.models.strict_readiness));
         let control_mode = config.models.model_control_mode;
         let shm = Arc::new(if config.shm.allow_client_shm {
@@ -147,6 +155,7 @@ impl Gateway {
             shm,
             grpc_metrics,
             budget,
+            access,
         });
         Ok(Self {
             config,
@@ -183,6 +192,7 @@ impl Gateway {
         } = self;
         tracing::info!(addr = %grpc.tcp.local_addr()?, "gRPC listening");
         tracing::info!(addr = %admin.local_addr()?, "admin HTTP listening");
+        security::setup::reload_policy_on_sighup(&state.access)?;
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         // The admin server outlives the gRPC drain, so liveness and metrics answer until the end.
@@ -313,6 +323,10 @@ async fn load_models(config: &Config, state: &Arc<ServerState>) -> anyhow::Resul
     for name in names {
         let result = state.models.load(&name, None).await;
         state.readiness.notify();
+        state
+            .access
+            .audit()
+            .model_change("model_load", "startup", &name, &result);
         if let Err(e) = result {
             if config.models.exit_on_error {
                 anyhow::bail!("failed to load model '{name}': {e}");
@@ -347,11 +361,19 @@ async fn poll_repository(
         let changes = poll::diff(&before, &after);
         for name in changes.added.iter().chain(&changes.changed) {
             tracing::info!(model = %name, "repository change detected: loading");
-            let _ = state.models.load(name, None).await;
+            let result = state.models.load(name, None).await;
+            state
+                .access
+                .audit()
+                .model_change("model_load", "poll", name, &result);
         }
         for name in &changes.removed {
             tracing::info!(model = %name, "model removed from the repository: unloading");
-            let _ = state.models.unload(name).await;
+            let result = state.models.unload(name).await;
+            state
+                .access
+                .audit()
+                .model_change("model_unload", "poll", name, &result);
         }
         state.readiness.notify();
         before = after;

@@ -6,6 +6,7 @@ pub mod error;
 pub mod model;
 pub mod runtime;
 pub mod scheduler;
+pub mod security;
 pub mod server;
 pub mod shm;
 pub mod telemetry;

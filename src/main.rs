@@ -1,5 +1,6 @@
 //! The `onnx-gateway` binary: parse config, init telemetry, call `run`.
 use clap::Parser;
+use onnx_gateway::security::encrypt_command;
 use onnx_gateway::telemetry::{logging, otel::OtelTracing};
 use onnx_gateway::Config;
 
@@ -9,6 +10,20 @@ use onnx_gateway::Config;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    // `onnx-gateway encrypt-model ...` is a separate command; anything else is the server's flags.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == encrypt_command::SUBCOMMAND)
+    {
+        let args = encrypt_command::EncryptModelArgs::parse_from(std::env::args_os().skip(1));
+        return match encrypt_command::run(&args) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("onnx-gateway encrypt-model: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let config = Config::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

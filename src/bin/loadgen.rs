@@ -315,6 +315,7 @@ fn in_process(args: &Args, model_path: &std::path::Path) -> anyhow::Result<Repor
         parallel_execution: false,
         optimization: OptimizationLevel::All,
         providers: vec![ProviderPlan::Cpu],
+        in_memory_graph: None,
     };
     let mut executor = OrtExecutor::load(&plan)?;
     let signature = executor.signature()?;

@@ -14,6 +14,7 @@ use crate::runtime::{cpu_budget, OrtExecutor, SessionPlan};
 use crate::scheduler::{
     InstanceKind as SchedInstanceKind, ModelExecutor, Scheduler, SchedulerSettings,
 };
+use crate::security::model_crypto::{decrypt_model_file, KeyRing, PlaintextModel};
 use crate::telemetry::stats::ModelStats;
 
 /// One loaded, serving model version.
@@ -96,6 +97,8 @@ pub struct ManagerSettings {
 pub struct ModelManager {
     settings: ManagerSettings,
     models: RwLock<BTreeMap<String, ModelSlot>>,
+    /// Keys for encrypted model files (`--model-key-file`); empty unless given.
+    model_keys: Arc<KeyRing>,
 }
 
 impl ModelManager {
@@ -103,7 +106,14 @@ impl ModelManager {
         Self {
             settings,
             models: RwLock::new(BTreeMap::new()),
+            model_keys: Arc::new(KeyRing::default()),
         }
+    }
+
+    /// The keys that open encrypted model files.
+    pub fn with_model_keys(mut self, keys: Arc<KeyRing>) -> Self {
+        self.model_keys = keys;
+        self
     }
 
     pub fn repository(&self) -> &Path {
@@ -350,10 +360,13 @@ impl ModelManager {
             reason: format!("version {version}: {reason}"),
         };
         let path = repository::model_file(&self.settings.repository, name, version, config)?;
+        // Decrypted once for all instances; wiped when the last session plan drops it below.
+        let decrypted = self.decrypt_if_encrypted(&path, name, version)?;
         let instances = instance_plan(config);
         let intra = (cpu_budget() / instances.len().max(1)).max(1);
         let plan_for = |kind: InstanceKind, device: i32, config: &ModelConfig| {
             SessionPlan::from_config(&path, config, kind, device, intra)
+                .map(|plan| plan.with_in_memory_graph(decrypted.clone()))
                 .map_err(|e| fail(e.to_string()))
         };
         let (kind0, device0) = instances[0];
@@ -391,6 +404,32 @@ impl ModelManager {
             scheduler,
             stats,
         })
+    }
+}
+
+impl ModelManager {
+    /// The plaintext of an encrypted model file (held in memory only), or None for a plain file.
+    fn decrypt_if_encrypted(
+        &self,
+        path: &Path,
+        name: &str,
+        version: i64,
+    ) -> Result<Option<PlaintextModel>, ModelError> {
+        if !repository::is_encrypted_model_file(path) {
+            return Ok(None);
+        }
+        let fail = |reason: String| ModelError::Decryption {
+            model: name.to_string(),
+            reason: format!("version {version}: {}: {reason}", path.display()),
+        };
+        if self.model_keys.is_empty() {
+            return Err(fail(
+                "the model file is encrypted and no --model-key-file was given".into(),
+            ));
+        }
+        decrypt_model_file(&self.model_keys, path, name, version)
+            .map(Some)
+            .map_err(|e| fail(e.to_string()))
     }
 }
 

@@ -47,6 +47,9 @@ pub enum ModelError {
     /// No such model in the repository, or (unloading) none loaded under that name.
     #[error("{model}: {reason}")]
     NotFound { model: String, reason: String },
+    /// An encrypted model file that cannot be opened: no key for it, a wrong key, altered or moved.
+    #[error("{model}: {reason}")]
+    Decryption { model: String, reason: String },
 }
 
 /// Converts a config datatype (`TYPE_FP32`, ...) to the protocol datatype; None for TYPE_INVALID.

@@ -183,7 +183,8 @@ fn latest(sorted: &[i64], n: usize) -> Vec<i64> {
 }
 
 /// The ONNX file of one version: `<repo>/<name>/<version>/<default_model_filename or model.onnx>`;
-/// when that is a directory (a model with external data), the `model.onnx` inside it. Errors when
+/// when that is a directory (a model with external data), the `model.onnx` inside it; when only
+/// `<filename>.enc` is there, that encrypted file (see [`is_encrypted_model_file`]). Errors when
 /// the name or file name could leave the repository or the file is missing.
 pub fn model_file(
     repo: &Path,
@@ -220,6 +221,10 @@ pub fn model_file(
     if is_dir(&path) {
         path.push(DEFAULT_MODEL_FILENAME);
     }
+    let encrypted = version_dir.join(format!("{filename}{ENCRYPTED_SUFFIX}"));
+    if !path.exists() && encrypted.is_file() {
+        return Ok(encrypted);
+    }
     if !path.is_file() {
         return Err(repo_error(
             name,
@@ -227,6 +232,16 @@ pub fn model_file(
         ));
     }
     Ok(path)
+}
+
+/// The suffix of an encrypted model file (security/model_crypto.rs holds the format).
+pub const ENCRYPTED_SUFFIX: &str = crate::security::model_crypto::ENCRYPTED_SUFFIX;
+
+/// Whether [`model_file`] chose an encrypted file, which must be decrypted before loading.
+pub fn is_encrypted_model_file(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(ENCRYPTED_SUFFIX))
 }
 
 /// Whether `path` is a directory, following symbolic links.
@@ -427,6 +442,20 @@ mod tests {
             model_file(r.path(), "big", 1, &default).expect("file"),
             r.path().join("big/1/model.onnx/model.onnx")
         );
+    }
+
+    #[test]
+    fn an_encrypted_file_stands_in_for_a_missing_plain_one() {
+        let r = repo();
+        let default = ModelConfig::default();
+        write(&r.path().join("sealed/1/model.onnx.enc"), "ciphertext");
+        let path = model_file(r.path(), "sealed", 1, &default).expect("file");
+        assert_eq!(path, r.path().join("sealed/1/model.onnx.enc"));
+        assert!(is_encrypted_model_file(&path));
+        // The plain file wins when both are there.
+        write(&r.path().join("sealed/1/model.onnx"), "onnx");
+        let path = model_file(r.path(), "sealed", 1, &default).expect("file");
+        assert!(!is_encrypted_model_file(&path));
     }
 
     #[test]

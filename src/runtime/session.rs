@@ -11,6 +11,7 @@ use ort::session::Session;
 use super::{library, RuntimeError};
 use crate::model::{GraphSignature, GraphTensor};
 use crate::proto::{model_instance_group, ModelConfig};
+use crate::security::PlaintextModel;
 
 /// Which execution provider an instance runs on.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +40,9 @@ pub struct SessionPlan {
     pub optimization: OptimizationLevel,
     /// Providers in priority order; CPU is always the implicit last resort for unsupported nodes.
     pub providers: Vec<ProviderPlan>,
+    /// The decrypted graph of an encrypted model file: the session is built from these bytes, and
+    /// `model_path` (the `.enc` file) only names the model in errors. None: read `model_path`.
+    pub in_memory_graph: Option<PlaintextModel>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,7 +111,14 @@ impl SessionPlan {
             parallel_execution,
             optimization,
             providers,
+            in_memory_graph: None,
         })
+    }
+
+    /// This plan reading the graph from `graph` (decrypted bytes) instead of the file.
+    pub fn with_in_memory_graph(mut self, graph: Option<PlaintextModel>) -> Self {
+        self.in_memory_graph = graph;
+        self
     }
 }
 
@@ -301,9 +312,12 @@ pub fn load_session(plan: &SessionPlan) -> Result<Session, RuntimeError> {
             ))
         })?
     };
-    builder
-        .commit_from_file(&plan.model_path)
-        .map_err(|e| session_error(plan, e))
+    match &plan.in_memory_graph {
+        // ONNX Runtime parses the bytes into its own structures; nothing is written to disk.
+        Some(graph) => builder.commit_from_memory(graph.bytes()),
+        None => builder.commit_from_file(&plan.model_path),
+    }
+    .map_err(|e| session_error(plan, e))
 }
 
 /// The graph's inputs and outputs as the model domain describes them. Non-tensor inputs/outputs

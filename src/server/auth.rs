@@ -1,24 +1,84 @@
-//! Bearer-token authentication as a tower layer in front of every gRPC service. It sits outermost
-//! so an unauthenticated call costs no decoding and reaches no handler.
+//! The gRPC adapter of security/access.rs. A tower layer in front of every gRPC service resolves
+//! the bearer token to a principal (outermost, so an unknown caller costs no decoding and reaches
+//! no handler) and leaves it in the request's extensions; the service methods, which know the
+//! model a message names, then ask [`authorize`] whether that principal may use it.
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::{BoxFuture, FutureExt};
 use http::{Request, Response};
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 
-/// The expected token and which paths need none.
+use crate::security::{Access, AccessControl, AuthError, CallContext, Credential, Principal};
+
+/// The authenticated caller of one gRPC call, as the layer found it.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub principal: Principal,
+    /// The token's hash, to resolve the principal again under a reloaded policy (streams).
+    pub credential: Option<Credential>,
+    pub peer: Option<Arc<str>>,
+    /// The call's path, `/inference.GRPCInferenceService/ModelInfer`.
+    pub rpc: Arc<str>,
+}
+
+impl Caller {
+    pub fn context(&self) -> CallContext<'_> {
+        CallContext {
+            rpc: &self.rpc,
+            peer: self.peer.as_deref(),
+        }
+    }
+}
+
+/// The refusal as a gRPC status: no or unknown token UNAUTHENTICATED, a known one without the right
+/// PERMISSION_DENIED.
+pub fn auth_status(error: AuthError) -> tonic::Status {
+    match error {
+        AuthError::Unauthenticated => tonic::Status::unauthenticated(error.to_string()),
+        AuthError::ModelDenied { .. } | AuthError::AdminDenied { .. } => {
+            tonic::Status::permission_denied(error.to_string())
+        }
+    }
+}
+
+/// Whether the caller of `request` may do `access`. Call it before looking the model up, so that a
+/// refused caller learns nothing about which models exist.
+pub fn authorize<T>(
+    control: &AccessControl,
+    request: &tonic::Request<T>,
+    access: Access<'_>,
+) -> Result<(), tonic::Status> {
+    match request.extensions().get::<Caller>() {
+        Some(caller) => control
+            .authorize(&caller.principal, access, &caller.context())
+            .map_err(auth_status),
+        // Only a service mounted without the layer gets here: fine when nothing is protected.
+        None if !control.is_enabled() => Ok(()),
+        None => Err(auth_status(AuthError::Unauthenticated)),
+    }
+}
+
+/// Whether the caller may see `model` at all (for filtering lists; nothing is audited).
+pub fn may_see<T>(request: &tonic::Request<T>, model: &str) -> bool {
+    request
+        .extensions()
+        .get::<Caller>()
+        .is_none_or(|c| c.principal.may_use_model(model))
+}
+
+/// The token check and which paths need none.
 #[derive(Clone)]
 pub struct TokenAuthLayer {
-    token: Option<Arc<[u8]>>,
+    access: Arc<AccessControl>,
     exempt_health: bool,
 }
 
 impl TokenAuthLayer {
-    /// `token: None` lets every call through.
-    pub fn new(token: Option<String>, exempt_health: bool) -> Self {
+    pub fn new(access: Arc<AccessControl>, exempt_health: bool) -> Self {
         Self {
-            token: token.map(|t| Arc::from(t.into_bytes().into_boxed_slice())),
+            access,
             exempt_health,
         }
     }
@@ -40,18 +100,17 @@ pub struct TokenAuth<S> {
     layer: TokenAuthLayer,
 }
 
-/// Compares in time independent of where the first difference is, so the token cannot be guessed
-/// byte by byte from response timings.
-fn same_token(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn authorized(expected: &[u8], headers: &http::HeaderMap) -> bool {
-    headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-        .map(|given| same_token(given.trim_ascii(), expected))
-        .unwrap_or(false)
+/// The peer address tonic recorded for the connection (TCP, or TCP under TLS); None on a Unix socket.
+fn peer_of(extensions: &http::Extensions) -> Option<Arc<str>> {
+    let addr = extensions
+        .get::<TcpConnectInfo>()
+        .and_then(|i| i.remote_addr())
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|i| i.get_ref().remote_addr())
+        });
+    addr.map(|a| Arc::from(a.to_string()))
 }
 
 impl<S, B, RB> Service<Request<B>> for TokenAuth<S>
@@ -69,41 +128,68 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        if let Some(expected) = &self.layer.token {
-            let exempt = self.layer.exempt_health
-                && request.uri().path().starts_with("/grpc.health.v1.Health/");
-            if !exempt && !authorized(expected, request.headers()) {
-                let status = tonic::Status::unauthenticated("missing or invalid bearer token");
-                let (parts, ()) = status.into_http::<()>().into_parts();
-                return futures::future::ready(Ok(Response::from_parts(parts, RB::default())))
-                    .boxed();
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let path = request.uri().path();
+        let exempt = self.layer.exempt_health && path.starts_with("/grpc.health.v1.Health/");
+        // With nothing to check and nothing to audit, the request path pays nothing here.
+        let unused = !self.layer.access.is_enabled() && !self.layer.access.audit().is_enabled();
+        if exempt || unused {
+            return self.inner.call(request).boxed();
+        }
+        let rpc: Arc<str> = Arc::from(path);
+        let peer = peer_of(request.extensions());
+        let call = CallContext {
+            rpc: &rpc,
+            peer: peer.as_deref(),
+        };
+        let credential = request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| Credential::from_authorization(v.as_bytes()));
+        match self.layer.access.principal_of(credential.as_ref(), &call) {
+            Ok(principal) => {
+                request.extensions_mut().insert(Caller {
+                    principal,
+                    credential,
+                    peer,
+                    rpc,
+                });
+                self.inner.call(request).boxed()
+            }
+            Err(error) => {
+                let (parts, ()) = auth_status(error).into_http::<()>().into_parts();
+                futures::future::ready(Ok(Response::from_parts(parts, RB::default()))).boxed()
             }
         }
-        self.inner.call(request).boxed()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::security::AuditLog;
 
     #[test]
-    fn token_comparison() {
-        let mut headers = http::HeaderMap::new();
-        assert!(!authorized(b"secret", &headers));
-        headers.insert(
-            http::header::AUTHORIZATION,
-            "Bearer secret".parse().unwrap(),
+    fn refusals_map_to_their_codes() {
+        assert_eq!(
+            auth_status(AuthError::Unauthenticated).code(),
+            tonic::Code::Unauthenticated
         );
-        assert!(authorized(b"secret", &headers));
-        headers.insert(
-            http::header::AUTHORIZATION,
-            "Bearer secreT".parse().unwrap(),
-        );
-        assert!(!authorized(b"secret", &headers));
-        headers.insert(http::header::AUTHORIZATION, "Basic secret".parse().unwrap());
-        assert!(!authorized(b"secret", &headers));
-        assert!(!same_token(b"abc", b"abcd"));
+        let denied = AuthError::ModelDenied {
+            principal: "a".into(),
+            model: "m".into(),
+        };
+        assert_eq!(auth_status(denied).code(), tonic::Code::PermissionDenied);
+    }
+
+    #[test]
+    fn a_request_without_a_caller_is_refused_only_when_protected() {
+        let open = AccessControl::open(Arc::new(AuditLog::disabled()));
+        let request = tonic::Request::new(());
+        assert!(authorize(&open, &request, Access::Admin).is_ok());
+        let protected =
+            AccessControl::configure(Some(b"t"), None, Arc::new(AuditLog::disabled())).unwrap();
+        let status = authorize(&protected, &request, Access::Model("m")).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
     }
 }

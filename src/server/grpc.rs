@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use super::auth::{authorize, may_see, Caller};
 use super::trace_context::parent_context_from_headers;
 
 use super::budget::Reservation;
@@ -24,6 +25,7 @@ use crate::proto::grpc_inference_service_server::GrpcInferenceService;
 use crate::proto::repository_index_response::ModelIndex;
 use crate::proto::*;
 use crate::scheduler::SchedulerError;
+use crate::security::{Access, AuditEvent};
 use crate::telemetry::stats::FailureReason;
 use crate::tensor::names::{bounded_text, shown};
 
@@ -164,6 +166,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelReadyRequest>,
     ) -> Result<Response<ModelReadyResponse>, Status> {
+        self.allow(&request, Access::Model(&request.get_ref().name))?;
         let r = request.into_inner();
         let ready =
             !self.state.readiness.is_draining() && self.state.models.is_ready(&r.name, &r.version);
@@ -189,6 +192,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
+        self.allow(&request, Access::Model(&request.get_ref().name))?;
         let r = request.into_inner();
         let model = self.lookup(&r.name, &r.version)?;
         let versions = self
@@ -221,6 +225,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
+        self.allow(&request, Access::Model(&request.get_ref().model_name))?;
         let parent = parent_context_from_headers(request.metadata().as_ref());
         // The budget layer put the body's reservation here; without the layer (a test harness
         // serving the bare service) the request is still counted, from its decoded size.
@@ -241,6 +246,8 @@ impl GrpcInferenceService for InferenceService {
         request: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         let parent = parent_context_from_headers(request.metadata().as_ref());
+        // The layer resolved the token once for the stream; each message's model is checked below.
+        let caller = request.extensions().get::<Caller>().cloned();
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<StreamResult>(STREAM_IN_FLIGHT);
         let state = Arc::clone(&self.state);
@@ -281,11 +288,12 @@ impl GrpcInferenceService for InferenceService {
                 let reservation = Arc::new(state.budget.reservation());
                 if let Err(exceeded) = reservation.grow(request.encoded_len() as u64) {
                     let _ = tx
-                        .send(Ok(stream_error(&request, Error::from(exceeded))))
+                        .send(Ok(stream_error(&request, Error::from(exceeded).to_string())))
                         .await;
                     continue;
                 }
                 let (state, tx, parent) = (Arc::clone(&state), tx.clone(), parent.clone());
+                let caller = caller.clone();
                 tokio::spawn(async move {
                     let echo = ModelInferRequest {
                         model_name: request.model_name.clone(),
@@ -293,7 +301,14 @@ impl GrpcInferenceService for InferenceService {
                         id: request.id.clone(),
                         ..Default::default()
                     };
-                    let message = match infer(&state, request, &parent, reservation).await {
+                    let allowed = stream_message_allowed(&state, caller.as_ref(), &echo.model_name);
+                    let result = match allowed {
+                        Ok(()) => infer(&state, request, &parent, reservation)
+                            .await
+                            .map_err(|e| e.to_string()),
+                        Err(refusal) => Err(refusal),
+                    };
+                    let message = match result {
                         Ok(response) => ModelStreamInferResponse {
                             error_message: String::new(),
                             infer_response: Some(response),
@@ -312,6 +327,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelConfigRequest>,
     ) -> Result<Response<ModelConfigResponse>, Status> {
+        self.allow(&request, Access::Model(&request.get_ref().name))?;
         let r = request.into_inner();
         let model = self.lookup(&r.name, &r.version)?;
         Ok(Response::new(ModelConfigResponse {
@@ -323,9 +339,14 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelStatisticsRequest>,
     ) -> Result<Response<ModelStatisticsResponse>, Status> {
+        if !request.get_ref().name.is_empty() {
+            self.allow(&request, Access::Model(&request.get_ref().name))?;
+        }
+        let mut visible = self.state.models.loaded();
+        visible.retain(|m| may_see(&request, &m.name));
         let r = request.into_inner();
         let models = if r.name.is_empty() {
-            self.state.models.loaded()
+            visible
         } else if r.version.is_empty() {
             self.state.models.get(&r.name, "").map_err(Error::from)?;
             self.state
@@ -346,13 +367,15 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<RepositoryIndexRequest>,
     ) -> Result<Response<RepositoryIndexResponse>, Status> {
-        let r = request.into_inner();
         let models = self
             .state
             .models
             .index()
             .into_iter()
-            .filter(|e| !r.ready || e.state == crate::model::manager::ModelState::Ready)
+            .filter(|e| may_see(&request, &e.name))
+            .filter(|e| {
+                !request.get_ref().ready || e.state == crate::model::manager::ModelState::Ready
+            })
             .map(|e| ModelIndex {
                 name: e.name,
                 version: e.version,
@@ -367,15 +390,16 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<RepositoryModelLoadRequest>,
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
+        self.allow(&request, Access::Admin)?;
         self.require_explicit_control()?;
+        let caller = request.extensions().get::<Caller>().cloned();
         let r = request.into_inner();
         let config = config_override(&r)?;
-        self.state
-            .models
-            .load(&r.model_name, config)
-            .await
-            .map_err(Error::from)?;
+        let result = self.state.models.load(&r.model_name, config).await;
         self.state.readiness.notify();
+        let line = audit_line(caller.as_ref(), "model_load", &result).model(&r.model_name);
+        self.state.access.audit().record(line);
+        result.map_err(Error::from)?;
         Ok(Response::new(RepositoryModelLoadResponse {}))
     }
 
@@ -383,14 +407,15 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<RepositoryModelUnloadRequest>,
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
+        self.allow(&request, Access::Admin)?;
         self.require_explicit_control()?;
+        let caller = request.extensions().get::<Caller>().cloned();
         let r = request.into_inner();
         crate::model::repository::validate_model_name(&r.model_name).map_err(Error::from)?;
-        self.state
-            .models
-            .unload(&r.model_name)
-            .await
-            .map_err(Error::from)?;
+        let result = self.state.models.unload(&r.model_name).await;
+        let line = audit_line(caller.as_ref(), "model_unload", &result).model(&r.model_name);
+        self.state.access.audit().record(line);
+        result.map_err(Error::from)?;
         self.state.readiness.notify();
         Ok(Response::new(RepositoryModelUnloadResponse {}))
     }
@@ -399,6 +424,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<SystemSharedMemoryStatusRequest>,
     ) -> Result<Response<SystemSharedMemoryStatusResponse>, Status> {
+        self.allow(&request, Access::Admin)?;
         let r = request.into_inner();
         let name = (!r.name.is_empty()).then_some(r.name.as_str());
         let regions = self.state.shm.status(name).map_err(shm_status)?;
@@ -421,11 +447,16 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<SystemSharedMemoryRegisterRequest>,
     ) -> Result<Response<SystemSharedMemoryRegisterResponse>, Status> {
+        self.allow(&request, Access::Admin)?;
+        let caller = request.extensions().get::<Caller>().cloned();
         let r = request.into_inner();
-        self.state
+        let result = self
+            .state
             .shm
-            .register(&r.name, &r.key, r.offset, r.byte_size)
-            .map_err(shm_status)?;
+            .register(&r.name, &r.key, r.offset, r.byte_size);
+        let line = audit_line(caller.as_ref(), "shm_register", &result).region(&r.name);
+        self.state.access.audit().record(line);
+        result.map_err(shm_status)?;
         tracing::debug!(region = %r.name, key = %r.key, bytes = r.byte_size, "shared memory region registered");
         Ok(Response::new(SystemSharedMemoryRegisterResponse {}))
     }
@@ -434,40 +465,49 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<SystemSharedMemoryUnregisterRequest>,
     ) -> Result<Response<SystemSharedMemoryUnregisterResponse>, Status> {
+        self.allow(&request, Access::Admin)?;
+        let caller = request.extensions().get::<Caller>().cloned();
         let r = request.into_inner();
-        if r.name.is_empty() {
-            self.state.shm.unregister_all().map_err(shm_status)?;
+        let result = if r.name.is_empty() {
+            self.state.shm.unregister_all()
         } else {
-            self.state.shm.unregister(&r.name).map_err(shm_status)?;
-        }
+            self.state.shm.unregister(&r.name)
+        };
+        let line = audit_line(caller.as_ref(), "shm_unregister", &result).region(&r.name);
+        self.state.access.audit().record(line);
+        result.map_err(shm_status)?;
         Ok(Response::new(SystemSharedMemoryUnregisterResponse {}))
     }
 
     async fn cuda_shared_memory_status(
         &self,
-        _: Request<CudaSharedMemoryStatusRequest>,
+        request: Request<CudaSharedMemoryStatusRequest>,
     ) -> Result<Response<CudaSharedMemoryStatusResponse>, Status> {
+        self.allow(&request, Access::Admin)?;
         Err(cuda_shm_unimplemented())
     }
 
     async fn cuda_shared_memory_register(
         &self,
-        _: Request<CudaSharedMemoryRegisterRequest>,
+        request: Request<CudaSharedMemoryRegisterRequest>,
     ) -> Result<Response<CudaSharedMemoryRegisterResponse>, Status> {
+        self.allow(&request, Access::Admin)?;
         Err(cuda_shm_unimplemented())
     }
 
     async fn cuda_shared_memory_unregister(
         &self,
-        _: Request<CudaSharedMemoryUnregisterRequest>,
+        request: Request<CudaSharedMemoryUnregisterRequest>,
     ) -> Result<Response<CudaSharedMemoryUnregisterResponse>, Status> {
+        self.allow(&request, Access::Admin)?;
         Err(cuda_shm_unimplemented())
     }
 
     async fn trace_setting(
         &self,
-        _: Request<TraceSettingRequest>,
+        request: Request<TraceSettingRequest>,
     ) -> Result<Response<TraceSettingResponse>, Status> {
+        self.allow(&request, Access::Admin)?;
         Err(unimplemented(
             "TraceSetting",
             "tracing is configured with OTEL_* variables and --trace-* flags at startup",
@@ -476,8 +516,9 @@ impl GrpcInferenceService for InferenceService {
 
     async fn log_settings(
         &self,
-        _: Request<LogSettingsRequest>,
+        request: Request<LogSettingsRequest>,
     ) -> Result<Response<LogSettingsResponse>, Status> {
+        self.allow(&request, Access::Admin)?;
         Err(unimplemented(
             "LogSettings",
             "logging is configured with RUST_LOG / --log-verbose at startup",
@@ -487,9 +528,9 @@ impl GrpcInferenceService for InferenceService {
 
 /// A failed stream request: the error text (bounded) and the request's identity, so the client can
 /// match it.
-fn stream_error(request: &ModelInferRequest, error: Error) -> ModelStreamInferResponse {
+fn stream_error(request: &ModelInferRequest, error: String) -> ModelStreamInferResponse {
     ModelStreamInferResponse {
-        error_message: bounded_text(error.to_string()),
+        error_message: bounded_text(error),
         infer_response: Some(ModelInferResponse {
             model_name: bounded_text(request.model_name.clone()),
             model_version: bounded_text(request.model_version.clone()),
@@ -516,6 +557,11 @@ impl InferenceService {
         version: &str,
     ) -> Result<Arc<crate::model::manager::LoadedModel>, Status> {
         Ok(self.state.models.get(name, version).map_err(Error::from)?)
+    }
+
+    /// The per-call authorization check (the layer already authenticated the token).
+    fn allow<T>(&self, request: &Request<T>, access: Access<'_>) -> Result<(), Status> {
+        authorize(&self.state.access, request, access)
     }
 
     fn require_explicit_control(&self) -> Result<(), Status> {
@@ -576,6 +622,43 @@ fn shm_status(e: crate::shm::ShmError) -> Status {
     };
     // Region names come from clients.
     Status::new(code, bounded_text(e.to_string()))
+}
+
+/// An audit line for an action `caller` asked for, with its outcome.
+fn audit_line<E: std::fmt::Display>(
+    caller: Option<&Caller>,
+    event: &'static str,
+    result: &Result<(), E>,
+) -> AuditEvent {
+    let rpc = caller.map_or("", |c| &*c.rpc);
+    let outcome = if result.is_ok() { "ok" } else { "failed" };
+    let mut line = AuditEvent::new(event, rpc, outcome).caller(
+        caller.map(|c| &*c.principal.name),
+        caller.and_then(|c| c.peer.as_deref()),
+    );
+    line.reason = result.as_ref().err().map(|e| e.to_string());
+    line
+}
+
+/// The per-message check of ModelStreamInfer: the refusal text becomes that message's
+/// `error_message`, and the stream goes on.
+fn stream_message_allowed(
+    state: &ServerState,
+    caller: Option<&Caller>,
+    model: &str,
+) -> Result<(), String> {
+    match caller {
+        Some(caller) => {
+            let call = caller.context();
+            // Resolved again per message: a policy reload applies to streams already open.
+            let principal = state.access.principal_of(caller.credential.as_ref(), &call);
+            principal
+                .and_then(|p| state.access.authorize(&p, Access::Model(model), &call))
+                .map_err(|e| e.to_string())
+        }
+        None if !state.access.is_enabled() => Ok(()),
+        None => Err(crate::security::AuthError::Unauthenticated.to_string()),
+    }
 }
 
 fn cuda_shm_unimplemented() -> Status {

@@ -97,6 +97,8 @@ pub struct ServerState {
     pub grpc_metrics: Arc<GrpcMetrics>,
     /// The memory budget every request's bytes are held against.
     pub budget: Arc<crate::server::budget::MemoryBudget>,
+    /// Who may call what (--auth-token-file, --auth-policy-file), and the audit log.
+    pub access: Arc<crate::security::AccessControl>,
 }
 
 impl ServerState {

@@ -30,6 +30,7 @@ pub fn code_of(error: &Error) -> Code {
             ModelError::Repository { .. } => Code::Internal,
             ModelError::InvalidName { .. } => Code::InvalidArgument,
             ModelError::NotFound { .. } => Code::NotFound,
+            ModelError::Decryption { .. } => Code::Unavailable,
         },
         Error::Unimplemented(_) => Code::Unimplemented,
         Error::ShuttingDown => Code::Unavailable,
