@@ -25,6 +25,8 @@ pub struct Config {
     pub log: crate::telemetry::logging::LoggingArgs,
     #[command(flatten)]
     pub tracing: crate::telemetry::otel::TracingArgs,
+    #[command(flatten)]
+    pub identity: IdentityArgs,
 }
 
 /// How models are loaded and when the server counts as ready.
@@ -191,6 +193,14 @@ pub struct LifecycleArgs {
     /// Kubernetes endpoints stop sending traffic before the listener closes.
     #[arg(long, env = "ONNX_GATEWAY_DRAIN_DELAY_SECS", default_value_t = 5)]
     pub drain_delay_secs: u64,
+}
+
+/// How the server presents itself to clients.
+#[derive(Debug, Clone, Args)]
+pub struct IdentityArgs {
+    /// Name ServerMetadata reports; clients written for Triton may check for `triton`.
+    #[arg(long, env = "ONNX_GATEWAY_SERVER_NAME", default_value = "onnx-gateway")]
+    pub server_name: String,
 }
 
 impl Config {

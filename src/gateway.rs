@@ -136,6 +136,7 @@ impl Gateway {
             control_mode,
             shm,
             grpc_metrics,
+            server_name: config.identity.server_name.clone(),
         });
         Ok(Self {
             config,

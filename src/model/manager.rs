@@ -26,6 +26,8 @@ pub struct LoadedModel {
     pub outputs: Vec<TensorSpec>,
     pub scheduler: Scheduler,
     pub stats: Arc<ModelStats>,
+    /// Class labels of outputs that name a `label_filename`, for the classification extension.
+    pub labels: super::labels::OutputLabels,
 }
 
 impl LoadedModel {
@@ -75,6 +77,23 @@ pub enum LookupError {
     NoReadyVersion(String),
     #[error("Request for unknown model: '{0}' version {1} is not at ready state")]
     VersionNotReady(String, String),
+    /// A version string that is not a number (Triton: INVALID_ARGUMENT, with this text).
+    #[error("failed to get model version from specified version string '{0}' (details: stol), version should be an integral value > 0")]
+    InvalidVersion(String),
+    #[error("invalid model version specified '{0}' , version should be an integral value > 0")]
+    NegativeVersion(String),
+}
+
+/// A request's version string as Triton reads it: an integer, not negative.
+fn parse_version_string(version: &str) -> Result<i64, LookupError> {
+    let number: i64 = version
+        .trim()
+        .parse()
+        .map_err(|_| LookupError::InvalidVersion(version.to_string()))?;
+    if number < 0 {
+        return Err(LookupError::NegativeVersion(version.to_string()));
+    }
+    Ok(number)
 }
 
 #[derive(Default)]
@@ -122,8 +141,20 @@ impl ModelManager {
         name: &str,
         config_override: Option<ModelConfig>,
     ) -> Result<(), ModelError> {
+        self.load_from(name, config_override, None).await
+    }
+
+    /// As `load`, reading the model from `source` (a repository root holding `name`) instead of the
+    /// configured repository: the temporary directory of a `file:` override.
+    pub async fn load_from(
+        self: &Arc<Self>,
+        name: &str,
+        config_override: Option<ModelConfig>,
+        source: Option<PathBuf>,
+    ) -> Result<(), ModelError> {
         repository::validate_model_name(name)?;
-        if !repository::model_dir_exists(&self.settings.repository, name) {
+        let source = source.unwrap_or_else(|| self.settings.repository.clone());
+        if !repository::model_dir_exists(&source, name) {
             // Recorded nowhere: a misspelt load request must not leave a failed model behind that
             // holds strict readiness down.
             return Err(repository::not_found(name));
@@ -137,7 +168,7 @@ impl ModelManager {
         let this = Arc::clone(self);
         let model = name.to_string();
         let result = tokio::task::spawn_blocking(move || {
-            this.load_versions_blocking(&model, config_override)
+            this.load_versions_blocking(&source, &model, config_override)
         })
         .await
         .map_err(|e| ModelError::Repository {
@@ -217,9 +248,7 @@ impl ModelManager {
                 .cloned()
                 .ok_or_else(|| LookupError::NoReadyVersion(name.to_string()));
         }
-        let number: i64 = version
-            .parse()
-            .map_err(|_| LookupError::UnknownVersion(name.to_string(), version.to_string()))?;
+        let number = parse_version_string(version)?;
         if let Some(model) = slot.versions.get(&number) {
             return Ok(Arc::clone(model));
         }
@@ -312,10 +341,10 @@ impl ModelManager {
 
     fn load_versions_blocking(
         &self,
+        repo: &Path,
         name: &str,
         config_override: Option<ModelConfig>,
     ) -> Result<Vec<Arc<LoadedModel>>, ModelError> {
-        let repo = &self.settings.repository;
         let mut config = match config_override {
             Some(c) => c,
             None => repository::read_config(repo, name)?,
@@ -335,12 +364,13 @@ impl ModelManager {
         }
         versions
             .into_iter()
-            .map(|v| self.load_version(name, v, &config).map(Arc::new))
+            .map(|v| self.load_version(repo, name, v, &config).map(Arc::new))
             .collect()
     }
 
     fn load_version(
         &self,
+        repo: &Path,
         name: &str,
         version: i64,
         config: &ModelConfig,
@@ -349,7 +379,7 @@ impl ModelManager {
             model: name.to_string(),
             reason: format!("version {version}: {reason}"),
         };
-        let path = repository::model_file(&self.settings.repository, name, version, config)?;
+        let path = repository::model_file(repo, name, version, config)?;
         let instances = instance_plan(config);
         let intra = (cpu_budget() / instances.len().max(1)).max(1);
         let plan_for = |kind: InstanceKind, device: i32, config: &ModelConfig| {
@@ -379,6 +409,7 @@ impl ModelManager {
                 .map_err(|e| fail(e.to_string()))?;
             executors.push(Box::new(executor));
         }
+        let labels = super::labels::read_output_labels(&repo.join(name), &config)?;
         let (inputs, outputs) = validate::io_specs(&config);
         let stats = Arc::new(ModelStats::new(name, &version.to_string()));
         let scheduler = Scheduler::start(settings, executors, Arc::clone(&stats));
@@ -390,6 +421,7 @@ impl ModelManager {
             outputs,
             scheduler,
             stats,
+            labels,
         })
     }
 }

@@ -15,9 +15,11 @@ use super::trace_context::parent_context_from_headers;
 
 use super::decode::{decode_request, DecodedRequest};
 use super::encode::{infer_response, model_statistics, tensor_metadata};
+use super::model_control::{load_failure, load_override, LoadOverride};
 use super::state::ServerState;
 use crate::config::ModelControlMode;
 use crate::error::Error;
+use crate::model::override_files::OverrideDir;
 use crate::proto::grpc_inference_service_server::GrpcInferenceService;
 use crate::proto::repository_index_response::ModelIndex;
 use crate::proto::*;
@@ -45,6 +47,7 @@ const EXTENSIONS: &[&str] = &[
     "statistics",
     "schedule_policy",
     "parameters",
+    "classification",
 ];
 
 type StreamResult = Result<ModelStreamInferResponse, Status>;
@@ -67,6 +70,7 @@ async fn infer(
         let DecodedRequest {
             request: decoded,
             shm_outputs,
+            classifications,
         } = match decode_request(request, &model, &state.shm) {
             Ok(d) => d,
             Err(e) => {
@@ -87,10 +91,11 @@ async fn infer(
             1
         };
         match model.scheduler.infer(decoded).await {
-            Ok(response) => {
+            Ok(mut response) => {
                 model
                     .stats
                     .record_success(arrived.elapsed(), rows, &response.timings);
+                super::classification::apply(&model, &mut response.outputs, &classifications)?;
                 Ok(infer_response(&model, id, response, &shm_outputs)?)
             }
             Err(e) => {
@@ -155,7 +160,7 @@ impl GrpcInferenceService for InferenceService {
             extensions.push("system_shared_memory".into());
         }
         Ok(Response::new(ServerMetadataResponse {
-            name: "onnx-gateway".into(),
+            name: self.state.server_name.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
             extensions,
         }))
@@ -327,12 +332,24 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
         self.require_explicit_control()?;
         let r = request.into_inner();
-        let config = config_override(&r)?;
-        self.state
-            .models
-            .load(&r.model_name, config)
-            .await
-            .map_err(Error::from)?;
+        let name = &r.model_name;
+        let LoadOverride { config, files } = load_override(&r)?;
+        let result = if files.is_empty() {
+            self.state.models.load(name, config).await
+        } else {
+            // The directory lives until the load has finished: the sessions hold what they read.
+            let dir = OverrideDir::create(name, &files).map_err(|e| {
+                Status::internal(format!(
+                    "failed to load '{name}', failed to poll from model repository: {e}"
+                ))
+            })?;
+            let source = dir.root().to_path_buf();
+            self.state
+                .models
+                .load_from(name, config, Some(source))
+                .await
+        };
+        result.map_err(|e| load_failure(name, e))?;
         self.state.readiness.notify();
         Ok(Response::new(RepositoryModelLoadResponse {}))
     }
@@ -401,25 +418,33 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(SystemSharedMemoryUnregisterResponse {}))
     }
 
+    /// No CUDA region can ever be registered here, so status lists none (or names the one asked
+    /// for as unknown), exactly as a CPU-only Triton answers.
     async fn cuda_shared_memory_status(
         &self,
-        _: Request<CudaSharedMemoryStatusRequest>,
+        request: Request<CudaSharedMemoryStatusRequest>,
     ) -> Result<Response<CudaSharedMemoryStatusResponse>, Status> {
-        Err(cuda_shm_unimplemented())
+        let r = request.into_inner();
+        super::cuda_shm::status(&r.name, &self.state.shm)?;
+        Ok(Response::new(CudaSharedMemoryStatusResponse::default()))
     }
 
     async fn cuda_shared_memory_register(
         &self,
-        _: Request<CudaSharedMemoryRegisterRequest>,
+        request: Request<CudaSharedMemoryRegisterRequest>,
     ) -> Result<Response<CudaSharedMemoryRegisterResponse>, Status> {
-        Err(cuda_shm_unimplemented())
+        Err(super::cuda_shm::register_refused(
+            &request.into_inner().name,
+        ))
     }
 
+    /// Unregistering over no CUDA regions is a no-op that succeeds, as on a CPU-only Triton: the
+    /// shared-memory examples call it before they start.
     async fn cuda_shared_memory_unregister(
         &self,
         _: Request<CudaSharedMemoryUnregisterRequest>,
     ) -> Result<Response<CudaSharedMemoryUnregisterResponse>, Status> {
-        Err(cuda_shm_unimplemented())
+        Ok(Response::new(CudaSharedMemoryUnregisterResponse {}))
     }
 
     async fn trace_setting(
@@ -463,40 +488,6 @@ impl InferenceService {
     }
 }
 
-/// Triton's `config` load parameter: a JSON ModelConfig that replaces config.pbtxt for this load.
-fn config_override(
-    r: &RepositoryModelLoadRequest,
-) -> Result<Option<crate::model::ModelConfig>, Status> {
-    use crate::proto::model_repository_parameter::ParameterChoice;
-    for key in r.parameters.keys() {
-        if key.starts_with("file:") {
-            return Err(Status::invalid_argument(format!(
-                "load parameter '{key}': model file overrides are not supported; place the file in the repository"
-            )));
-        }
-        if key != "config" {
-            return Err(Status::invalid_argument(format!(
-                "unknown load parameter '{key}'"
-            )));
-        }
-    }
-    match r
-        .parameters
-        .get("config")
-        .and_then(|p| p.parameter_choice.as_ref())
-    {
-        None => Ok(None),
-        Some(ParameterChoice::StringParam(json)) => {
-            crate::model::config_json::parse_config_json(&r.model_name, json)
-                .map(Some)
-                .map_err(|e| Status::invalid_argument(e.to_string()))
-        }
-        Some(_) => Err(Status::invalid_argument(
-            "load parameter 'config' must be a string holding JSON",
-        )),
-    }
-}
-
 /// Shared-memory registry errors as Triton reports them (ALREADY_EXISTS, NOT_FOUND, ...).
 fn shm_status(e: crate::shm::ShmError) -> Status {
     use crate::shm::ShmErrorKind as K;
@@ -508,10 +499,4 @@ fn shm_status(e: crate::shm::ShmError) -> Status {
         K::Unavailable => tonic::Code::Unavailable,
     };
     Status::new(code, e.to_string())
-}
-
-fn cuda_shm_unimplemented() -> Status {
-    Status::unimplemented(
-        "CUDA shared memory is not supported by this server; use system shared memory or inline tensors",
-    )
 }

@@ -2,10 +2,13 @@
 //! HTTP server and the listeners. The only module that knows gRPC and HTTP.
 pub mod admin;
 pub mod auth;
+pub mod classification;
+pub mod cuda_shm;
 pub mod decode;
 pub mod encode;
 pub mod grpc;
 pub mod grpc_metrics_layer;
+pub mod model_control;
 pub mod state;
 pub mod status;
 pub mod trace_context;

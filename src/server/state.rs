@@ -95,6 +95,8 @@ pub struct ServerState {
     pub shm: Arc<ShmRegistry>,
     /// Calls by gRPC method and status code, for /metrics.
     pub grpc_metrics: Arc<GrpcMetrics>,
+    /// What ServerMetadata calls this server (`--server-name`).
+    pub server_name: String,
 }
 
 impl ServerState {
