@@ -11,6 +11,8 @@ use super::validate::TensorSpec;
 use super::{autocomplete, repository, validate, ModelConfig, ModelError};
 use crate::proto::model_instance_group::Kind as InstanceKind;
 use crate::runtime::{cpu_budget, OrtExecutor, SessionPlan};
+use crate::scheduler::sequence::settings::SequenceSettings;
+use crate::scheduler::sequence::{SequenceOnlyExecutor, SequenceScheduler};
 use crate::scheduler::{
     InstanceKind as SchedInstanceKind, ModelExecutor, Scheduler, SchedulerSettings,
 };
@@ -28,6 +30,9 @@ pub struct LoadedModel {
     pub stats: Arc<ModelStats>,
     /// Class labels of outputs that name a `label_filename`, for the classification extension.
     pub labels: super::labels::OutputLabels,
+    /// The sequence batcher of a model with `sequence_batching`: its requests go there, not to
+    /// `scheduler` (which then only answers that they must carry sequence parameters).
+    pub sequence: Option<Arc<SequenceScheduler>>,
 }
 
 impl LoadedModel {
@@ -213,6 +218,12 @@ impl ModelManager {
             Some(slot) => {
                 for model in slot.versions.into_values() {
                     model.scheduler.shutdown().await;
+                    if let Some(sequence) = &model.sequence {
+                        sequence.shutdown().await;
+                    }
+                    if let Some(sequence) = &model.sequence {
+                        sequence.shutdown().await;
+                    }
                     tracing::info!(model = %name, version = model.version, "model unloaded");
                 }
                 Ok(())
@@ -392,13 +403,14 @@ impl ModelManager {
         let graph = first.signature().map_err(|e| fail(e.to_string()))?;
         let config = autocomplete::autocomplete(name, config.clone(), &graph)?;
         validate::validate(name, &config, &graph)?;
-        let settings =
-            SchedulerSettings::from_config(&config, self.settings.default_max_queue_size).map_err(
-                |e| ModelError::InvalidConfig {
-                    model: name.to_string(),
-                    reason: e,
-                },
-            )?;
+        let settings = SchedulerSettings::from_config(
+            &without_sequence_batching(&config),
+            self.settings.default_max_queue_size,
+        )
+        .map_err(|e| ModelError::InvalidConfig {
+            model: name.to_string(),
+            reason: e,
+        })?;
         let mut executors: Vec<Box<dyn ModelExecutor>> = vec![Box::new(first)];
         for spec in settings.instances.iter().skip(1) {
             let (kind, device) = match spec.kind {
@@ -412,7 +424,14 @@ impl ModelManager {
         let labels = super::labels::read_output_labels(&repo.join(name), &config)?;
         let (inputs, outputs) = validate::io_specs(&config);
         let stats = Arc::new(ModelStats::new(name, &version.to_string()));
-        let scheduler = Scheduler::start(settings, executors, Arc::clone(&stats));
+        let (scheduler, sequence) = start_schedulers(
+            &config,
+            &graph,
+            settings,
+            executors,
+            &stats,
+            self.settings.default_max_queue_size,
+        )?;
         Ok(LoadedModel {
             name: name.to_string(),
             version,
@@ -422,8 +441,54 @@ impl ModelManager {
             scheduler,
             stats,
             labels,
+            sequence,
         })
     }
+}
+
+/// The dynamic batcher's settings read a sequence model as an unbatched one: its instances run
+/// in the sequence batcher instead.
+fn without_sequence_batching(config: &ModelConfig) -> ModelConfig {
+    use crate::proto::model_config::SchedulingChoice;
+    let mut config = config.clone();
+    if matches!(
+        config.scheduling_choice,
+        Some(SchedulingChoice::SequenceBatching(_))
+    ) {
+        config.scheduling_choice = None;
+    }
+    config
+}
+
+/// The dynamic batcher over the instances, or, for a sequence model, the sequence batcher over
+/// them beside a dynamic batcher that refuses what reaches it without sequence parameters.
+fn start_schedulers(
+    config: &ModelConfig,
+    graph: &super::GraphSignature,
+    settings: SchedulerSettings,
+    executors: Vec<Box<dyn ModelExecutor>>,
+    stats: &Arc<ModelStats>,
+    max_queue: usize,
+) -> Result<(Scheduler, Option<Arc<SequenceScheduler>>), ModelError> {
+    let invalid = |reason: String| ModelError::InvalidConfig {
+        model: config.name.clone(),
+        reason,
+    };
+    let Some(sequence) =
+        SequenceSettings::from_config(config, executors.len(), max_queue).map_err(invalid)?
+    else {
+        return Ok((
+            Scheduler::start(settings, executors, Arc::clone(stats)),
+            None,
+        ));
+    };
+    sequence.check_against_graph(graph).map_err(invalid)?;
+    let batcher = SequenceScheduler::start(sequence, executors, Arc::clone(stats))
+        .map_err(|e| invalid(format!("cannot start the sequence batcher: {e}")))?;
+    let refusing: Vec<Box<dyn ModelExecutor>> =
+        vec![Box::new(SequenceOnlyExecutor::new(&config.name))];
+    let scheduler = Scheduler::start(settings, refusing, Arc::clone(stats));
+    Ok((scheduler, Some(Arc::new(batcher))))
 }
 
 /// (kind, device) of each instance the config asks for; one CPU instance when it names none. The

@@ -48,6 +48,7 @@ const EXTENSIONS: &[&str] = &[
     "schedule_policy",
     "parameters",
     "classification",
+    "sequence",
 ];
 
 type StreamResult = Result<ModelStreamInferResponse, Status>;
@@ -58,6 +59,16 @@ async fn infer(
     request: ModelInferRequest,
     trace_parent: &opentelemetry::Context,
 ) -> Result<ModelInferResponse, Error> {
+    infer_admitted(state, request, trace_parent, None).await
+}
+
+/// As `infer`; a sequence request drops `admitted` once it is queued or refused.
+async fn infer_admitted(
+    state: &ServerState,
+    request: ModelInferRequest,
+    trace_parent: &opentelemetry::Context,
+    admitted: Option<tokio::sync::oneshot::Sender<()>>,
+) -> Result<ModelInferResponse, Error> {
     let arrived = Instant::now();
     let model = state
         .models
@@ -67,6 +78,12 @@ async fn infer(
     // Continue the caller's trace when it sent a W3C traceparent.
     let _ = span.set_parent(trace_parent.clone());
     async {
+        let control = match &model.sequence {
+            Some(_) => Some(super::sequence_params::sequence_control(
+                &request.parameters,
+            )?),
+            None => None,
+        };
         let DecodedRequest {
             request: decoded,
             shm_outputs,
@@ -90,7 +107,13 @@ async fn infer(
         } else {
             1
         };
-        match model.scheduler.infer(decoded).await {
+        let outcome = match (&model.sequence, control) {
+            (Some(sequence), Some(control)) => {
+                sequence.infer_admitted(decoded, control, admitted).await
+            }
+            _ => model.scheduler.infer(decoded).await,
+        };
+        match outcome {
             Ok(mut response) => {
                 model
                     .stats
@@ -221,6 +244,7 @@ impl GrpcInferenceService for InferenceService {
         let state = Arc::clone(&self.state);
         tokio::spawn(async move {
             let slots = Arc::new(Semaphore::new(STREAM_IN_FLIGHT));
+            let mut last_sequence_sent: Option<tokio::sync::oneshot::Receiver<()>> = None;
             loop {
                 let message = tokio::select! {
                     message = inbound.next() => message,
@@ -244,28 +268,48 @@ impl GrpcInferenceService for InferenceService {
                     break;
                 };
                 let (state, tx, parent) = (Arc::clone(&state), tx.clone(), parent.clone());
+                // Requests of a sequence must reach the sequence batcher in stream order: wait
+                // until each is queued before taking the next message.
+                let (admitted_tx, admitted_rx) = tokio::sync::oneshot::channel();
+                let in_order = request.parameters.contains_key("sequence_id");
+                // ...and their answers leave in that order too (a sequence's requests finish in
+                // order, but the tasks answering them may wake in any order).
+                let (sent_tx, sent_rx) = tokio::sync::oneshot::channel::<()>();
+                let previous_sent = if in_order {
+                    last_sequence_sent.replace(sent_rx)
+                } else {
+                    None
+                };
                 tokio::spawn(async move {
                     let id = request.id.clone();
                     let (name, version) =
                         (request.model_name.clone(), request.model_version.clone());
-                    let message = match infer(&state, request, &parent).await {
-                        Ok(response) => ModelStreamInferResponse {
-                            error_message: String::new(),
-                            infer_response: Some(response),
-                        },
-                        Err(e) => ModelStreamInferResponse {
-                            error_message: e.to_string(),
-                            infer_response: Some(ModelInferResponse {
-                                model_name: name,
-                                model_version: version,
-                                id,
-                                ..Default::default()
-                            }),
-                        },
-                    };
+                    let message =
+                        match infer_admitted(&state, request, &parent, Some(admitted_tx)).await {
+                            Ok(response) => ModelStreamInferResponse {
+                                error_message: String::new(),
+                                infer_response: Some(response),
+                            },
+                            Err(e) => ModelStreamInferResponse {
+                                error_message: e.to_string(),
+                                infer_response: Some(ModelInferResponse {
+                                    model_name: name,
+                                    model_version: version,
+                                    id,
+                                    ..Default::default()
+                                }),
+                            },
+                        };
+                    if let Some(previous) = previous_sent {
+                        let _ = previous.await;
+                    }
                     let _ = tx.send(Ok(message)).await;
+                    drop(sent_tx);
                     drop(permit);
                 });
+                if in_order {
+                    let _ = admitted_rx.await;
+                }
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -9,6 +9,7 @@ pub mod encode;
 pub mod grpc;
 pub mod grpc_metrics_layer;
 pub mod model_control;
+pub mod sequence_params;
 pub mod state;
 pub mod status;
 pub mod trace_context;
