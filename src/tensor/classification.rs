@@ -35,7 +35,7 @@ pub fn top_classes(
     } else {
         1
     };
-    let per_row = if rows == 0 { 0 } else { scores.len() / rows };
+    let per_row = scores.len().checked_div(rows).unwrap_or(0);
     let kept = count.min(per_row);
     let mut strings = Vec::with_capacity(rows * kept);
     for row in 0..rows {
