@@ -131,6 +131,12 @@ impl SequenceSettings {
                         s.input_name
                     )
                 })?;
+                if !s.initial_state.is_empty() {
+                    return Err(format!(
+                        "sequence_batching state '{}': initial_state is not supported (state starts as zeros)",
+                        s.input_name
+                    ));
+                }
                 if dtype == DataType::Bytes {
                     return Err(format!(
                         "sequence_batching state '{}': TYPE_STRING state is not supported",
