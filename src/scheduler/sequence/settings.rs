@@ -296,3 +296,98 @@ fn flag_encoding(name: &str, control: &Control) -> Result<FlagEncoding, String> 
         _ => Err(pair_error()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::model_sequence_batching::{ControlInput, State, StrategyOldest};
+    use crate::proto::ModelSequenceBatching;
+
+    fn config(seq: ModelSequenceBatching) -> ModelConfig {
+        ModelConfig {
+            name: "m".into(),
+            max_batch_size: 4,
+            scheduling_choice: Some(SchedulingChoice::SequenceBatching(seq)),
+            ..Default::default()
+        }
+    }
+
+    fn control(name: &str, kind: Kind, int32: Vec<i32>, data_type: i32) -> ControlInput {
+        ControlInput {
+            name: name.into(),
+            control: vec![Control {
+                kind: kind as i32,
+                int32_false_true: int32,
+                data_type,
+                ..Default::default()
+            }],
+        }
+    }
+
+    #[test]
+    fn direct_is_the_default_with_one_slot_per_batch_row() {
+        let s = SequenceSettings::from_config(&config(Default::default()), 2, 10)
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.strategy, Strategy::Direct);
+        assert_eq!((s.slots_per_instance, s.max_candidates), (4, 8));
+        assert_eq!(s.idle_timeout, DEFAULT_IDLE);
+        let plain = ModelConfig::default();
+        assert!(SequenceSettings::from_config(&plain, 1, 10)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn controls_and_oldest_are_read() {
+        let seq = ModelSequenceBatching {
+            max_sequence_idle_microseconds: 500,
+            control_input: vec![
+                control("START", Kind::ControlSequenceStart, vec![0, 1], 0),
+                control(
+                    "CORRID",
+                    Kind::ControlSequenceCorrid,
+                    vec![],
+                    crate::proto::DataType::TypeString as i32,
+                ),
+            ],
+            strategy_choice: Some(StrategyChoice::Oldest(StrategyOldest {
+                max_candidate_sequences: 3,
+                max_queue_delay_microseconds: 100,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let c = config(seq);
+        let s = SequenceSettings::from_config(&c, 1, 10).unwrap().unwrap();
+        assert_eq!(s.max_candidates, 3);
+        assert_eq!(s.idle_timeout, Duration::from_micros(500));
+        assert!(
+            matches!(&s.controls[0].kind, ControlKind::Start(f) if f.true_value == 1i32.to_le_bytes())
+        );
+        assert_eq!(s.controls[1].kind, ControlKind::CorrId(DataType::Bytes));
+        assert_eq!(SequenceSettings::fed_inputs(&c), vec!["START", "CORRID"]);
+    }
+
+    #[test]
+    fn bad_settings_are_refused_by_name() {
+        let seq = ModelSequenceBatching {
+            control_input: vec![control("START", Kind::ControlSequenceStart, vec![1], 0)],
+            ..Default::default()
+        };
+        let err = SequenceSettings::from_config(&config(seq), 1, 10).unwrap_err();
+        assert!(err.contains("control_input 'START'"), "{err}");
+        let seq = ModelSequenceBatching {
+            state: vec![State {
+                input_name: "S".into(),
+                output_name: "T".into(),
+                data_type: crate::proto::DataType::TypeInt32 as i32,
+                dims: vec![-1],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let err = SequenceSettings::from_config(&config(seq), 1, 10).unwrap_err();
+        assert!(err.contains("state 'S'"), "{err}");
+    }
+}
