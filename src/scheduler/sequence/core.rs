@@ -126,9 +126,13 @@ impl<P> Core<P> {
         self.free.insert(slot);
     }
 
-    /// Ends sequences that have had no request for `idle` (Triton's reaper); returns the next time
-    /// one may expire.
-    pub fn reap_idle(&mut self, idle: Duration, now: Instant) -> Option<Instant> {
+    /// Ends sequences that have had no request for `idle` (Triton's reaper); returns them and the
+    /// next time one may expire.
+    pub fn reap_idle(
+        &mut self,
+        idle: Duration,
+        now: Instant,
+    ) -> (Vec<CorrelationId>, Option<Instant>) {
         let expired: Vec<CorrelationId> = self
             .sequences
             .iter()
@@ -139,11 +143,13 @@ impl<P> Core<P> {
             tracing::debug!(correlation_id = %id, "sequence idle past max_sequence_idle_microseconds; its slot is released");
             self.release(id);
         }
-        self.sequences
+        let next = self
+            .sequences
             .values()
             .filter(|s| !s.running && s.pending.is_empty())
             .map(|s| s.last_seen + idle)
-            .min()
+            .min();
+        (expired, next)
     }
 
     /// The next batch for `instance`: one request from each ready sequence it may run, at most
@@ -306,9 +312,10 @@ mod tests {
         core.enqueue(id(1), "a", now);
         let _ = core.next_batch(0, &s, now);
         core.finish(&id(1), false, now);
-        assert!(core.reap_idle(Duration::from_secs(1), now).is_some());
+        assert!(core.reap_idle(Duration::from_secs(1), now).1.is_some());
         assert!(core.sequences.contains_key(&id(1)));
-        core.reap_idle(Duration::from_secs(1), now + Duration::from_secs(2));
+        let (released, _) = core.reap_idle(Duration::from_secs(1), now + Duration::from_secs(2));
+        assert_eq!(released, vec![id(1)]);
         assert!(!core.sequences.contains_key(&id(1)));
         core.enqueue(id(2), "b", now);
         assert!(core.sequences[&id(2)].slot.is_some(), "the slot came back");

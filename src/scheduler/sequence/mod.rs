@@ -227,7 +227,13 @@ fn worker_loop(instance: usize, mut executor: Box<dyn ModelExecutor>, shared: &S
     let mut core = shared.core.lock();
     loop {
         let now = Instant::now();
-        let idle_next = core.reap_idle(settings.idle_timeout, now);
+        let (released, idle_next) = core.reap_idle(settings.idle_timeout, now);
+        if !released.is_empty() && !settings.states.is_empty() {
+            let mut states = shared.states.lock();
+            for id in &released {
+                states.remove(id);
+            }
+        }
         match core.next_batch(instance, settings, now) {
             Next::Run(rows) => {
                 let ids: Vec<(CorrelationId, bool)> =
