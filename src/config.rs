@@ -29,6 +29,8 @@ pub struct Config {
     pub memory: MemoryArgs,
     #[command(flatten)]
     pub security: SecurityArgs,
+    #[command(flatten)]
+    pub identity: IdentityArgs,
 }
 
 /// How models are loaded and when the server counts as ready.
@@ -234,6 +236,14 @@ pub struct SecurityArgs {
     /// registrations to this file.
     #[arg(long, env = "ONNX_GATEWAY_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
+}
+
+/// How the server presents itself to clients.
+#[derive(Debug, Clone, Args)]
+pub struct IdentityArgs {
+    /// Name ServerMetadata reports; clients written for Triton may check for `triton`.
+    #[arg(long, env = "ONNX_GATEWAY_SERVER_NAME", default_value = "onnx-gateway")]
+    pub server_name: String,
 }
 
 impl Config {

@@ -156,6 +156,7 @@ impl Gateway {
             grpc_metrics,
             budget,
             access,
+            server_name: config.identity.server_name.clone(),
         });
         Ok(Self {
             config,

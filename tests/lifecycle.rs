@@ -255,7 +255,14 @@ async fn explicit_control_validates_names_and_codes() {
         .repository_model_load(load_request("missing", None))
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    // Triton's answer for a name the repository does not hold.
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert!(
+        status
+            .message()
+            .starts_with("failed to load 'missing', failed to poll from model repository"),
+        "{status:?}"
+    );
     let status = client
         .repository_model_unload(RepositoryModelUnloadRequest {
             model_name: "missing".into(),
@@ -270,12 +277,17 @@ async fn explicit_control_validates_names_and_codes() {
         "refused loads leave readiness alone"
     );
 
-    // Bad override JSON and unknown parameters are the client's error, and the model keeps serving.
+    // Bad override JSON and file overrides without a config fail the load as Triton's do, and the
+    // model keeps serving.
     let status = client
         .repository_model_load(load_request("add_sub", Some("{not json")))
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert!(
+        status.message().contains("failed to load 'add_sub'"),
+        "{status:?}"
+    );
     let mut request = load_request("add_sub", None);
     request.parameters.insert(
         "file:1/model.onnx".into(),
@@ -283,8 +295,13 @@ async fn explicit_control_validates_names_and_codes() {
             parameter_choice: Some(ParameterChoice::BytesParam(vec![1, 2, 3])),
         },
     );
+    // A file override without the `config` it needs.
     let status = client.repository_model_load(request).await.unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert!(
+        status.message().contains("'config' must be specified"),
+        "{status:?}"
+    );
     let (a, b) = (ramp(1.0), ramp(2.0));
     client
         .model_infer(add_sub_request("after", &a, &b))

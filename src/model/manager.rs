@@ -11,6 +11,8 @@ use super::validate::TensorSpec;
 use super::{autocomplete, repository, validate, ModelConfig, ModelError};
 use crate::proto::model_instance_group::Kind as InstanceKind;
 use crate::runtime::{cpu_budget, OrtExecutor, SessionPlan};
+use crate::scheduler::sequence::settings::SequenceSettings;
+use crate::scheduler::sequence::{SequenceOnlyExecutor, SequenceScheduler};
 use crate::scheduler::{
     InstanceKind as SchedInstanceKind, ModelExecutor, Scheduler, SchedulerSettings,
 };
@@ -27,6 +29,11 @@ pub struct LoadedModel {
     pub outputs: Vec<TensorSpec>,
     pub scheduler: Scheduler,
     pub stats: Arc<ModelStats>,
+    /// Class labels of outputs that name a `label_filename`, for the classification extension.
+    pub labels: super::labels::OutputLabels,
+    /// The sequence batcher of a model with `sequence_batching`: its requests go there, not to
+    /// `scheduler` (which then only answers that they must carry sequence parameters).
+    pub sequence: Option<Arc<SequenceScheduler>>,
 }
 
 impl LoadedModel {
@@ -76,6 +83,23 @@ pub enum LookupError {
     NoReadyVersion(String),
     #[error("Request for unknown model: '{0}' version {1} is not at ready state")]
     VersionNotReady(String, String),
+    /// A version string that is not a number (Triton: INVALID_ARGUMENT, with this text).
+    #[error("failed to get model version from specified version string '{0}' (details: stol), version should be an integral value > 0")]
+    InvalidVersion(String),
+    #[error("invalid model version specified '{0}' , version should be an integral value > 0")]
+    NegativeVersion(String),
+}
+
+/// A request's version string as Triton reads it: an integer, not negative.
+fn parse_version_string(version: &str) -> Result<i64, LookupError> {
+    let number: i64 = version
+        .trim()
+        .parse()
+        .map_err(|_| LookupError::InvalidVersion(version.to_string()))?;
+    if number < 0 {
+        return Err(LookupError::NegativeVersion(version.to_string()));
+    }
+    Ok(number)
 }
 
 #[derive(Default)]
@@ -132,8 +156,20 @@ impl ModelManager {
         name: &str,
         config_override: Option<ModelConfig>,
     ) -> Result<(), ModelError> {
+        self.load_from(name, config_override, None).await
+    }
+
+    /// As `load`, reading the model from `source` (a repository root holding `name`) instead of the
+    /// configured repository: the temporary directory of a `file:` override.
+    pub async fn load_from(
+        self: &Arc<Self>,
+        name: &str,
+        config_override: Option<ModelConfig>,
+        source: Option<PathBuf>,
+    ) -> Result<(), ModelError> {
         repository::validate_model_name(name)?;
-        if !repository::model_dir_exists(&self.settings.repository, name) {
+        let source = source.unwrap_or_else(|| self.settings.repository.clone());
+        if !repository::model_dir_exists(&source, name) {
             // Recorded nowhere: a misspelt load request must not leave a failed model behind that
             // holds strict readiness down.
             return Err(repository::not_found(name));
@@ -147,7 +183,7 @@ impl ModelManager {
         let this = Arc::clone(self);
         let model = name.to_string();
         let result = tokio::task::spawn_blocking(move || {
-            this.load_versions_blocking(&model, config_override)
+            this.load_versions_blocking(&source, &model, config_override)
         })
         .await
         .map_err(|e| ModelError::Repository {
@@ -192,6 +228,12 @@ impl ModelManager {
             Some(slot) => {
                 for model in slot.versions.into_values() {
                     model.scheduler.shutdown().await;
+                    if let Some(sequence) = &model.sequence {
+                        sequence.shutdown().await;
+                    }
+                    if let Some(sequence) = &model.sequence {
+                        sequence.shutdown().await;
+                    }
                     tracing::info!(model = %name, version = model.version, "model unloaded");
                 }
                 Ok(())
@@ -227,9 +269,7 @@ impl ModelManager {
                 .cloned()
                 .ok_or_else(|| LookupError::NoReadyVersion(name.to_string()));
         }
-        let number: i64 = version
-            .parse()
-            .map_err(|_| LookupError::UnknownVersion(name.to_string(), version.to_string()))?;
+        let number = parse_version_string(version)?;
         if let Some(model) = slot.versions.get(&number) {
             return Ok(Arc::clone(model));
         }
@@ -322,10 +362,10 @@ impl ModelManager {
 
     fn load_versions_blocking(
         &self,
+        repo: &Path,
         name: &str,
         config_override: Option<ModelConfig>,
     ) -> Result<Vec<Arc<LoadedModel>>, ModelError> {
-        let repo = &self.settings.repository;
         let mut config = match config_override {
             Some(c) => c,
             None => repository::read_config(repo, name)?,
@@ -345,12 +385,13 @@ impl ModelManager {
         }
         versions
             .into_iter()
-            .map(|v| self.load_version(name, v, &config).map(Arc::new))
+            .map(|v| self.load_version(repo, name, v, &config).map(Arc::new))
             .collect()
     }
 
     fn load_version(
         &self,
+        repo: &Path,
         name: &str,
         version: i64,
         config: &ModelConfig,
@@ -359,7 +400,7 @@ impl ModelManager {
             model: name.to_string(),
             reason: format!("version {version}: {reason}"),
         };
-        let path = repository::model_file(&self.settings.repository, name, version, config)?;
+        let path = repository::model_file(repo, name, version, config)?;
         // Decrypted once for all instances; wiped when the last session plan drops it below.
         let decrypted = self.decrypt_if_encrypted(&path, name, version)?;
         let instances = instance_plan(config);
@@ -375,13 +416,14 @@ impl ModelManager {
         let graph = first.signature().map_err(|e| fail(e.to_string()))?;
         let config = autocomplete::autocomplete(name, config.clone(), &graph)?;
         validate::validate(name, &config, &graph)?;
-        let settings =
-            SchedulerSettings::from_config(&config, self.settings.default_max_queue_size).map_err(
-                |e| ModelError::InvalidConfig {
-                    model: name.to_string(),
-                    reason: e,
-                },
-            )?;
+        let settings = SchedulerSettings::from_config(
+            &without_sequence_batching(&config),
+            self.settings.default_max_queue_size,
+        )
+        .map_err(|e| ModelError::InvalidConfig {
+            model: name.to_string(),
+            reason: e,
+        })?;
         let mut executors: Vec<Box<dyn ModelExecutor>> = vec![Box::new(first)];
         for spec in settings.instances.iter().skip(1) {
             let (kind, device) = match spec.kind {
@@ -392,9 +434,17 @@ impl ModelManager {
                 .map_err(|e| fail(e.to_string()))?;
             executors.push(Box::new(executor));
         }
+        let labels = super::labels::read_output_labels(&repo.join(name), &config)?;
         let (inputs, outputs) = validate::io_specs(&config);
         let stats = Arc::new(ModelStats::new(name, &version.to_string()));
-        let scheduler = Scheduler::start(settings, executors, Arc::clone(&stats));
+        let (scheduler, sequence) = start_schedulers(
+            &config,
+            &graph,
+            settings,
+            executors,
+            &stats,
+            self.settings.default_max_queue_size,
+        )?;
         Ok(LoadedModel {
             name: name.to_string(),
             version,
@@ -403,6 +453,8 @@ impl ModelManager {
             outputs,
             scheduler,
             stats,
+            labels,
+            sequence,
         })
     }
 }
@@ -431,6 +483,51 @@ impl ModelManager {
             .map(Some)
             .map_err(|e| fail(e.to_string()))
     }
+}
+
+/// The dynamic batcher's settings read a sequence model as an unbatched one: its instances run
+/// in the sequence batcher instead.
+fn without_sequence_batching(config: &ModelConfig) -> ModelConfig {
+    use crate::proto::model_config::SchedulingChoice;
+    let mut config = config.clone();
+    if matches!(
+        config.scheduling_choice,
+        Some(SchedulingChoice::SequenceBatching(_))
+    ) {
+        config.scheduling_choice = None;
+    }
+    config
+}
+
+/// The dynamic batcher over the instances, or, for a sequence model, the sequence batcher over
+/// them beside a dynamic batcher that refuses what reaches it without sequence parameters.
+fn start_schedulers(
+    config: &ModelConfig,
+    graph: &super::GraphSignature,
+    settings: SchedulerSettings,
+    executors: Vec<Box<dyn ModelExecutor>>,
+    stats: &Arc<ModelStats>,
+    max_queue: usize,
+) -> Result<(Scheduler, Option<Arc<SequenceScheduler>>), ModelError> {
+    let invalid = |reason: String| ModelError::InvalidConfig {
+        model: config.name.clone(),
+        reason,
+    };
+    let Some(sequence) =
+        SequenceSettings::from_config(config, executors.len(), max_queue).map_err(invalid)?
+    else {
+        return Ok((
+            Scheduler::start(settings, executors, Arc::clone(stats)),
+            None,
+        ));
+    };
+    sequence.check_against_graph(graph).map_err(invalid)?;
+    let batcher = SequenceScheduler::start(sequence, executors, Arc::clone(stats))
+        .map_err(|e| invalid(format!("cannot start the sequence batcher: {e}")))?;
+    let refusing: Vec<Box<dyn ModelExecutor>> =
+        vec![Box::new(SequenceOnlyExecutor::new(&config.name))];
+    let scheduler = Scheduler::start(settings, refusing, Arc::clone(stats));
+    Ok((scheduler, Some(Arc::new(batcher))))
 }
 
 /// (kind, device) of each instance the config asks for; one CPU instance when it names none. The

@@ -6,7 +6,9 @@
 pub mod autocomplete;
 pub mod config_json;
 pub mod config_text;
+pub mod labels;
 pub mod manager;
+pub mod override_files;
 pub mod poll;
 pub mod repository;
 pub mod validate;

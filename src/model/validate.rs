@@ -165,13 +165,11 @@ fn check_identity(model: &str, config: &ModelConfig) -> Result<(), String> {
 /// Refusing them at load is better than serving something else than the config promises.
 fn check_unsupported_features(config: &ModelConfig) -> Result<(), String> {
     match &config.scheduling_choice {
-        Some(SchedulingChoice::SequenceBatching(_)) => {
-            return Err("sequence_batching is not supported (stateless models only)".into())
-        }
         Some(SchedulingChoice::EnsembleScheduling(_)) => {
             return Err("ensemble_scheduling is not supported".into())
         }
-        Some(SchedulingChoice::DynamicBatching(_)) | None => {}
+        Some(SchedulingChoice::DynamicBatching(_) | SchedulingChoice::SequenceBatching(_))
+        | None => {}
     }
     if !config.batch_input.is_empty() {
         return Err("batch_input is not supported".into());
@@ -219,11 +217,12 @@ fn check_inputs(config: &ModelConfig, graph: &GraphSignature) -> Result<(), Stri
         )?;
     }
     // Every graph input must be fed, so each needs a config entry (Triton: "configuration expects N
-    // inputs, model provides M").
+    // inputs, model provides M"); the sequence batcher feeds its control and state inputs itself.
+    let fed = crate::scheduler::sequence::settings::SequenceSettings::fed_inputs(config);
     if let Some(missing) = graph
         .inputs
         .iter()
-        .find(|t| !seen.contains(t.name.as_str()))
+        .find(|t| !seen.contains(t.name.as_str()) && !fed.contains(&t.name))
     {
         return Err(format!(
             "the model has input '{}' ({} {:?}) that the config does not list",
@@ -600,8 +599,8 @@ mod tests {
     use super::*;
     use crate::proto::model_instance_group::Kind;
     use crate::proto::{
-        DataType as C, ModelInstanceGroup, ModelQueuePolicy, ModelSequenceBatching,
-        ModelTensorReshape, ModelTransactionPolicy,
+        DataType as C, ModelInstanceGroup, ModelQueuePolicy, ModelTensorReshape,
+        ModelTransactionPolicy,
     };
 
     fn tensor(name: &str, dtype: DataType, dims: &[i64]) -> GraphTensor {
@@ -940,11 +939,6 @@ mod tests {
 
     #[test]
     fn unsupported_features_are_refused_clearly() {
-        let mut c = config();
-        c.scheduling_choice = Some(SchedulingChoice::SequenceBatching(
-            ModelSequenceBatching::default(),
-        ));
-        assert_refused(&c, &["sequence_batching is not supported"]);
         let mut c = config();
         c.model_transaction_policy = Some(ModelTransactionPolicy { decoupled: true });
         assert_refused(&c, &["decoupled"]);

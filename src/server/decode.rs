@@ -80,6 +80,8 @@ fn shm_error(tensor: &str, e: ShmError) -> RequestError {
 pub struct DecodedRequest {
     pub request: InferRequest,
     pub shm_outputs: HashMap<String, ShmOutput>,
+    /// Outputs asked for with Triton's `classification: N` parameter, with their N.
+    pub classifications: HashMap<String, usize>,
 }
 
 /// Decodes and validates a request against the model it was routed to.
@@ -89,6 +91,7 @@ pub fn decode_request(
     shm: &ShmRegistry,
 ) -> Result<DecodedRequest, RequestError> {
     let name = &model.name;
+    check_single_source(&req, name)?;
     check_input_names(&req, model)?;
     // raw_input_contents holds one entry per input that is not read from shared memory, in order.
     let inline_inputs = req
@@ -135,6 +138,7 @@ pub fn decode_request(
     }
     let requested_outputs = requested_outputs(&req, model)?;
     let shm_outputs = shm_outputs(&req, shm)?;
+    let classifications = super::classification::requested(&req.outputs)?;
     let (priority, timeout) = scheduling_parameters(&req.parameters)?;
     let request = InferRequest {
         id: req.id,
@@ -147,7 +151,26 @@ pub fn decode_request(
     Ok(DecodedRequest {
         request,
         shm_outputs,
+        classifications,
     })
+}
+
+/// Triton's first check, per input: typed `contents` and `raw_input_contents` exclude each other.
+fn check_single_source(req: &ModelInferRequest, model: &str) -> Result<(), RequestError> {
+    if req.raw_input_contents.is_empty() {
+        return Ok(());
+    }
+    let both = req
+        .inputs
+        .iter()
+        .find(|i| i.contents.is_some() && !i.parameters.contains_key("shared_memory_region"));
+    match both {
+        Some(input) => Err(invalid(format!(
+            "contents field must not be specified when using raw_input_contents for '{}' for model '{model}'",
+            input.name
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Output regions are resolved before the request is queued, so a wrong region fails up front.

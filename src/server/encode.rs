@@ -18,7 +18,7 @@ use crate::proto::{
 };
 use crate::scheduler::InferResponse;
 use crate::telemetry::stats::{DurationStat, FailureReason, ModelStats};
-use crate::tensor::{encode_length_prefixed, TensorData};
+use crate::tensor::{encode_length_prefixed, DataType, TensorData};
 
 /// Outputs as `raw_output_contents`, in the order the engine returned them. An output bound to a
 /// shared-memory region is written there and keeps an empty slot, so clients that find outputs by
@@ -55,7 +55,7 @@ pub fn infer_response(
             }
             None => raw.push(bytes),
         }
-        let shape = client_shape(model, &output.name, tensor.shape);
+        let shape = client_shape(model, &output.name, tensor.dtype, tensor.shape);
         outputs.push(InferOutputTensor {
             name: output.name,
             datatype: tensor.dtype.as_str().to_string(),
@@ -75,11 +75,12 @@ pub fn infer_response(
 }
 
 /// The shape the client sees: the inverse of the config's `reshape` on the non-batch dims.
-fn client_shape(model: &LoadedModel, name: &str, shape: Vec<i64>) -> Vec<i64> {
+fn client_shape(model: &LoadedModel, name: &str, dtype: DataType, shape: Vec<i64>) -> Vec<i64> {
     let Some(spec) = model.outputs.iter().find(|s| s.name == name) else {
         return shape;
     };
-    if spec.reshape.is_none() {
+    // A classification result (BYTES where the model gives scores) already has its client shape.
+    if spec.reshape.is_none() || spec.dtype != dtype {
         return shape;
     }
     if model.max_batch_size() > 0 && !shape.is_empty() {

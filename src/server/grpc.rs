@@ -18,16 +18,18 @@ use super::trace_context::parent_context_from_headers;
 use super::budget::Reservation;
 use super::decode::{decode_request, decoding_overhead, DecodedRequest};
 use super::encode::{infer_response, model_statistics, tensor_metadata};
+use super::model_control::{load_failure, load_override, LoadOverride};
 use super::state::ServerState;
 use crate::config::ModelControlMode;
 use crate::error::Error;
+use crate::model::override_files::OverrideDir;
 use crate::proto::grpc_inference_service_server::GrpcInferenceService;
 use crate::proto::repository_index_response::ModelIndex;
 use crate::proto::*;
 use crate::scheduler::SchedulerError;
 use crate::security::{Access, AuditEvent};
 use crate::telemetry::stats::FailureReason;
-use crate::tensor::names::{bounded_text, shown};
+use crate::tensor::names::bounded_text;
 
 /// Requests one stream may have in flight; more wait for a slot, which pushes back on the client
 /// through HTTP/2 flow control instead of growing memory.
@@ -50,6 +52,8 @@ const EXTENSIONS: &[&str] = &[
     "statistics",
     "schedule_policy",
     "parameters",
+    "classification",
+    "sequence",
 ];
 
 type StreamResult = Result<ModelStreamInferResponse, Status>;
@@ -62,6 +66,17 @@ async fn infer(
     request: ModelInferRequest,
     trace_parent: &opentelemetry::Context,
     reservation: Arc<Reservation>,
+) -> Result<ModelInferResponse, Error> {
+    infer_admitted(state, request, trace_parent, reservation, None).await
+}
+
+/// As `infer`; a sequence request drops `admitted` once it is queued or refused.
+async fn infer_admitted(
+    state: &ServerState,
+    request: ModelInferRequest,
+    trace_parent: &opentelemetry::Context,
+    reservation: Arc<Reservation>,
+    admitted: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> Result<ModelInferResponse, Error> {
     let arrived = Instant::now();
     let model = state
@@ -78,9 +93,16 @@ async fn infer(
     // Continue the caller's trace when it sent a W3C traceparent.
     let _ = span.set_parent(trace_parent.clone());
     async {
+        let control = match &model.sequence {
+            Some(_) => Some(super::sequence_params::sequence_control(
+                &request.parameters,
+            )?),
+            None => None,
+        };
         let DecodedRequest {
             request: decoded,
             shm_outputs,
+            classifications,
         } = match decode_request(request, &model, &state.shm) {
             Ok(d) => d,
             Err(e) => {
@@ -100,11 +122,24 @@ async fn infer(
         } else {
             1
         };
-        match model.scheduler.infer(decoded).await {
-            Ok(response) => {
+        let outcome = match (&model.sequence, control) {
+            (Some(sequence), Some(control)) => {
+                sequence.infer_admitted(decoded, control, admitted).await
+            }
+            _ => model.scheduler.infer(decoded).await,
+        };
+        match outcome {
+            Ok(mut response) => {
                 let timings = response.timings;
-                // Success only once the answer exists: writing an output region can still fail.
-                match infer_response(&model, id, response, &shm_outputs) {
+                // Success only once the answer exists: classifying or writing an output region
+                // can still fail.
+                let answer =
+                    super::classification::apply(&model, &mut response.outputs, &classifications)
+                        .map_err(Error::from)
+                        .and_then(|()| {
+                            infer_response(&model, id, response, &shm_outputs).map_err(Error::from)
+                        });
+                match answer {
                     Ok(answer) => {
                         model
                             .stats
@@ -115,7 +150,7 @@ async fn infer(
                         model
                             .stats
                             .record_failure(arrived.elapsed(), FailureReason::Other);
-                        Err(Error::from(e))
+                        Err(e)
                     }
                 }
             }
@@ -182,7 +217,7 @@ impl GrpcInferenceService for InferenceService {
             extensions.push("system_shared_memory".into());
         }
         Ok(Response::new(ServerMetadataResponse {
-            name: "onnx-gateway".into(),
+            name: self.state.server_name.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
             extensions,
         }))
@@ -253,6 +288,7 @@ impl GrpcInferenceService for InferenceService {
         let state = Arc::clone(&self.state);
         tokio::spawn(async move {
             let slots = Arc::new(Semaphore::new(STREAM_IN_FLIGHT));
+            let mut last_sequence_sent: Option<tokio::sync::oneshot::Receiver<()>> = None;
             loop {
                 let message = tokio::select! {
                     message = inbound.next() => message,
@@ -294,6 +330,18 @@ impl GrpcInferenceService for InferenceService {
                 }
                 let (state, tx, parent) = (Arc::clone(&state), tx.clone(), parent.clone());
                 let caller = caller.clone();
+                // Requests of a sequence must reach the sequence batcher in stream order: wait
+                // until each is queued before taking the next message.
+                let (admitted_tx, admitted_rx) = tokio::sync::oneshot::channel();
+                let in_order = request.parameters.contains_key("sequence_id");
+                // ...and their answers leave in that order too (a sequence's requests finish in
+                // order, but the tasks answering them may wake in any order).
+                let (sent_tx, sent_rx) = tokio::sync::oneshot::channel::<()>();
+                let previous_sent = if in_order {
+                    last_sequence_sent.replace(sent_rx)
+                } else {
+                    None
+                };
                 tokio::spawn(async move {
                     let echo = ModelInferRequest {
                         model_name: request.model_name.clone(),
@@ -303,10 +351,15 @@ impl GrpcInferenceService for InferenceService {
                     };
                     let allowed = stream_message_allowed(&state, caller.as_ref(), &echo.model_name);
                     let result = match allowed {
-                        Ok(()) => infer(&state, request, &parent, reservation)
-                            .await
-                            .map_err(|e| e.to_string()),
-                        Err(refusal) => Err(refusal),
+                        Ok(()) => {
+                            infer_admitted(&state, request, &parent, reservation, Some(admitted_tx))
+                                .await
+                                .map_err(|e| e.to_string())
+                        }
+                        Err(refusal) => {
+                            drop(admitted_tx);
+                            Err(refusal)
+                        }
                     };
                     let message = match result {
                         Ok(response) => ModelStreamInferResponse {
@@ -315,9 +368,16 @@ impl GrpcInferenceService for InferenceService {
                         },
                         Err(e) => stream_error(&echo, e),
                     };
+                    if let Some(previous) = previous_sent {
+                        let _ = previous.await;
+                    }
                     let _ = tx.send(Ok(message)).await;
+                    drop(sent_tx);
                     drop(permit);
                 });
+                if in_order {
+                    let _ = admitted_rx.await;
+                }
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -394,12 +454,27 @@ impl GrpcInferenceService for InferenceService {
         self.require_explicit_control()?;
         let caller = request.extensions().get::<Caller>().cloned();
         let r = request.into_inner();
-        let config = config_override(&r)?;
-        let result = self.state.models.load(&r.model_name, config).await;
+        let name = &r.model_name;
+        let LoadOverride { config, files } = load_override(&r)?;
+        let result = if files.is_empty() {
+            self.state.models.load(name, config).await
+        } else {
+            // The directory lives until the load has finished: the sessions hold what they read.
+            let dir = OverrideDir::create(name, &files).map_err(|e| {
+                Status::internal(format!(
+                    "failed to load '{name}', failed to poll from model repository: {e}"
+                ))
+            })?;
+            let source = dir.root().to_path_buf();
+            self.state
+                .models
+                .load_from(name, config, Some(source))
+                .await
+        };
         self.state.readiness.notify();
-        let line = audit_line(caller.as_ref(), "model_load", &result).model(&r.model_name);
+        let line = audit_line(caller.as_ref(), "model_load", &result).model(name);
         self.state.access.audit().record(line);
-        result.map_err(Error::from)?;
+        result.map_err(|e| load_failure(name, e))?;
         Ok(Response::new(RepositoryModelLoadResponse {}))
     }
 
@@ -479,12 +554,16 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(SystemSharedMemoryUnregisterResponse {}))
     }
 
+    /// No CUDA region can ever be registered here, so status lists none (or names the one asked
+    /// for as unknown), exactly as a CPU-only Triton answers.
     async fn cuda_shared_memory_status(
         &self,
         request: Request<CudaSharedMemoryStatusRequest>,
     ) -> Result<Response<CudaSharedMemoryStatusResponse>, Status> {
         self.allow(&request, Access::Admin)?;
-        Err(cuda_shm_unimplemented())
+        let r = request.into_inner();
+        super::cuda_shm::status(&r.name, &self.state.shm)?;
+        Ok(Response::new(CudaSharedMemoryStatusResponse::default()))
     }
 
     async fn cuda_shared_memory_register(
@@ -492,15 +571,19 @@ impl GrpcInferenceService for InferenceService {
         request: Request<CudaSharedMemoryRegisterRequest>,
     ) -> Result<Response<CudaSharedMemoryRegisterResponse>, Status> {
         self.allow(&request, Access::Admin)?;
-        Err(cuda_shm_unimplemented())
+        Err(super::cuda_shm::register_refused(
+            &request.into_inner().name,
+        ))
     }
 
+    /// Unregistering over no CUDA regions is a no-op that succeeds, as on a CPU-only Triton: the
+    /// shared-memory examples call it before they start.
     async fn cuda_shared_memory_unregister(
         &self,
         request: Request<CudaSharedMemoryUnregisterRequest>,
     ) -> Result<Response<CudaSharedMemoryUnregisterResponse>, Status> {
         self.allow(&request, Access::Admin)?;
-        Err(cuda_shm_unimplemented())
+        Ok(Response::new(CudaSharedMemoryUnregisterResponse {}))
     }
 
     async fn trace_setting(
@@ -574,42 +657,6 @@ impl InferenceService {
     }
 }
 
-/// Triton's `config` load parameter: a JSON ModelConfig that replaces config.pbtxt for this load.
-fn config_override(
-    r: &RepositoryModelLoadRequest,
-) -> Result<Option<crate::model::ModelConfig>, Status> {
-    use crate::proto::model_repository_parameter::ParameterChoice;
-    for key in r.parameters.keys() {
-        if key.starts_with("file:") {
-            return Err(Status::invalid_argument(format!(
-                "load parameter '{}': model file overrides are not supported; place the file in the repository",
-                shown(key)
-            )));
-        }
-        if key != "config" {
-            return Err(Status::invalid_argument(format!(
-                "unknown load parameter '{}'",
-                shown(key)
-            )));
-        }
-    }
-    match r
-        .parameters
-        .get("config")
-        .and_then(|p| p.parameter_choice.as_ref())
-    {
-        None => Ok(None),
-        Some(ParameterChoice::StringParam(json)) => {
-            crate::model::config_json::parse_config_json(&r.model_name, json)
-                .map(Some)
-                .map_err(|e| Status::invalid_argument(bounded_text(e.to_string())))
-        }
-        Some(_) => Err(Status::invalid_argument(
-            "load parameter 'config' must be a string holding JSON",
-        )),
-    }
-}
-
 /// Shared-memory registry errors as Triton reports them (ALREADY_EXISTS, NOT_FOUND, ...).
 fn shm_status(e: crate::shm::ShmError) -> Status {
     use crate::shm::ShmErrorKind as K;
@@ -659,10 +706,4 @@ fn stream_message_allowed(
         None if !state.access.is_enabled() => Ok(()),
         None => Err(crate::security::AuthError::Unauthenticated.to_string()),
     }
-}
-
-fn cuda_shm_unimplemented() -> Status {
-    Status::unimplemented(
-        "CUDA shared memory is not supported by this server; use system shared memory or inline tensors",
-    )
 }

@@ -99,6 +99,8 @@ pub struct ServerState {
     pub budget: Arc<crate::server::budget::MemoryBudget>,
     /// Who may call what (--auth-token-file, --auth-policy-file), and the audit log.
     pub access: Arc<crate::security::AccessControl>,
+    /// What ServerMetadata calls this server (`--server-name`).
+    pub server_name: String,
 }
 
 impl ServerState {

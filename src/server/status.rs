@@ -15,6 +15,9 @@ pub fn code_of(error: &Error) -> Code {
             | LookupError::NoReadyVersion(_),
         ) => Code::NotFound,
         Error::Lookup(LookupError::VersionNotReady(..)) => Code::Unavailable,
+        Error::Lookup(LookupError::InvalidVersion(_) | LookupError::NegativeVersion(_)) => {
+            Code::InvalidArgument
+        }
         Error::Scheduler(e) => match e {
             SchedulerError::QueueFull | SchedulerError::TimedOut | SchedulerError::ShuttingDown => {
                 Code::Unavailable

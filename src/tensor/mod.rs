@@ -2,6 +2,7 @@
 //! before it is queued. Knows nothing of gRPC or ONNX Runtime.
 pub mod batch;
 mod bytes_codec;
+pub mod classification;
 mod datatype;
 pub mod names;
 mod shape;

@@ -361,7 +361,9 @@ def test_explicit_names_cannot_leave_the_repository(gateway_factory, repo_copy, 
         assert refused.value.status() == "StatusCode.INVALID_ARGUMENT", name
     with pytest.raises(InferenceServerException) as missing:
         client.load_model("outside")
-    assert missing.value.status() == "StatusCode.NOT_FOUND"
+    # Triton's answer for a name the repository does not hold.
+    assert missing.value.status() == "StatusCode.INTERNAL"
+    assert "failed to load 'outside', failed to poll from model repository" in missing.value.message()
     assert str(repository) not in missing.value.message()
     assert client.is_server_ready()
     assert [m["name"] for m in client.get_model_repository_index(as_json=True)["models"]] == ["add_sub"]

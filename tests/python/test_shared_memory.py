@@ -384,12 +384,12 @@ def test_unregistering_while_requests_run_never_breaks_the_server(client, region
     _still_serving(client)
 
 
-def test_cuda_shared_memory_is_unimplemented(client):
+def test_cuda_shared_memory_register_is_unimplemented(client):
     handle = base64.b64encode(bytes(64))
     error = _expect_error("UNIMPLEMENTED", client.register_cuda_shared_memory, "cuda", handle, 0, 64)
     assert error.message()
-    _expect_error("UNIMPLEMENTED", client.get_cuda_shared_memory_status)
-    _expect_error("UNIMPLEMENTED", client.unregister_cuda_shared_memory)
+    # Status and unregister over no CUDA regions succeed, as on a CPU-only Triton (test_compat.py).
+    client.unregister_cuda_shared_memory()
 
 
 def test_with_client_shm_disabled_registration_is_refused(regions):
