@@ -4,8 +4,10 @@
 //! ModelConfig is the schema of `config.pbtxt` files, so this module uses the type generated from
 //! proto/model_config.proto; the request/response messages of grpc_service.proto stay in `server`.
 pub mod autocomplete;
+pub mod bounds;
 pub mod config_json;
 pub mod config_text;
+pub mod instance_plan;
 pub mod manager;
 pub mod poll;
 pub mod repository;
@@ -47,6 +49,12 @@ pub enum ModelError {
     /// No such model in the repository, or (unloading) none loaded under that name.
     #[error("{model}: {reason}")]
     NotFound { model: String, reason: String },
+    /// The load ran past `--model-load-timeout-secs`; it stops building and installs nothing.
+    #[error("{model}: the load did not finish within --model-load-timeout-secs ({seconds} s)")]
+    LoadTimedOut { model: String, seconds: u64 },
+    /// The load was stopped before it finished (the server is shutting down).
+    #[error("{model}: load cancelled: {reason}")]
+    LoadCancelled { model: String, reason: String },
 }
 
 /// Converts a config datatype (`TYPE_FP32`, ...) to the protocol datatype; None for TYPE_INVALID.

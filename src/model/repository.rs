@@ -198,13 +198,14 @@ pub fn model_file(
         config.default_model_filename.as_str()
     };
     if validate_model_name(filename).is_err() {
-        return Err(repo_error(
-            name,
-            format!(
-                "default_model_filename '{}' must be a plain file name in the version directory",
+        // The config asked for it, so it is the config that is invalid (INVALID_ARGUMENT).
+        return Err(ModelError::InvalidConfig {
+            model: name.to_string(),
+            reason: format!(
+                "default_model_filename '{}' must be a plain file name inside the model's version directory",
                 filename.escape_debug()
             ),
-        ));
+        });
     }
     let version_dir = repo.join(name).join(version.to_string());
     if !is_dir(&version_dir) {

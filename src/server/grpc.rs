@@ -309,6 +309,7 @@ impl GrpcInferenceService for InferenceService {
             .state
             .models
             .index()
+            .await
             .into_iter()
             .filter(|e| !r.ready || e.state == crate::model::manager::ModelState::Ready)
             .map(|e| ModelIndex {

@@ -30,6 +30,8 @@ pub fn code_of(error: &Error) -> Code {
             ModelError::Repository { .. } => Code::Internal,
             ModelError::InvalidName { .. } => Code::InvalidArgument,
             ModelError::NotFound { .. } => Code::NotFound,
+            ModelError::LoadTimedOut { .. } => Code::DeadlineExceeded,
+            ModelError::LoadCancelled { .. } => Code::Unavailable,
         },
         Error::Unimplemented(_) => Code::Unimplemented,
         Error::ShuttingDown => Code::Unavailable,
