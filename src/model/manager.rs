@@ -208,10 +208,12 @@ impl ModelManager {
             }
             Err(_) => {
                 cancel.timed_out.store(true, Ordering::Release);
+                let model = name.to_string();
                 tokio::spawn(async move {
                     // Whatever it built is dropped with its result.
                     let _ = build.await;
                     drop(guard);
+                    tracing::info!(model = %model, "timed-out load stopped; nothing was installed");
                 });
                 Err(ModelError::LoadTimedOut {
                     model: name.to_string(),

@@ -52,7 +52,9 @@ impl SchedulerSettings {
     ) -> Result<SchedulerSettings, String> {
         let max_batch_size = usize::try_from(config.max_batch_size)
             .map_err(|_| format!("max_batch_size {} is negative", config.max_batch_size))?;
-        let default_max_queue = default_max_queue.max(1);
+        // Capped like a config's own max_queue_size, so the queue channel can always be built.
+        let default_max_queue =
+            default_max_queue.clamp(1, crate::model::bounds::MAX_QUEUE_SIZE as usize);
         let (policy, preserve_ordering) = match &config.scheduling_choice {
             None => (PolicyConfig::unbatched(default_max_queue), false),
             Some(SchedulingChoice::DynamicBatching(db)) => (
