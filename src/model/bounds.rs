@@ -338,7 +338,7 @@ mod tests {
             max_queue_size: MAX_QUEUE_SIZE as u32,
             ..Default::default()
         };
-        db.priority_queue_policy.insert(1, half.clone());
+        db.priority_queue_policy.insert(1, half);
         db.priority_queue_policy.insert(2, half);
         refused(&batching(db), &["sum of dynamic_batching max_queue_size"]);
         let levels = ModelDynamicBatching {
@@ -350,12 +350,14 @@ mod tests {
 
     #[test]
     fn instance_counts_are_bounded_by_the_flag() {
-        let mut config = ModelConfig::default();
-        config.instance_group = vec![ModelInstanceGroup {
-            kind: Kind::Cpu as i32,
-            count: 100_000,
+        let mut config = ModelConfig {
+            instance_group: vec![ModelInstanceGroup {
+                kind: Kind::Cpu as i32,
+                count: 100_000,
+                ..Default::default()
+            }],
             ..Default::default()
-        }];
+        };
         refused(
             &config,
             &[
