@@ -174,8 +174,11 @@ impl ModelManager {
             .or_default()
             .loading = true;
         let started = Instant::now();
-        let result = self.build_with_timeout(name, config_override, guard).await;
-        self.install(name, result, started)
+        let (result, guard) = self.build_with_timeout(name, config_override, guard).await;
+        let installed = self.install(name, result, started);
+        // Released only now: an unload waiting for this load must find what it installed.
+        drop(guard);
+        installed
     }
 
     /// Builds the versions off the reactor, bounded by the load timeout. A load that times out is
@@ -186,7 +189,10 @@ impl ModelManager {
         name: &str,
         config_override: Option<ModelConfig>,
         guard: tokio::sync::OwnedMutexGuard<()>,
-    ) -> Result<Vec<Arc<LoadedModel>>, ModelError> {
+    ) -> (
+        Result<Vec<Arc<LoadedModel>>, ModelError>,
+        Option<tokio::sync::OwnedMutexGuard<()>>,
+    ) {
         let cancel = LoadCancel {
             timed_out: Arc::new(AtomicBool::new(false)),
             stopping: Arc::clone(&self.stopping),
@@ -200,11 +206,13 @@ impl ModelManager {
         let timeout = self.settings.load_timeout;
         match tokio::time::timeout(timeout, &mut build).await {
             Ok(joined) => {
-                drop(guard);
-                joined.map_err(|e| ModelError::Repository {
-                    model: name.to_string(),
-                    reason: format!("load task failed: {e}"),
-                })?
+                let built = joined
+                    .map_err(|e| ModelError::Repository {
+                        model: name.to_string(),
+                        reason: format!("load task failed: {e}"),
+                    })
+                    .and_then(|r| r);
+                (built, Some(guard))
             }
             Err(_) => {
                 cancel.timed_out.store(true, Ordering::Release);
@@ -215,10 +223,11 @@ impl ModelManager {
                     drop(guard);
                     tracing::info!(model = %model, "timed-out load stopped; nothing was installed");
                 });
-                Err(ModelError::LoadTimedOut {
+                let error = ModelError::LoadTimedOut {
                     model: name.to_string(),
                     seconds: timeout.as_secs(),
-                })
+                };
+                (Err(error), None)
             }
         }
     }
