@@ -103,7 +103,20 @@ impl Scheduler {
             timer: PreciseTimer::start(format!("{}-timer", shared.settings.model)),
             ctx,
         };
-        tokio::spawn(batcher.run(finished_tx));
+        let batcher = tokio::spawn(batcher.run(finished_tx));
+        // A panic in the batcher itself must not leave a model that looks ready and refuses every
+        // request: its callers were answered as their responders dropped; the model is marked.
+        let watched = Arc::clone(&shared);
+        tokio::spawn(async move {
+            if let Err(error) = batcher.await {
+                if error.is_panic() {
+                    let reason = "the batcher stopped after a panic".to_string();
+                    tracing::error!(model = %watched.settings.model, %reason, "model scheduler lost");
+                    watched.failure.lock().get_or_insert(reason);
+                    watched.stopping.store(true, Ordering::Release);
+                }
+            }
+        });
         Scheduler {
             shared,
             requests,
