@@ -462,9 +462,12 @@ mod tests {
                 default_model_filename: escape.into(),
                 ..Default::default()
             };
-            let err = model_file(r.path(), "alpha", 1, &config)
-                .unwrap_err()
-                .to_string();
+            let err = model_file(r.path(), "alpha", 1, &config).unwrap_err();
+            assert!(
+                matches!(err, ModelError::InvalidConfig { .. }),
+                "{escape}: {err}"
+            );
+            let err = err.to_string();
             assert!(err.contains("plain file name"), "{escape}: {err}");
         }
         assert!(model_file(r.path(), "../alpha", 1, &default).is_err());

@@ -373,6 +373,35 @@ mod tests {
     }
 
     #[test]
+    fn a_released_sequence_number_lets_later_batches_through() {
+        let stats = Arc::new(ModelStats::new("m", "1"));
+        let orderer = Orderer::default();
+        let (r1, mut rx1) = responder(&stats);
+        orderer.deliver(1, vec![(r1, Err(SchedulerError::TimedOut))]);
+        assert!(rx1.try_recv().is_err(), "batch 1 waits for batch 0");
+        // Batch 0 panicked: its callers were answered as it unwound; its place is released empty.
+        orderer.deliver(0, Vec::new());
+        assert!(rx1.try_recv().is_ok());
+        // A late delivery for a released place is answered at once, never held forever.
+        let (late, mut rx_late) = responder(&stats);
+        orderer.deliver(0, vec![(late, Err(SchedulerError::TimedOut))]);
+        assert!(rx_late.try_recv().is_ok());
+        assert!(orderer.state.lock().held.is_empty());
+    }
+
+    #[test]
+    fn a_responder_dropped_unanswered_tells_its_caller_why() {
+        let stats = Arc::new(ModelStats::new("m", "1"));
+        let (r, mut rx) = responder(&stats);
+        drop(r);
+        match rx.try_recv() {
+            Ok(Err(SchedulerError::Execute(e))) => assert!(e.0.contains("model instance failed")),
+            other => panic!("expected an execution error, got {other:?}"),
+        }
+        assert_eq!(stats.pending.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
+
+    #[test]
     fn outputs_are_filtered_in_requested_order() {
         use crate::tensor::{DataType, Tensor, TensorData};
         let t = |name: &str| NamedTensor {
