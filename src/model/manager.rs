@@ -166,7 +166,15 @@ impl ModelManager {
         let lock = self
             .lifecycle_lock(name, true)
             .ok_or_else(|| cancelled(name))?;
-        let guard = lock.lock_owned().await;
+        // Waiting behind another load of the model counts against this load's timeout too, so a
+        // caller never waits unbounded behind a build that will not finish.
+        let timeout = self.settings.load_timeout;
+        let deadline = tokio::time::Instant::now()
+            .checked_add(timeout)
+            .ok_or_else(|| self.timed_out(name))?;
+        let guard = tokio::time::timeout_at(deadline, lock.lock_owned())
+            .await
+            .map_err(|_| self.timed_out(name))?;
         self.refuse_when_stopping(name)?;
         self.models
             .write()
@@ -174,7 +182,9 @@ impl ModelManager {
             .or_default()
             .loading = true;
         let started = Instant::now();
-        let (result, guard) = self.build_with_timeout(name, config_override, guard).await;
+        let (result, guard) = self
+            .build_with_timeout(name, config_override, guard, deadline)
+            .await;
         let installed = self.install(name, result, started);
         // Released only now: an unload waiting for this load must find what it installed.
         drop(guard);
@@ -189,6 +199,7 @@ impl ModelManager {
         name: &str,
         config_override: Option<ModelConfig>,
         guard: tokio::sync::OwnedMutexGuard<()>,
+        deadline: tokio::time::Instant,
     ) -> (
         Result<Vec<Arc<LoadedModel>>, ModelError>,
         Option<tokio::sync::OwnedMutexGuard<()>>,
@@ -203,8 +214,7 @@ impl ModelManager {
         let mut build = tokio::task::spawn_blocking(move || {
             this.load_versions_blocking(&model, config_override, &task_cancel)
         });
-        let timeout = self.settings.load_timeout;
-        match tokio::time::timeout(timeout, &mut build).await {
+        match tokio::time::timeout_at(deadline, &mut build).await {
             Ok(joined) => {
                 let built = joined
                     .map_err(|e| ModelError::Repository {
@@ -223,11 +233,7 @@ impl ModelManager {
                     drop(guard);
                     tracing::info!(model = %model, "timed-out load stopped; nothing was installed");
                 });
-                let error = ModelError::LoadTimedOut {
-                    model: name.to_string(),
-                    seconds: timeout.as_secs(),
-                };
-                (Err(error), None)
+                (Err(self.timed_out(name)), None)
             }
         }
     }
@@ -326,6 +332,13 @@ impl ModelManager {
         let lock = Arc::new(tokio::sync::Mutex::new(()));
         locks.insert(name.to_string(), Arc::clone(&lock));
         Some(lock)
+    }
+
+    fn timed_out(&self, name: &str) -> ModelError {
+        ModelError::LoadTimedOut {
+            model: name.to_string(),
+            seconds: self.settings.load_timeout.as_secs(),
+        }
     }
 
     fn refuse_when_stopping(&self, name: &str) -> Result<(), ModelError> {
