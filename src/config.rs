@@ -69,6 +69,15 @@ pub struct ModelArgs {
         default_value_t = 4096
     )]
     pub default_max_queue_size: usize,
+    /// Most instances (ONNX Runtime sessions) one model version may build over all its instance
+    /// groups; a config asking for more fails to load with INVALID_ARGUMENT. Default: 4 per core of
+    /// the CPU budget (cgroup quota or available cores).
+    #[arg(long, env = "ONNX_GATEWAY_MAX_INSTANCES_PER_MODEL", value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub max_instances_per_model: Option<u64>,
+    /// Seconds a model load may take; a load still building then fails (DEADLINE_EXCEEDED for a
+    /// RepositoryModelLoad), stops building instances, and the previous version keeps serving.
+    #[arg(long, env = "ONNX_GATEWAY_MODEL_LOAD_TIMEOUT_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub model_load_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -13,6 +13,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tower::layer::util::{Identity as NoLayer, Stack};
 
 use crate::config::{Config, GrpcArgs, ModelControlMode, TlsArgs};
+use crate::model::bounds::ConfigLimits;
 use crate::model::manager::{ManagerSettings, ModelManager};
 use crate::model::poll;
 use crate::proto::grpc_inference_service_server::GrpcInferenceServiceServer;
@@ -129,6 +130,13 @@ impl Gateway {
             ModelManager::new(ManagerSettings {
                 repository: config.models.model_repository.clone(),
                 default_max_queue_size: config.models.default_max_queue_size,
+                limits: ConfigLimits {
+                    max_instances_per_model: config
+                        .models
+                        .max_instances_per_model
+                        .map_or_else(ConfigLimits::default_max_instances, |n| n as usize),
+                },
+                load_timeout: Duration::from_secs(config.models.model_load_timeout_secs),
             })
             .with_model_keys(security::setup::model_keys(&config.security)?),
         );
@@ -266,6 +274,9 @@ impl Gateway {
             "shutdown requested: readiness off, draining"
         );
         state.readiness.mark_draining();
+        // Loads in progress stop building instances now, so neither the drain nor the exit waits
+        // for a load that could take minutes.
+        state.models.stop_loading();
         // Keep serving while load balancers notice the readiness change; then stop accepting.
         tokio::time::sleep(delay).await;
         let exit_timeout = Duration::from_secs(config.lifecycle.exit_timeout_secs);
@@ -311,7 +322,7 @@ pub async fn run(
 /// Startup loading per the model control mode: everything (none, poll) or the --load-model names
 /// (explicit, `*` meaning all).
 async fn load_models(config: &Config, state: &Arc<ServerState>) -> anyhow::Result<()> {
-    let available = state.models.repository_models()?;
+    let available = state.models.repository_models().await?;
     let names = match config.models.model_control_mode {
         ModelControlMode::Explicit if !config.models.load_models.iter().any(|m| m == "*") => {
             config.models.load_models.clone()
@@ -344,21 +355,21 @@ async fn poll_repository(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let repo = state.models.repository().to_path_buf();
-    let names = state.models.repository_models().unwrap_or_default();
-    let mut before = poll::scan(&repo, &names);
+    let names = state.models.repository_models().await.unwrap_or_default();
+    let mut before = scan_off_reactor(&repo, names).await;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        let names = match state.models.repository_models() {
+        let names = match state.models.repository_models().await {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(error = %e, "repository scan failed");
                 continue;
             }
         };
-        let after = poll::scan(&repo, &names);
+        let after = scan_off_reactor(&repo, names).await;
         let changes = poll::diff(&before, &after);
         for name in changes.added.iter().chain(&changes.changed) {
             tracing::info!(model = %name, "repository change detected: loading");
@@ -379,6 +390,14 @@ async fn poll_repository(
         state.readiness.notify();
         before = after;
     }
+}
+
+/// Fingerprints the repository on the blocking pool (it reads every model directory).
+async fn scan_off_reactor(repo: &Path, names: Vec<String>) -> poll::Scan {
+    let repo = repo.to_path_buf();
+    tokio::task::spawn_blocking(move || poll::scan(&repo, &names))
+        .await
+        .unwrap_or_default()
 }
 
 /// The gRPC listeners: TCP (TLS when configured) and optionally a Unix socket, serving the same

@@ -35,7 +35,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         // Registered before anything else, so a SIGTERM at any point (even during model loading)
         // starts the drain instead of killing the process.
         let shutdown = match shutdown_signal() {
@@ -70,7 +70,11 @@ fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         }
-    })
+    });
+    // `run` has drained within --exit-timeout-secs; a session build still running on the
+    // blocking pool (it cannot be interrupted) must not hold the exit.
+    runtime.shutdown_background();
+    code
 }
 
 /// Installs the SIGTERM and SIGINT handlers now; the future resolves on either.

@@ -60,6 +60,7 @@ fn manager(repo: &Path) -> Arc<ModelManager> {
     Arc::new(ModelManager::new(ManagerSettings {
         repository: repo.to_path_buf(),
         default_max_queue_size: 64,
+        ..ManagerSettings::default()
     }))
 }
 
@@ -187,7 +188,7 @@ async fn a_misspelt_load_leaves_nothing_behind() {
         models.all_ready(),
         "a load of nothing must not hold readiness down"
     );
-    assert!(models.index().iter().all(|row| row.name == "add_sub"));
+    assert!(models.index().await.iter().all(|row| row.name == "add_sub"));
     models.shutdown().await;
 }
 

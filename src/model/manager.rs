@@ -1,21 +1,21 @@
 //! The set of loaded models: loading a model's versions from the repository (session per instance,
 //! auto-complete, validation, scheduler), lookups for requests, the repository index, readiness.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
+use super::bounds::{self, ConfigLimits};
 use super::validate::TensorSpec;
-use super::{autocomplete, repository, validate, ModelConfig, ModelError};
-use crate::proto::model_instance_group::Kind as InstanceKind;
+use super::{autocomplete, instance_plan, repository, validate, ModelConfig, ModelError};
+use crate::proto::model_instance_group::Kind as GroupKind;
 use crate::runtime::{cpu_budget, OrtExecutor, SessionPlan};
 use crate::scheduler::sequence::settings::SequenceSettings;
 use crate::scheduler::sequence::{SequenceOnlyExecutor, SequenceScheduler};
-use crate::scheduler::{
-    InstanceKind as SchedInstanceKind, ModelExecutor, Scheduler, SchedulerSettings,
-};
+use crate::scheduler::{InstanceKind, InstanceSpec, ModelExecutor, Scheduler, SchedulerSettings};
 use crate::security::model_crypto::{decrypt_model_file, KeyRing, PlaintextModel};
 use crate::telemetry::stats::ModelStats;
 
@@ -115,14 +115,42 @@ struct ModelSlot {
 pub struct ManagerSettings {
     pub repository: PathBuf,
     pub default_max_queue_size: usize,
+    /// Bounds on config values (instances per model, ...), checked before a load builds anything.
+    pub limits: ConfigLimits,
+    /// A load still building after this long fails (`--model-load-timeout-secs`).
+    pub load_timeout: Duration,
+}
+
+/// `--model-load-timeout-secs` when not set.
+pub const DEFAULT_LOAD_TIMEOUT: Duration = Duration::from_secs(600);
+
+impl Default for ManagerSettings {
+    fn default() -> Self {
+        Self {
+            repository: PathBuf::new(),
+            default_max_queue_size: crate::scheduler::DEFAULT_MAX_QUEUE,
+            limits: ConfigLimits::default(),
+            load_timeout: DEFAULT_LOAD_TIMEOUT,
+        }
+    }
 }
 
 /// Owns every loaded model. Cheap lookups for the request path (one read lock, an Arc clone).
+///
+/// Load, reload and unload of one model are serialized by that model's lifecycle lock, so an
+/// unload cannot race a load (the load would resurrect the model) and two loads never build
+/// sessions at once. The `models` lock is only ever held for map updates, never across file-system
+/// work or session building.
 pub struct ModelManager {
     settings: ManagerSettings,
     models: RwLock<BTreeMap<String, ModelSlot>>,
     /// Keys for encrypted model files (`--model-key-file`); empty unless given.
     model_keys: Arc<KeyRing>,
+    /// One lifecycle lock per model name that has been loaded (names are validated and their
+    /// directories exist, so the map is bounded by the repository).
+    lifecycle: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Set by `shutdown`: loads stop building instances and install nothing.
+    stopping: Arc<AtomicBool>,
 }
 
 impl ModelManager {
@@ -131,6 +159,8 @@ impl ModelManager {
             settings,
             models: RwLock::new(BTreeMap::new()),
             model_keys: Arc::new(KeyRing::default()),
+            lifecycle: Mutex::new(HashMap::new()),
+            stopping: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -144,13 +174,16 @@ impl ModelManager {
         &self.settings.repository
     }
 
-    /// Names of the models in the repository directory.
-    pub fn repository_models(&self) -> Result<Vec<String>, ModelError> {
-        repository::list_models(&self.settings.repository)
+    /// Names of the models in the repository directory (read off the reactor).
+    pub async fn repository_models(&self) -> Result<Vec<String>, ModelError> {
+        let repo = self.settings.repository.clone();
+        blocking(move || repository::list_models(&repo)).await?
     }
 
     /// Loads (or reloads) every selected version of `name`. On failure the model's previous versions
     /// keep serving and the failure is recorded for the index; the error is returned to the caller.
+    /// Waits for any load or unload of the same model in progress; fails after the load timeout,
+    /// and stops building instances when the server shuts down.
     pub async fn load(
         self: &Arc<Self>,
         name: &str,
@@ -169,29 +202,101 @@ impl ModelManager {
     ) -> Result<(), ModelError> {
         repository::validate_model_name(name)?;
         let source = source.unwrap_or_else(|| self.settings.repository.clone());
-        if !repository::model_dir_exists(&source, name) {
+        let (repo, model) = (source.clone(), name.to_string());
+        if !blocking(move || repository::model_dir_exists(&repo, &model)).await? {
             // Recorded nowhere: a misspelt load request must not leave a failed model behind that
             // holds strict readiness down.
             return Err(repository::not_found(name));
         }
+        let lock = self
+            .lifecycle_lock(name, true)
+            .ok_or_else(|| cancelled(name))?;
+        // Waiting behind another load of the model counts against this load's timeout too, so a
+        // caller never waits unbounded behind a build that will not finish.
+        let timeout = self.settings.load_timeout;
+        let deadline = tokio::time::Instant::now()
+            .checked_add(timeout)
+            .ok_or_else(|| self.timed_out(name))?;
+        let guard = tokio::time::timeout_at(deadline, lock.lock_owned())
+            .await
+            .map_err(|_| self.timed_out(name))?;
+        self.refuse_when_stopping(name)?;
         self.models
             .write()
             .entry(name.to_string())
             .or_default()
             .loading = true;
         let started = Instant::now();
+        let (result, guard) = self
+            .build_with_timeout(name, source, config_override, guard, deadline)
+            .await;
+        let installed = self.install(name, result, started);
+        // Released only now: an unload waiting for this load must find what it installed.
+        drop(guard);
+        installed
+    }
+
+    /// Builds the versions off the reactor, bounded by the load timeout. A load that times out is
+    /// told to stop; it keeps the model's lifecycle lock until its current session is built, so the
+    /// next load or unload of the model never overlaps it.
+    async fn build_with_timeout(
+        self: &Arc<Self>,
+        name: &str,
+        source: PathBuf,
+        config_override: Option<ModelConfig>,
+        guard: tokio::sync::OwnedMutexGuard<()>,
+        deadline: tokio::time::Instant,
+    ) -> (
+        Result<Vec<Arc<LoadedModel>>, ModelError>,
+        Option<tokio::sync::OwnedMutexGuard<()>>,
+    ) {
+        let cancel = LoadCancel {
+            timed_out: Arc::new(AtomicBool::new(false)),
+            stopping: Arc::clone(&self.stopping),
+        };
         let this = Arc::clone(self);
         let model = name.to_string();
-        let result = tokio::task::spawn_blocking(move || {
-            this.load_versions_blocking(&source, &model, config_override)
-        })
-        .await
-        .map_err(|e| ModelError::Repository {
-            model: name.to_string(),
-            reason: format!("load task failed: {e}"),
-        })
-        .and_then(|r| r);
+        let task_cancel = cancel.clone();
+        let mut build = tokio::task::spawn_blocking(move || {
+            this.load_versions_blocking(&source, &model, config_override, &task_cancel)
+        });
+        match tokio::time::timeout_at(deadline, &mut build).await {
+            Ok(joined) => {
+                let built = joined
+                    .map_err(|e| ModelError::Repository {
+                        model: name.to_string(),
+                        reason: format!("load task failed: {e}"),
+                    })
+                    .and_then(|r| r);
+                (built, Some(guard))
+            }
+            Err(_) => {
+                cancel.timed_out.store(true, Ordering::Release);
+                let model = name.to_string();
+                tokio::spawn(async move {
+                    // Whatever it built is dropped with its result.
+                    let _ = build.await;
+                    drop(guard);
+                    tracing::info!(model = %model, "timed-out load stopped; nothing was installed");
+                });
+                (Err(self.timed_out(name)), None)
+            }
+        }
+    }
+
+    /// Swaps the built versions in (or records the failure). Nothing is installed once the server
+    /// is shutting down: the drain has already taken the models it will finish.
+    fn install(
+        &self,
+        name: &str,
+        result: Result<Vec<Arc<LoadedModel>>, ModelError>,
+        started: Instant,
+    ) -> Result<(), ModelError> {
         let mut models = self.models.write();
+        let result = match result {
+            Ok(_) if self.stopping.load(Ordering::Acquire) => Err(cancelled(name)),
+            other => other,
+        };
         let slot = models.entry(name.to_string()).or_default();
         slot.loading = false;
         match result {
@@ -222,31 +327,36 @@ impl ModelManager {
     }
 
     /// Stops serving `name`: new requests get NOT_FOUND/UNAVAILABLE; requests already accepted finish.
+    /// Waits for a load of the same model in progress, then unloads what it installed.
     pub async fn unload(&self, name: &str) -> Result<(), ModelError> {
+        let not_loaded = || ModelError::NotFound {
+            model: name.to_string(),
+            reason: "model is not loaded".into(),
+        };
+        let lock = self.lifecycle_lock(name, false).ok_or_else(not_loaded)?;
+        let _guard = lock.lock().await;
         let slot = self.models.write().remove(name);
-        match slot {
-            Some(slot) => {
-                for model in slot.versions.into_values() {
-                    model.scheduler.shutdown().await;
-                    if let Some(sequence) = &model.sequence {
-                        sequence.shutdown().await;
-                    }
-                    if let Some(sequence) = &model.sequence {
-                        sequence.shutdown().await;
-                    }
-                    tracing::info!(model = %name, version = model.version, "model unloaded");
-                }
-                Ok(())
+        let slot = slot.ok_or_else(not_loaded)?;
+        for model in slot.versions.into_values() {
+            model.scheduler.shutdown().await;
+            if let Some(sequence) = &model.sequence {
+                sequence.shutdown().await;
             }
-            None => Err(ModelError::NotFound {
-                model: name.to_string(),
-                reason: "model is not loaded".into(),
-            }),
+            tracing::info!(model = %name, version = model.version, "model unloaded");
         }
+        Ok(())
     }
 
-    /// Finishes all accepted work of every model and stops their workers.
+    /// Makes loads in progress stop before their next instance and install nothing, and refuses
+    /// new loads. Serving models are untouched (see `shutdown`).
+    pub fn stop_loading(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    /// Finishes all accepted work of every model and stops their workers. Loads in progress stop
+    /// building instances and install nothing.
     pub async fn shutdown(&self) {
+        self.stop_loading();
         let slots = std::mem::take(&mut *self.models.write());
         for (_, slot) in slots {
             for model in slot.versions.into_values() {
@@ -255,7 +365,41 @@ impl ModelManager {
         }
     }
 
-    /// The model version a request names; an empty version means the latest ready one.
+    /// The model's lifecycle lock; created only when `create` (a load of an existing directory)
+    /// or when the model is known, so unknown names never grow the map. None once stopping.
+    fn lifecycle_lock(&self, name: &str, create: bool) -> Option<Arc<tokio::sync::Mutex<()>>> {
+        let mut locks = self.lifecycle.lock();
+        if let Some(lock) = locks.get(name) {
+            return Some(Arc::clone(lock));
+        }
+        if !create && !self.models.read().contains_key(name) {
+            return None;
+        }
+        if create && self.stopping.load(Ordering::Acquire) {
+            return None;
+        }
+        let lock = Arc::new(tokio::sync::Mutex::new(()));
+        locks.insert(name.to_string(), Arc::clone(&lock));
+        Some(lock)
+    }
+
+    fn timed_out(&self, name: &str) -> ModelError {
+        ModelError::LoadTimedOut {
+            model: name.to_string(),
+            seconds: self.settings.load_timeout.as_secs(),
+        }
+    }
+
+    fn refuse_when_stopping(&self, name: &str) -> Result<(), ModelError> {
+        if self.stopping.load(Ordering::Acquire) {
+            Err(cancelled(name))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The model version a request names; an empty version means the latest ready one. A version
+    /// whose instances have all failed is not ready.
     pub fn get(&self, name: &str, version: &str) -> Result<Arc<LoadedModel>, LookupError> {
         let models = self.models.read();
         let slot = models
@@ -265,12 +409,19 @@ impl ModelManager {
             return slot
                 .versions
                 .values()
-                .next_back()
+                .rev()
+                .find(|m| m.scheduler.failure().is_none())
                 .cloned()
                 .ok_or_else(|| LookupError::NoReadyVersion(name.to_string()));
         }
         let number = parse_version_string(version)?;
         if let Some(model) = slot.versions.get(&number) {
+            if model.scheduler.failure().is_some() {
+                return Err(LookupError::VersionNotReady(
+                    name.to_string(),
+                    version.to_string(),
+                ));
+            }
             return Ok(Arc::clone(model));
         }
         if slot.failures.contains_key(&Some(number)) || slot.loading {
@@ -295,16 +446,19 @@ impl ModelManager {
     /// must not take the whole server out of its load balancer (startup loading is covered by the
     /// startup latch instead).
     pub fn all_ready(&self) -> bool {
-        self.models
-            .read()
-            .values()
-            .all(|s| s.failures.is_empty() && (s.loading || !s.versions.is_empty()))
+        self.models.read().values().all(|s| {
+            s.failures.is_empty()
+                && (s.loading || !s.versions.is_empty())
+                && s.versions.values().all(|m| m.scheduler.failure().is_none())
+        })
     }
 
-    /// Rows for RepositoryIndex: every model in the repository, loaded or not.
-    pub fn index(&self) -> Vec<IndexEntry> {
+    /// Rows for RepositoryIndex: every model in the repository, loaded or not. The directory is
+    /// read off the reactor, before the models lock is taken.
+    pub async fn index(&self) -> Vec<IndexEntry> {
+        let listed = self.repository_models().await.unwrap_or_default();
         let models = self.models.read();
-        let mut names: Vec<String> = self.repository_models().unwrap_or_default();
+        let mut names = listed;
         for name in models.keys() {
             if !names.contains(name) {
                 names.push(name.clone());
@@ -313,39 +467,14 @@ impl ModelManager {
         names.sort();
         let mut rows = Vec::new();
         for name in names {
-            let Some(slot) = models.get(&name) else {
-                rows.push(IndexEntry {
+            match models.get(&name) {
+                Some(slot) => rows.extend(slot_rows(&name, slot)),
+                None => rows.push(IndexEntry {
                     name,
                     version: String::new(),
                     state: ModelState::Unavailable,
                     reason: "unloaded".into(),
-                });
-                continue;
-            };
-            for version in slot.versions.keys() {
-                rows.push(IndexEntry {
-                    name: name.clone(),
-                    version: version.to_string(),
-                    state: ModelState::Ready,
-                    reason: String::new(),
-                });
-            }
-            for (version, reason) in &slot.failures {
-                let version = version.map(|v| v.to_string()).unwrap_or_default();
-                rows.push(IndexEntry {
-                    name: name.clone(),
-                    version,
-                    state: ModelState::Unavailable,
-                    reason: reason.clone(),
-                });
-            }
-            if slot.loading {
-                rows.push(IndexEntry {
-                    name: name.clone(),
-                    version: String::new(),
-                    state: ModelState::Loading,
-                    reason: String::new(),
-                });
+                }),
             }
         }
         rows
@@ -365,6 +494,7 @@ impl ModelManager {
         repo: &Path,
         name: &str,
         config_override: Option<ModelConfig>,
+        cancel: &LoadCancel,
     ) -> Result<Vec<Arc<LoadedModel>>, ModelError> {
         let mut config = match config_override {
             Some(c) => c,
@@ -373,6 +503,8 @@ impl ModelManager {
         if config.name.is_empty() {
             config.name = name.to_string();
         }
+        // Before anything is built: an absurd count or delay fails here, with nothing allocated.
+        bounds::check(name, &config, &self.settings.limits)?;
         let available = repository::available_versions(repo, name);
         let versions = repository::select_versions(config.version_policy.as_ref(), &available);
         if versions.is_empty() {
@@ -385,7 +517,7 @@ impl ModelManager {
         }
         versions
             .into_iter()
-            .map(|v| self.load_version(repo, name, v, &config).map(Arc::new))
+            .map(|v| self.load_version(repo, name, v, &config, cancel).map(Arc::new))
             .collect()
     }
 
@@ -395,6 +527,7 @@ impl ModelManager {
         name: &str,
         version: i64,
         config: &ModelConfig,
+        cancel: &LoadCancel,
     ) -> Result<LoadedModel, ModelError> {
         let fail = |reason: String| ModelError::Repository {
             model: name.to_string(),
@@ -403,36 +536,44 @@ impl ModelManager {
         let path = repository::model_file(repo, name, version, config)?;
         // Decrypted once for all instances; wiped when the last session plan drops it below.
         let decrypted = self.decrypt_if_encrypted(&path, name, version)?;
-        let instances = instance_plan(config);
-        let intra = (cpu_budget() / instances.len().max(1)).max(1);
-        let plan_for = |kind: InstanceKind, device: i32, config: &ModelConfig| {
-            SessionPlan::from_config(&path, config, kind, device, intra)
-                .map(|plan| plan.with_in_memory_graph(decrypted.clone()))
-                .map_err(|e| fail(e.to_string()))
+        let invalid = |reason: String| ModelError::InvalidConfig {
+            model: name.to_string(),
+            reason,
         };
-        let (kind0, device0) = instances[0];
-        let first = OrtExecutor::load(&plan_for(kind0, device0, config)?)
-            .map_err(|e| fail(e.to_string()))?;
+        let planned = instance_plan::plan(name, &config.instance_group).map_err(invalid)?;
+        let intra = (cpu_budget() / planned.len().max(1)).max(1);
+        let build = |spec: &InstanceSpec, config: &ModelConfig| {
+            cancel.check(name)?;
+            let (kind, device) = match spec.kind {
+                InstanceKind::Cpu => (GroupKind::Cpu, 0),
+                InstanceKind::Gpu(d) => (GroupKind::Gpu, d),
+            };
+            let plan = SessionPlan::from_config(&path, config, kind, device, intra)
+                .map(|plan| plan.with_in_memory_graph(decrypted.clone()))
+                .map_err(|e| fail(e.to_string()))?;
+            OrtExecutor::load(&plan).map_err(|e| fail(e.to_string()))
+        };
+        // The first instance's session also tells the graph signature the config is completed from.
+        let first = build(&planned[0], config)?;
         let graph = first.signature().map_err(|e| fail(e.to_string()))?;
         let config = autocomplete::autocomplete(name, config.clone(), &graph)?;
         validate::validate(name, &config, &graph)?;
-        let settings = SchedulerSettings::from_config(
-            &without_sequence_batching(&config),
-            self.settings.default_max_queue_size,
-        )
-        .map_err(|e| ModelError::InvalidConfig {
-            model: name.to_string(),
-            reason: e,
-        })?;
-        let mut executors: Vec<Box<dyn ModelExecutor>> = vec![Box::new(first)];
-        for spec in settings.instances.iter().skip(1) {
-            let (kind, device) = match spec.kind {
-                SchedInstanceKind::Cpu => (InstanceKind::Cpu, 0),
-                SchedInstanceKind::Gpu(d) => (InstanceKind::Gpu, d),
-            };
-            let executor = OrtExecutor::load(&plan_for(kind, device, &config)?)
-                .map_err(|e| fail(e.to_string()))?;
-            executors.push(Box::new(executor));
+        bounds::check(name, &config, &self.settings.limits)?;
+        let settings =
+            SchedulerSettings::from_config(
+                &without_sequence_batching(&config),
+                self.settings.default_max_queue_size,
+            )
+                .map_err(invalid)?;
+        // Completion only names groups (and adds one CPU group when there was none), so the plan
+        // keeps its devices; the first session is rebuilt should that ever change.
+        let mut executors: Vec<Box<dyn ModelExecutor>> =
+            Vec::with_capacity(settings.instances.len());
+        if settings.instances[0].kind == planned[0].kind {
+            executors.push(Box::new(first));
+        }
+        for spec in &settings.instances[executors.len()..] {
+            executors.push(Box::new(build(spec, &config)?));
         }
         let labels = super::labels::read_output_labels(&repo.join(name), &config)?;
         let (inputs, outputs) = validate::io_specs(&config);
@@ -530,31 +671,72 @@ fn start_schedulers(
     Ok((scheduler, Some(Arc::new(batcher))))
 }
 
-/// (kind, device) of each instance the config asks for; one CPU instance when it names none. The
-/// first entry decides the session used to read the graph signature.
-fn instance_plan(config: &ModelConfig) -> Vec<(InstanceKind, i32)> {
-    let mut plan = Vec::new();
-    for group in &config.instance_group {
-        let count = group.count.max(1) as usize;
-        let kind = InstanceKind::try_from(group.kind).unwrap_or(InstanceKind::Cpu);
-        for i in 0..count {
-            match kind {
-                InstanceKind::Gpu => {
-                    let device = if group.gpus.is_empty() {
-                        0
-                    } else {
-                        group.gpus[i % group.gpus.len()]
-                    };
-                    plan.push((InstanceKind::Gpu, device));
-                }
-                _ => plan.push((InstanceKind::Cpu, 0)),
-            }
+/// Index rows of one known model: its ready (or failed) versions, failures, a load in progress.
+fn slot_rows(name: &str, slot: &ModelSlot) -> Vec<IndexEntry> {
+    let row = |version: String, state: ModelState, reason: String| IndexEntry {
+        name: name.to_string(),
+        version,
+        state,
+        reason,
+    };
+    let mut rows = Vec::new();
+    for (version, model) in &slot.versions {
+        match model.scheduler.failure() {
+            None => rows.push(row(version.to_string(), ModelState::Ready, String::new())),
+            Some(reason) => rows.push(row(version.to_string(), ModelState::Unavailable, reason)),
         }
     }
-    if plan.is_empty() {
-        plan.push((InstanceKind::Cpu, 0));
+    for (version, reason) in &slot.failures {
+        let version = version.map(|v| v.to_string()).unwrap_or_default();
+        rows.push(row(version, ModelState::Unavailable, reason.clone()));
     }
-    plan
+    if slot.loading {
+        rows.push(row(String::new(), ModelState::Loading, String::new()));
+    }
+    rows
+}
+
+/// Why a load must stop building: it timed out, or the server is shutting down.
+#[derive(Clone)]
+struct LoadCancel {
+    timed_out: Arc<AtomicBool>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl LoadCancel {
+    /// Checked before each session is built: a session build cannot be interrupted, so this is
+    /// how soon a load notices.
+    fn check(&self, name: &str) -> Result<(), ModelError> {
+        if self.stopping.load(Ordering::Acquire) {
+            return Err(cancelled(name));
+        }
+        if self.timed_out.load(Ordering::Acquire) {
+            return Err(ModelError::LoadCancelled {
+                model: name.to_string(),
+                reason: "the load timed out".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn cancelled(name: &str) -> ModelError {
+    ModelError::LoadCancelled {
+        model: name.to_string(),
+        reason: "the server is shutting down".into(),
+    }
+}
+
+/// Runs file-system work on the blocking pool, never on a reactor thread.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ModelError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ModelError::Repository {
+            model: String::new(),
+            reason: format!("repository task failed: {e}"),
+        })
 }
 
 /// Lets replaced versions go without refusing anyone. A request that looked a version up just

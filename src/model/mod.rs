@@ -4,9 +4,11 @@
 //! ModelConfig is the schema of `config.pbtxt` files, so this module uses the type generated from
 //! proto/model_config.proto; the request/response messages of grpc_service.proto stay in `server`.
 pub mod autocomplete;
+pub mod bounds;
 pub mod config_json;
 pub mod config_text;
 pub mod labels;
+pub mod instance_plan;
 pub mod manager;
 pub mod override_files;
 pub mod poll;
@@ -52,6 +54,12 @@ pub enum ModelError {
     /// An encrypted model file that cannot be opened: no key for it, a wrong key, altered or moved.
     #[error("{model}: {reason}")]
     Decryption { model: String, reason: String },
+    /// The load ran past `--model-load-timeout-secs`; it stops building and installs nothing.
+    #[error("{model}: the load did not finish within --model-load-timeout-secs ({seconds} s)")]
+    LoadTimedOut { model: String, seconds: u64 },
+    /// The load was stopped before it finished (the server is shutting down).
+    #[error("{model}: load cancelled: {reason}")]
+    LoadCancelled { model: String, reason: String },
 }
 
 /// Converts a config datatype (`TYPE_FP32`, ...) to the protocol datatype; None for TYPE_INVALID.

@@ -7,8 +7,11 @@ use std::time::SystemTime;
 /// What one model directory looked like at a scan.
 pub type Fingerprint = BTreeSet<(String, u64, Option<SystemTime>)>;
 
-/// Fingerprints of every model directory in the repository.
-pub fn scan(repo: &Path, models: &[String]) -> BTreeMap<String, Fingerprint> {
+/// Fingerprints of every model directory, by model name.
+pub type Scan = BTreeMap<String, Fingerprint>;
+
+/// Fingerprints of every model directory in the repository. Blocking (it walks the directories).
+pub fn scan(repo: &Path, models: &[String]) -> Scan {
     models
         .iter()
         .map(|m| (m.clone(), fingerprint(&repo.join(m))))

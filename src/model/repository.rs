@@ -199,13 +199,14 @@ pub fn model_file(
         config.default_model_filename.as_str()
     };
     if validate_model_name(filename).is_err() {
-        return Err(repo_error(
-            name,
-            format!(
-                "default_model_filename '{}' must be a plain file name in the version directory",
+        // The config asked for it, so it is the config that is invalid (INVALID_ARGUMENT).
+        return Err(ModelError::InvalidConfig {
+            model: name.to_string(),
+            reason: format!(
+                "default_model_filename '{}' must be a plain file name inside the model's version directory",
                 filename.escape_debug()
             ),
-        ));
+        });
     }
     let version_dir = repo.join(name).join(version.to_string());
     if !is_dir(&version_dir) {
@@ -490,9 +491,12 @@ mod tests {
                 default_model_filename: escape.into(),
                 ..Default::default()
             };
-            let err = model_file(r.path(), "alpha", 1, &config)
-                .unwrap_err()
-                .to_string();
+            let err = model_file(r.path(), "alpha", 1, &config).unwrap_err();
+            assert!(
+                matches!(err, ModelError::InvalidConfig { .. }),
+                "{escape}: {err}"
+            );
+            let err = err.to_string();
             assert!(err.contains("plain file name"), "{escape}: {err}");
         }
         assert!(model_file(r.path(), "../alpha", 1, &default).is_err());

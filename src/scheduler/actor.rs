@@ -18,7 +18,9 @@ use tracing::Span;
 use super::policy::{BatchPolicy, Batchable, Next, PolicyConfig};
 use super::settings::SchedulerSettings;
 use super::timer::PreciseTimer;
-use super::worker::{worker_loop, Batch, Orderer, Responder, RunningJob, WorkerContext};
+use super::worker::{
+    worker_loop, Batch, Orderer, Responder, RunningJob, WorkerContext, WorkerNotice,
+};
 use super::{ExecuteError, InferRequest, InferResponse, ModelExecutor, SchedulerError};
 use crate::telemetry::stats::{FailureReason, ModelStats};
 use crate::tensor::NamedTensor;
@@ -42,6 +44,8 @@ struct Shared {
     /// Wakes the batcher to look for cancelled requests after a queue-full refusal.
     sweep: Notify,
     sweep_wanted: AtomicBool,
+    /// Why the model cannot serve any more (an instance was lost); None while healthy.
+    failure: Mutex<Option<String>>,
 }
 
 impl Scheduler {
@@ -60,6 +64,7 @@ impl Scheduler {
             shutdown: Notify::new(),
             sweep: Notify::new(),
             sweep_wanted: AtomicBool::new(false),
+            failure: Mutex::new(None),
         });
         // Admission already bounds what is in flight; the channel bound is the same number, so a
         // send never finds it full.
@@ -99,7 +104,20 @@ impl Scheduler {
             timer: PreciseTimer::start(format!("{}-timer", shared.settings.model)),
             ctx,
         };
-        tokio::spawn(batcher.run(finished_tx));
+        let batcher = tokio::spawn(batcher.run(finished_tx));
+        // A panic in the batcher itself must not leave a model that looks ready and refuses every
+        // request: its callers were answered as their responders dropped; the model is marked.
+        let watched = Arc::clone(&shared);
+        tokio::spawn(async move {
+            if let Err(error) = batcher.await {
+                if error.is_panic() {
+                    let reason = "the batcher stopped after a panic".to_string();
+                    tracing::error!(model = %watched.settings.model, %reason, "model scheduler lost");
+                    watched.failure.lock().get_or_insert(reason);
+                    watched.stopping.store(true, Ordering::Release);
+                }
+            }
+        });
         Scheduler {
             shared,
             requests,
@@ -109,6 +127,12 @@ impl Scheduler {
 
     pub fn settings(&self) -> &SchedulerSettings {
         &self.shared.settings
+    }
+
+    /// Why this model version stopped serving (an instance thread was lost to a panic), if it
+    /// did: the model then reports UNAVAILABLE with this reason until it is reloaded.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failure.lock().clone()
     }
 
     /// Queues a request and waits for its outputs. Refuses at once when the queue is full or the
@@ -357,7 +381,7 @@ impl Worker {
     fn spawn(
         index: usize,
         executor: Box<dyn ModelExecutor>,
-        free: mpsc::Sender<usize>,
+        free: mpsc::Sender<WorkerNotice>,
         ctx: Arc<WorkerContext>,
     ) -> Worker {
         // Capacity 1: the batcher only sends to an idle instance, so the slot is always empty.
@@ -387,7 +411,7 @@ struct Batcher {
     shared: Arc<Shared>,
     policy: BatchPolicy<Job>,
     requests: mpsc::Receiver<Job>,
-    free: mpsc::Receiver<usize>,
+    free: mpsc::Receiver<WorkerNotice>,
     workers: Vec<Worker>,
     /// Instances waiting for a batch.
     idle: Vec<usize>,
@@ -407,7 +431,7 @@ impl Batcher {
         loop {
             tokio::select! {
                 biased;
-                Some(instance) = self.free.recv() => self.instance_free(instance),
+                Some(notice) = self.free.recv() => self.instance_notice(notice),
                 message = self.requests.recv(), if !drained => match message {
                     Some(job) => self.enqueue(job),
                     None => drained = true,
@@ -421,8 +445,8 @@ impl Batcher {
                 _ = self.timer.fired() => {}
                 _ = sleep_until_or_forever(wake) => {}
             }
-            while let Ok(instance) = self.free.try_recv() {
-                self.instance_free(instance);
+            while let Ok(notice) = self.free.try_recv() {
+                self.instance_notice(notice);
             }
             if !drained {
                 drained = self.absorb_ready_requests();
@@ -464,9 +488,18 @@ impl Batcher {
         }
     }
 
-    fn instance_free(&mut self, instance: usize) {
+    fn instance_notice(&mut self, notice: WorkerNotice) {
         self.busy = self.busy.saturating_sub(1);
-        self.idle.push(instance);
+        match notice {
+            WorkerNotice::Free(instance) => self.idle.push(instance),
+            WorkerNotice::Lost { instance, reason } => {
+                // Never given a batch again; once no instance is left, dispatch fails what waits.
+                if let Some(worker) = self.workers.get_mut(instance) {
+                    worker.batches = None;
+                }
+                self.shared.failure.lock().get_or_insert(reason);
+            }
+        }
     }
 
     fn reject_expired(&mut self, now: Instant) {

@@ -267,7 +267,7 @@ impl<T: Batchable> BatchPolicy<T> {
         }
         let deadline = policy
             .effective_timeout(timeout)
-            .and_then(|t| now.checked_add(t));
+            .map(|t| deadline_after(now, t));
         let seq = self.next_seq;
         self.next_seq += 1;
         if let Some(d) = deadline {
@@ -409,7 +409,7 @@ impl<T: Batchable> BatchPolicy<T> {
                 scan.count
             }
             _ => {
-                let window_end = scan.oldest + delay;
+                let window_end = deadline_after(scan.oldest, delay);
                 let wake = match self.next_timeout() {
                     Some(t) => t.min(window_end),
                     None => window_end,
@@ -531,6 +531,15 @@ struct Scan {
     cannot_grow: bool,
 }
 
+/// `base + wait`, checked: a wait too long for the clock becomes a deadline a year away, which
+/// every timer can arm (config bounds keep real waits far below it). Never panics.
+pub(crate) fn deadline_after(base: Instant, wait: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    base.checked_add(wait.min(FAR))
+        .or_else(|| base.checked_add(Duration::from_secs(1)))
+        .unwrap_or(base)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -592,6 +601,30 @@ mod tests {
         for r in reqs {
             p.push(r, 0, None, Instant::now()).unwrap();
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unbounded_delays_and_timeouts_never_overflow_the_clock() {
+        // Config bounds refuse these at load; the arithmetic must still not panic or wrap.
+        let mut c = config(8, &[4], u64::MAX);
+        c.default_queue_policy.default_timeout = Some(Duration::MAX);
+        let mut p = BatchPolicy::new(c);
+        let start = Instant::now();
+        push_all(&mut p, [req(1)]);
+        let Next::WaitUntil(at) = p.next_batch(Instant::now()) else {
+            panic!("a lone request waits for its window");
+        };
+        assert!(at > start, "the wake-up lies in the future");
+        assert!(p.next_timeout().is_some_and(|t| t > start));
+        // Draining ignores the window, so shutdown never waits for it.
+        assert_eq!(ids(p.next_batch_without_delay(Instant::now())), vec![1]);
+        assert_eq!(
+            deadline_after(start, Duration::MAX),
+            deadline_after(start, Duration::MAX)
+        );
+        assert!(
+            deadline_after(start, Duration::from_micros(5)) == start + Duration::from_micros(5)
+        );
     }
 
     #[tokio::test(start_paused = true)]

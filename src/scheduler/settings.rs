@@ -3,9 +3,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::proto::model_config::SchedulingChoice;
-use crate::proto::model_instance_group::Kind as GroupKind;
 use crate::proto::model_queue_policy::TimeoutAction as ProtoTimeoutAction;
-use crate::proto::{ModelConfig, ModelDynamicBatching, ModelInstanceGroup, ModelQueuePolicy};
+use crate::proto::{ModelConfig, ModelDynamicBatching, ModelQueuePolicy};
 
 use super::policy::{PolicyConfig, QueuePolicy, TimeoutAction};
 
@@ -53,7 +52,9 @@ impl SchedulerSettings {
     ) -> Result<SchedulerSettings, String> {
         let max_batch_size = usize::try_from(config.max_batch_size)
             .map_err(|_| format!("max_batch_size {} is negative", config.max_batch_size))?;
-        let default_max_queue = default_max_queue.max(1);
+        // Capped like a config's own max_queue_size, so the queue channel can always be built.
+        let default_max_queue =
+            default_max_queue.clamp(1, crate::model::bounds::MAX_QUEUE_SIZE as usize);
         let (policy, preserve_ordering) = match &config.scheduling_choice {
             None => (PolicyConfig::unbatched(default_max_queue), false),
             Some(SchedulingChoice::DynamicBatching(db)) => (
@@ -78,7 +79,7 @@ impl SchedulerSettings {
             dynamic_batching,
             policy,
             preserve_ordering,
-            instances: instances(&config.name, &config.instance_group)?,
+            instances: crate::model::instance_plan::plan(&config.name, &config.instance_group)?,
         })
     }
 }
@@ -184,64 +185,11 @@ fn queue_policy(p: &ModelQueuePolicy, what: &str) -> Result<QueuePolicy, String>
     })
 }
 
-/// Expands instance groups into instances. KIND_GPU places `count` instances on each listed GPU
-/// (device 0 when none is listed); KIND_CPU, KIND_MODEL and KIND_AUTO without GPUs run on the CPU.
-/// A count of 0 means 1, and a config without groups gets one CPU instance. Passive groups are
-/// skipped: Triton loads them but never schedules onto them.
-fn instances(model: &str, groups: &[ModelInstanceGroup]) -> Result<Vec<InstanceSpec>, String> {
-    if groups.is_empty() {
-        return Ok(vec![InstanceSpec {
-            name: format!("{model}_0"),
-            kind: InstanceKind::Cpu,
-        }]);
-    }
-    let mut out = Vec::new();
-    for (group_index, group) in groups.iter().enumerate() {
-        if group.count < 0 {
-            return Err(format!(
-                "instance_group {group_index}: count {} is negative",
-                group.count
-            ));
-        }
-        if group.passive {
-            continue;
-        }
-        let count = group.count.max(1) as usize;
-        let name = if group.name.is_empty() {
-            format!("{model}_{group_index}")
-        } else {
-            group.name.clone()
-        };
-        let kind = GroupKind::try_from(group.kind)
-            .map_err(|_| format!("instance_group {group_index}: unknown kind {}", group.kind))?;
-        let devices: Vec<InstanceKind> = match kind {
-            GroupKind::Gpu if group.gpus.is_empty() => vec![InstanceKind::Gpu(0)],
-            GroupKind::Gpu | GroupKind::Auto if !group.gpus.is_empty() => {
-                group.gpus.iter().map(|&g| InstanceKind::Gpu(g)).collect()
-            }
-            _ => vec![InstanceKind::Cpu],
-        };
-        let mut index = 0;
-        for device in devices {
-            for _ in 0..count {
-                out.push(InstanceSpec {
-                    name: format!("{name}_{index}"),
-                    kind: device,
-                });
-                index += 1;
-            }
-        }
-    }
-    if out.is_empty() {
-        return Err("instance_group: every group is passive, no instance to schedule on".into());
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::ModelQueuePolicy;
+    use crate::proto::model_instance_group::Kind as GroupKind;
+    use crate::proto::{ModelInstanceGroup, ModelQueuePolicy};
 
     fn batching(db: ModelDynamicBatching, max_batch_size: i32) -> ModelConfig {
         ModelConfig {

@@ -52,6 +52,13 @@ impl Responder {
 
 impl Drop for Responder {
     fn drop(&mut self) {
+        // Dropped unanswered: the batch it was part of panicked (its state unwound). The caller
+        // learns why instead of a bare "dropped" error.
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Err(SchedulerError::Execute(ExecuteError(
+                "the model instance failed while running this request's batch".into(),
+            ))));
+        }
         self.stats
             .pending
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -95,6 +102,13 @@ struct OrderState {
 impl Orderer {
     pub(crate) fn deliver(&self, seq: u64, replies: Vec<(Responder, Outcome)>) {
         let mut state = self.state.lock();
+        if seq < state.next || state.held.contains_key(&seq) {
+            // Already released (a batch that panicked after answering): nothing left to order.
+            for (responder, outcome) in replies {
+                responder.send(outcome);
+            }
+            return;
+        }
         state.held.insert(seq, replies);
         loop {
             let next = state.next;
@@ -135,20 +149,60 @@ impl WorkerContext {
     }
 }
 
+/// What an instance thread tells the batcher after each batch.
+#[derive(Debug)]
+pub(crate) enum WorkerNotice {
+    /// The instance is free for the next batch.
+    Free(usize),
+    /// The instance hit a panic outside the runtime and has stopped: its state can no longer be
+    /// trusted. The model is marked UNAVAILABLE with `reason`.
+    Lost { instance: usize, reason: String },
+}
+
 /// The body of an instance thread: run batches until the batcher drops the channel, telling the
-/// batcher after each one that this instance is free again.
+/// batcher after each one that this instance is free again. A panic anywhere in a batch (assembly,
+/// splitting, answering) answers that batch's callers with an error, releases its place in the
+/// answer order and stops the instance, which the batcher is told about; it never leaves the
+/// batcher counting a busy instance that will not come back.
 pub(crate) fn worker_loop(
     instance: usize,
     mut executor: Box<dyn ModelExecutor>,
     batches: std::sync::mpsc::Receiver<Batch>,
-    free: mpsc::Sender<usize>,
+    free: mpsc::Sender<WorkerNotice>,
     ctx: Arc<WorkerContext>,
 ) {
     while let Ok(batch) = batches.recv() {
-        run_batch(executor.as_mut(), &ctx, instance, batch);
+        let seq = batch.seq;
+        let ran = catch_unwind(AssertUnwindSafe(|| {
+            run_batch(executor.as_mut(), &ctx, instance, batch)
+        }));
+        if let Err(panic) = ran {
+            let reason = format!(
+                "model instance {instance} stopped after a panic while running a batch: {}",
+                panic_message(panic.as_ref())
+            );
+            // The payload's own drop must not take the thread down before the batcher is told.
+            let _ = catch_unwind(AssertUnwindSafe(move || drop(panic)));
+            tracing::error!(model = %ctx.model, instance, %reason, "model instance lost");
+            // Its callers were answered as the unwinding dropped their responders.
+            ctx.deliver(seq, Vec::new());
+            let _ = free.blocking_send(WorkerNotice::Lost { instance, reason });
+            return;
+        }
         // Capacity covers every instance, and each has at most one notice outstanding, so this
         // never waits; an error means the batcher is gone and the next recv ends the loop.
-        let _ = free.blocking_send(instance);
+        let _ = free.blocking_send(WorkerNotice::Free(instance));
+    }
+}
+
+/// The text of a panic payload (`panic!` gives a &str or a String).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        (*text).to_string()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "non-text panic payload".to_string()
     }
 }
 
@@ -314,6 +368,35 @@ mod tests {
         assert!(rx0.try_recv().is_ok());
         assert!(rx1.try_recv().is_ok());
         assert!(rx2.try_recv().is_ok());
+        assert_eq!(stats.pending.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_released_sequence_number_lets_later_batches_through() {
+        let stats = Arc::new(ModelStats::new("m", "1"));
+        let orderer = Orderer::default();
+        let (r1, mut rx1) = responder(&stats);
+        orderer.deliver(1, vec![(r1, Err(SchedulerError::TimedOut))]);
+        assert!(rx1.try_recv().is_err(), "batch 1 waits for batch 0");
+        // Batch 0 panicked: its callers were answered as it unwound; its place is released empty.
+        orderer.deliver(0, Vec::new());
+        assert!(rx1.try_recv().is_ok());
+        // A late delivery for a released place is answered at once, never held forever.
+        let (late, mut rx_late) = responder(&stats);
+        orderer.deliver(0, vec![(late, Err(SchedulerError::TimedOut))]);
+        assert!(rx_late.try_recv().is_ok());
+        assert!(orderer.state.lock().held.is_empty());
+    }
+
+    #[test]
+    fn a_responder_dropped_unanswered_tells_its_caller_why() {
+        let stats = Arc::new(ModelStats::new("m", "1"));
+        let (r, mut rx) = responder(&stats);
+        drop(r);
+        match rx.try_recv() {
+            Ok(Err(SchedulerError::Execute(e))) => assert!(e.0.contains("model instance failed")),
+            other => panic!("expected an execution error, got {other:?}"),
+        }
         assert_eq!(stats.pending.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 

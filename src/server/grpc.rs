@@ -431,6 +431,7 @@ impl GrpcInferenceService for InferenceService {
             .state
             .models
             .index()
+            .await
             .into_iter()
             .filter(|e| may_see(&request, &e.name))
             .filter(|e| {

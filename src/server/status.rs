@@ -34,6 +34,8 @@ pub fn code_of(error: &Error) -> Code {
             ModelError::InvalidName { .. } => Code::InvalidArgument,
             ModelError::NotFound { .. } => Code::NotFound,
             ModelError::Decryption { .. } => Code::Unavailable,
+            ModelError::LoadTimedOut { .. } => Code::DeadlineExceeded,
+            ModelError::LoadCancelled { .. } => Code::Unavailable,
         },
         Error::Unimplemented(_) => Code::Unimplemented,
         Error::ShuttingDown => Code::Unavailable,

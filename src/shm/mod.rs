@@ -1,12 +1,13 @@
 //! Triton's system shared-memory extension, engine side: the registry of POSIX shared-memory regions
-//! that clients register by name, zero-copy reads of input tensors out of them and bounded writes of
-//! output tensors into them. Knows nothing of gRPC; `server` maps [`ShmErrorKind`] to status codes.
+//! that clients register by name, reads of input tensors out of them and bounded writes of output
+//! tensors into them. Knows nothing of gRPC; `server` maps [`ShmErrorKind`] to status codes.
 //!
-//! Lifetimes: a region is mapped once at registration and unmapped when the last user lets go of
-//! it. Unregistering removes the name at once, but a request already holding a [`Bytes`] or an
-//! [`ShmOutput`] of that region keeps the mapping alive until it finishes, so an unregister racing
-//! with inference can never make the gateway touch unmapped memory. Dropping the registry (server
-//! shutdown) releases every mapping no request still holds.
+//! Accesses go through the object's open descriptor (`pread`/`pwrite`), never a mapping, so a client
+//! that truncates its object gets an error instead of killing the server with SIGBUS (see
+//! `region`). Lifetimes: the object is opened once at registration and closed when the last user
+//! lets go of it. Unregistering removes the name at once, but a request already holding an
+//! [`ShmOutput`] of that region keeps the object open until it finishes. Dropping the registry
+//! (server shutdown) closes every object no request still holds.
 mod region;
 
 use std::collections::BTreeMap;
@@ -17,14 +18,14 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::RwLock;
 
-use region::MappedRegion;
+use region::OpenRegion;
 
 /// The registered system shared-memory regions, by name.
 #[derive(Debug)]
 pub struct ShmRegistry {
     /// False when the server runs with `--allow-client-shm=false`: every call is refused.
     enabled: bool,
-    regions: RwLock<BTreeMap<String, Arc<MappedRegion>>>,
+    regions: RwLock<BTreeMap<String, Arc<OpenRegion>>>,
 }
 
 /// One row of SystemSharedMemoryStatus.
@@ -86,6 +87,8 @@ pub enum ShmError {
         key: String,
         object_size: u64,
     },
+    #[error("failed to write to shared memory region '{name}': {source}")]
+    WriteFailed { name: String, source: io::Error },
 }
 
 impl ShmError {
@@ -97,7 +100,9 @@ impl ShmError {
             ShmError::NotFound { .. } => ShmErrorKind::NotFound,
             // Triton says INTERNAL when the key cannot be opened or stat'ed; kept for clients
             // that handle it, although the cause is usually the client's.
-            ShmError::OpenFailed { .. } | ShmError::InvalidObject { .. } => ShmErrorKind::Internal,
+            ShmError::OpenFailed { .. }
+            | ShmError::InvalidObject { .. }
+            | ShmError::WriteFailed { .. } => ShmErrorKind::Internal,
             ShmError::UnknownRegion { .. }
             | ShmError::InvalidKey { .. }
             | ShmError::InvalidRegistration { .. }
@@ -157,12 +162,12 @@ impl ShmRegistry {
             name: name.to_owned(),
         };
         // Checked first so a duplicate is refused without touching the key, and again on insert
-        // because the mapping is built outside the lock (opening and mapping are syscalls that
+        // because the object is opened outside the lock (opening and checking are syscalls that
         // must not stall readers).
         if self.regions.read().contains_key(name) {
             return Err(already());
         }
-        let region = Arc::new(MappedRegion::open(name, key, offset, byte_size)?);
+        let region = Arc::new(OpenRegion::open(name, key, offset, byte_size)?);
         match self.regions.write().entry(name.to_owned()) {
             std::collections::btree_map::Entry::Occupied(_) => Err(already()),
             std::collections::btree_map::Entry::Vacant(slot) => {
@@ -172,12 +177,12 @@ impl ShmRegistry {
         }
     }
 
-    /// Forgets `name`. Unknown names are not an error, as in Triton. The mapping is released when
+    /// Forgets `name`. Unknown names are not an error, as in Triton. The object is closed when
     /// the last in-flight request using it finishes.
     pub fn unregister(&self, name: &str) -> Result<(), ShmError> {
         self.check_enabled()?;
         let removed = self.regions.write().remove(name);
-        // Dropped after the lock is released: unmapping is a syscall.
+        // Dropped after the lock is released: closing is a syscall.
         drop(removed);
         Ok(())
     }
@@ -195,7 +200,7 @@ impl ShmRegistry {
     pub fn status(&self, name: Option<&str>) -> Result<Vec<RegionStatus>, ShmError> {
         self.check_enabled()?;
         let regions = self.regions.read();
-        let status = |r: &MappedRegion| RegionStatus {
+        let status = |r: &OpenRegion| RegionStatus {
             name: r.name.clone(),
             key: r.key.clone(),
             offset: r.offset,
@@ -214,17 +219,17 @@ impl ShmRegistry {
         }
     }
 
-    /// The `byte_size` bytes at `offset` in region `name`, without copying. The returned [`Bytes`]
-    /// keeps the mapping alive even if the region is unregistered meanwhile.
+    /// A copy of the `byte_size` bytes at `offset` in region `name`, read now: later changes to
+    /// the object (a truncation included) cannot reach it.
     pub fn read(&self, name: &str, offset: u64, byte_size: u64) -> Result<Bytes, ShmError> {
         let (region, range) = self.resolve(name, offset, byte_size)?;
         region.ensure_backed(&range)?;
-        Ok(Bytes::from_owner(RegionSlice { region, range }))
+        Ok(Bytes::from(region.read(range)?))
     }
 
     /// Reserves `[offset, offset + byte_size)` of region `name` for an output tensor. Call it when
     /// the request is validated, before inference, so a bad region fails before anything is queued;
-    /// the reservation keeps the mapping alive until the output is written.
+    /// the reservation keeps the object open until the output is written.
     pub fn output(&self, name: &str, offset: u64, byte_size: u64) -> Result<ShmOutput, ShmError> {
         let (region, range) = self.resolve(name, offset, byte_size)?;
         Ok(ShmOutput { region, range })
@@ -241,7 +246,7 @@ impl ShmRegistry {
         name: &str,
         offset: u64,
         byte_size: u64,
-    ) -> Result<(Arc<MappedRegion>, Range<usize>), ShmError> {
+    ) -> Result<(Arc<OpenRegion>, Range<usize>), ShmError> {
         self.check_enabled()?;
         let region =
             self.regions
@@ -280,23 +285,10 @@ fn checked_range(
     Ok(start..end)
 }
 
-/// The owner behind a zero-copy [`Bytes`]: the region (kept mapped) and the range viewed.
-struct RegionSlice {
-    region: Arc<MappedRegion>,
-    range: Range<usize>,
-}
-
-impl AsRef<[u8]> for RegionSlice {
-    fn as_ref(&self) -> &[u8] {
-        // The range was bounds-checked when the slice was built and the region never shrinks.
-        self.region.slice(self.range.clone()).unwrap_or_default()
-    }
-}
-
 /// A validated place in a region for one output tensor.
 #[derive(Debug)]
 pub struct ShmOutput {
-    region: Arc<MappedRegion>,
+    region: Arc<OpenRegion>,
     range: Range<usize>,
 }
 
@@ -322,7 +314,7 @@ impl ShmOutput {
         }
         let target = self.range.start..self.range.start + data.len();
         self.region.ensure_backed(&target)?;
-        if self.region.copy_from(target.start, data) {
+        if self.region.copy_from(target.start, data)? {
             Ok(())
         } else {
             Err(out_of_bounds())

@@ -1,16 +1,17 @@
-//! One client region mapped into the gateway's address space, and the only code in `shm` that touches
-//! the mapping through raw pointers.
+//! One client region: an open POSIX shared-memory object and the range of it the client registered.
 //!
-//! The mapping is a [`MmapRaw`]: it never hands out `&mut [u8]`, because read views of the same
-//! pages (zero-copy input tensors) may be alive on other threads while an output is written.
-#![allow(unsafe_code)]
-
+//! The gateway reads and writes the object with `pread`/`pwrite` on the open descriptor instead of
+//! through a mapping. A client may truncate its object at any moment (by mistake or on purpose),
+//! and touching a mapped page past the new end of the file raises SIGBUS, which kills the whole
+//! server; no size check before the access can close that window, because a zero-copy view is read
+//! much later (batch assembly, ONNX Runtime). A `pread` of a truncated object just returns fewer
+//! bytes, which is refused as an error naming the region. The price is one copy of each shared-
+//! memory input, which is what Triton's own CPU path pays as well; the gRPC message and its
+//! decoding are still avoided.
 use std::fs::File;
 use std::ops::Range;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
-
-use memmap2::{MmapOptions, MmapRaw};
 
 use super::ShmError;
 
@@ -18,20 +19,19 @@ use super::ShmError;
 const SHM_DIR: &str = "/dev/shm";
 
 /// A registered region: `[offset, offset + byte_size)` of the POSIX shared-memory object `key`.
-pub(super) struct MappedRegion {
+pub(super) struct OpenRegion {
     pub(super) name: String,
     pub(super) key: String,
     pub(super) offset: u64,
     pub(super) byte_size: usize,
-    /// Kept open so every access can check that the client has not shrunk the object under the
-    /// mapping (touching pages past the object's end raises SIGBUS instead of an error).
+    /// Kept open for the life of the registration: the object stays reachable even if the client
+    /// unlinks its name, as it would with a mapping.
     file: File,
-    map: MmapRaw,
 }
 
-impl std::fmt::Debug for MappedRegion {
+impl std::fmt::Debug for OpenRegion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MappedRegion")
+        f.debug_struct("OpenRegion")
             .field("name", &self.name)
             .field("key", &self.key)
             .field("offset", &self.offset)
@@ -40,9 +40,9 @@ impl std::fmt::Debug for MappedRegion {
     }
 }
 
-impl MappedRegion {
-    /// Opens the shared-memory object `key` read-write, as Triton does, checks that it holds
-    /// `[offset, offset + byte_size)` and maps exactly that range.
+impl OpenRegion {
+    /// Opens the shared-memory object `key` read-write, as Triton does, and checks that it holds
+    /// `[offset, offset + byte_size)`.
     pub(super) fn open(
         name: &str,
         key: &str,
@@ -84,72 +84,64 @@ impl MappedRegion {
                 "offset {offset} + byte_size {byte_size} exceeds the {object_size} bytes of '{key}'"
             )));
         }
-        let map = MmapOptions::new()
-            .offset(offset)
-            .len(len)
-            .map_raw(&file)
-            .map_err(|source| ShmError::MapFailed {
-                name: name.to_owned(),
-                source,
-            })?;
         Ok(Self {
             name: name.to_owned(),
             key: key.to_owned(),
             offset,
             byte_size: len,
             file,
-            map,
         })
     }
 
     /// Refuses access to `range` (relative to the region) when the client has truncated the object
-    /// so that the range is no longer backed. A truncation racing with the access itself cannot be
-    /// caught here; clients must not shrink a registered object (Triton has the same contract).
+    /// so that the range is no longer backed. Only an early, clear error: the accesses themselves
+    /// cannot fault whatever the client does meanwhile.
     pub(super) fn ensure_backed(&self, range: &Range<usize>) -> Result<(), ShmError> {
         let needed = self.offset.saturating_add(range.end as u64);
         let object_size = regular_file_size(&self.file).unwrap_or(0);
         if needed > object_size {
-            return Err(ShmError::Truncated {
-                name: self.name.clone(),
-                key: self.key.clone(),
-                object_size,
-            });
+            return Err(self.truncated(object_size));
         }
         Ok(())
     }
 
-    /// The bytes of `range` (relative to the region), or None when it is not inside the region.
-    pub(super) fn slice(&self, range: Range<usize>) -> Option<&[u8]> {
-        if range.start > range.end || range.end > self.byte_size {
-            return None;
-        }
-        // SAFETY: `range` lies inside the live mapping (checked above; the mapping is
-        // `byte_size` bytes and lives as long as `self`), so the pointer is valid, aligned for u8
-        // and the length fits isize. The memory is shared with the client process, which may
-        // write to it at any time: the protocol makes the client responsible for not changing a
-        // region while a request that uses it is in flight, and a client that breaks this only
-        // sees its own tensor contain mixed values; nothing outside the mapping is ever read. The
-        // gateway itself writes only through `copy_from`, never through a `&mut [u8]`.
-        Some(unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(range.start), range.len()) })
+    /// A copy of the bytes of `range` (relative to the region, already bounds-checked). An object
+    /// truncated before or during the read gives a short read, refused as truncated.
+    pub(super) fn read(&self, range: Range<usize>) -> Result<Vec<u8>, ShmError> {
+        let mut buf = vec![0u8; range.len()];
+        let at = self.offset.saturating_add(range.start as u64);
+        self.file.read_exact_at(&mut buf, at).map_err(|_| {
+            let size = regular_file_size(&self.file).unwrap_or(0);
+            self.truncated(size)
+        })?;
+        Ok(buf)
     }
 
     /// Copies `data` into the region at `start`; false (nothing written) when it does not fit.
-    pub(super) fn copy_from(&self, start: usize, data: &[u8]) -> bool {
+    /// A write racing a truncation only grows the client's object again; it cannot fault.
+    pub(super) fn copy_from(&self, start: usize, data: &[u8]) -> Result<bool, ShmError> {
         let fits = start
             .checked_add(data.len())
             .is_some_and(|end| end <= self.byte_size);
         if !fits {
-            return false;
+            return Ok(false);
         }
-        // SAFETY: `[start, start + data.len())` lies inside the live, writable (PROT_WRITE,
-        // MAP_SHARED) mapping, checked above. `ptr::copy` tolerates `data` overlapping the
-        // destination (a client may name overlapping input and output ranges). Other threads may
-        // hold `&[u8]` views of these bytes; like the client's own writes, ours only change the
-        // values they observe, within the mapping, which is the protocol's contract.
-        unsafe {
-            std::ptr::copy(data.as_ptr(), self.map.as_mut_ptr().add(start), data.len());
+        let at = self.offset.saturating_add(start as u64);
+        self.file
+            .write_all_at(data, at)
+            .map_err(|source| ShmError::WriteFailed {
+                name: self.name.clone(),
+                source,
+            })?;
+        Ok(true)
+    }
+
+    fn truncated(&self, object_size: u64) -> ShmError {
+        ShmError::Truncated {
+            name: self.name.clone(),
+            key: self.key.clone(),
+            object_size,
         }
-        true
     }
 }
 

@@ -70,14 +70,16 @@ fn read_returns_the_registered_range_at_any_alignment() {
 }
 
 #[test]
-fn read_is_zero_copy() {
-    let object = ShmObject::new("zerocopy", 64);
+fn read_is_a_snapshot_taken_at_the_call() {
+    let object = ShmObject::new("snapshot", 64);
     let shm = ShmRegistry::new();
     shm.register("in", &object.key, 0, 64).unwrap();
     let bytes = shm.read("in", 16, 4).unwrap();
-    // A change the client makes afterwards shows through: the Bytes views the mapping itself.
+    // The data was copied out: a later change (or truncation) by the client cannot reach it, so
+    // nothing that holds it can fault.
     object.write_at(16, &[9, 9, 9, 9]);
-    assert_eq!(&bytes[..], &[9, 9, 9, 9]);
+    object.truncate(0);
+    assert_eq!(&bytes[..], &expected(16..20)[..]);
 }
 
 #[test]
@@ -324,7 +326,7 @@ fn data_held_by_a_request_outlives_unregister_and_the_registry() {
     shm.unregister("in").unwrap();
     shm.unregister_all().unwrap();
     drop(shm);
-    // Even the object's name may be gone: the mapping keeps the memory.
+    // Even the object's name may be gone: the open descriptor keeps the object.
     let path = object.path.clone();
     std::fs::remove_file(&path).unwrap();
 
@@ -347,6 +349,38 @@ fn a_region_truncated_by_the_client_is_refused_instead_of_faulting() {
     assert!(matches!(err, ShmError::Truncated { .. }), "{err}");
     assert_eq!(err.kind(), ShmErrorKind::InvalidArgument);
     let err = shm.write("r", 5000, &[1]).unwrap_err();
+    assert!(matches!(err, ShmError::Truncated { .. }), "{err}");
+}
+
+#[test]
+fn truncation_racing_reads_and_writes_never_faults() {
+    // A mapped region would raise SIGBUS here (touching pages past the end of the object) and
+    // kill the test process; reads and writes through the descriptor only ever see errors.
+    let object = ShmObject::new("race", 1 << 16);
+    let shm = Arc::new(ShmRegistry::new());
+    shm.register("r", &object.key, 0, 1 << 16).unwrap();
+    let output = shm.output("r", 0, 1 << 16).unwrap();
+    let reader = {
+        let shm = Arc::clone(&shm);
+        std::thread::spawn(move || {
+            let mut refused = 0;
+            for _ in 0..2000 {
+                match shm.read("r", 0, 1 << 16) {
+                    Ok(bytes) => assert_eq!(bytes.len(), 1 << 16),
+                    Err(ShmError::Truncated { .. }) => refused += 1,
+                    Err(other) => panic!("unexpected error {other}"),
+                }
+            }
+            refused
+        })
+    };
+    for i in 0..2000u64 {
+        object.truncate(if i % 2 == 0 { 10 } else { 1 << 16 });
+        let _ = output.write(&[7u8; 4096]);
+    }
+    object.truncate(10);
+    reader.join().expect("reader never faults");
+    let err = shm.read("r", 0, 1 << 16).unwrap_err();
     assert!(matches!(err, ShmError::Truncated { .. }), "{err}");
 }
 

@@ -599,3 +599,100 @@ async fn no_instances_means_every_request_fails_instead_of_waiting() {
     assert!(matches!(r, Err(SchedulerError::Execute(_))), "{r:?}");
     s.shutdown().await;
 }
+
+/// A panic payload whose own drop panics: the executor's panic is caught where `execute` is
+/// called, and dropping the payload there panics again, outside the executor, in the worker's
+/// batch code. That is the path a bug in assembly, splitting or answering takes.
+struct PanicsWhenDropped;
+
+impl Drop for PanicsWhenDropped {
+    fn drop(&mut self) {
+        panic!("invariant broken while handling the batch");
+    }
+}
+
+/// Panics on its first execution (as `mode` says), answers normally afterwards.
+struct Panicking {
+    outside_execute: bool,
+    runs: usize,
+}
+
+impl ModelExecutor for Panicking {
+    fn execute(
+        &mut self,
+        inputs: Vec<NamedTensor>,
+        _outputs: &[String],
+    ) -> Result<Vec<NamedTensor>, ExecuteError> {
+        self.runs += 1;
+        if self.runs == 1 {
+            if self.outside_execute {
+                std::panic::panic_any(PanicsWhenDropped);
+            }
+            panic!("panic inside the runtime");
+        }
+        let input = inputs
+            .into_iter()
+            .next()
+            .ok_or_else(|| ExecuteError("no input".into()))?;
+        Ok(vec![NamedTensor {
+            name: "OUT".into(),
+            tensor: input.tensor,
+        }])
+    }
+}
+
+fn start_panicking(outside_execute: bool, preserve_ordering: bool) -> Scheduler {
+    let db = ModelDynamicBatching {
+        preserve_ordering,
+        ..Default::default()
+    };
+    let settings = SchedulerSettings::from_config(&batching_config(4, db, 1), 10).unwrap();
+    let executor = Panicking {
+        outside_execute,
+        runs: 0,
+    };
+    Scheduler::start(
+        settings,
+        vec![Box::new(executor)],
+        Arc::new(ModelStats::new("fake", "1")),
+    )
+}
+
+#[tokio::test]
+async fn a_panic_inside_execute_fails_the_batch_and_the_instance_keeps_serving() {
+    let s = start_panicking(false, false);
+    let r = s.infer(request(0.0, 1)).await;
+    assert!(matches!(r, Err(SchedulerError::Execute(_))), "{r:?}");
+    assert!(s.infer(request(0.0, 1)).await.is_ok());
+    assert_eq!(s.failure(), None);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_panic_outside_execute_answers_the_batch_marks_the_model_failed_and_drains() {
+    for preserve_ordering in [false, true] {
+        let s = start_panicking(true, preserve_ordering);
+        match s.infer(request(0.0, 1)).await {
+            Err(SchedulerError::Execute(e)) => {
+                assert!(e.0.contains("model instance failed"), "{e}")
+            }
+            other => panic!("expected an execution error, got {other:?}"),
+        }
+        // The lost instance is never used again: later requests fail at once instead of hanging
+        // behind a busy flag that would never clear, and the ordering does not block them.
+        let later = s.infer(request(1.0, 1)).await;
+        assert!(
+            matches!(later, Err(SchedulerError::Execute(_))),
+            "{later:?}"
+        );
+        let reason = s.failure().expect("the model is marked failed");
+        assert!(
+            reason.contains("invariant broken") && reason.contains("instance 0"),
+            "{reason}"
+        );
+        // Drain and unload still finish.
+        tokio::time::timeout(Duration::from_secs(30), s.shutdown())
+            .await
+            .expect("shutdown finishes");
+    }
+}
