@@ -46,7 +46,7 @@ fn same_token(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn authorized(expected: &[u8], headers: &http::HeaderMap) -> bool {
+pub fn authorized(expected: &[u8], headers: &http::HeaderMap) -> bool {
     headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))

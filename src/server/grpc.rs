@@ -1,28 +1,23 @@
 //! The GRPCInferenceService: protocol messages in, engine calls, protocol messages out.
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
 
 use futures::Stream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::trace_context::parent_context_from_headers;
 
-use super::decode::{decode_request, DecodedRequest};
-use super::encode::{infer_response, model_statistics, tensor_metadata};
+use super::encode::{model_statistics, tensor_metadata};
+use super::infer::infer;
 use super::state::ServerState;
 use crate::config::ModelControlMode;
 use crate::error::Error;
 use crate::proto::grpc_inference_service_server::GrpcInferenceService;
 use crate::proto::repository_index_response::ModelIndex;
 use crate::proto::*;
-use crate::scheduler::SchedulerError;
-use crate::telemetry::stats::FailureReason;
 
 /// Requests one stream may have in flight; more wait for a slot, which pushes back on the client
 /// through HTTP/2 flow control instead of growing memory.
@@ -48,69 +43,6 @@ const EXTENSIONS: &[&str] = &[
 ];
 
 type StreamResult = Result<ModelStreamInferResponse, Status>;
-
-/// Runs one inference end to end. Shared by ModelInfer and ModelStreamInfer.
-async fn infer(
-    state: &ServerState,
-    request: ModelInferRequest,
-    trace_parent: &opentelemetry::Context,
-) -> Result<ModelInferResponse, Error> {
-    let arrived = Instant::now();
-    let model = state
-        .models
-        .get(&request.model_name, &request.model_version)?;
-    let id = request.id.clone();
-    let span = tracing::info_span!("infer", request_id = %id, model = %model.name, version = model.version);
-    // Continue the caller's trace when it sent a W3C traceparent.
-    let _ = span.set_parent(trace_parent.clone());
-    async {
-        let DecodedRequest {
-            request: decoded,
-            shm_outputs,
-        } = match decode_request(request, &model, &state.shm) {
-            Ok(d) => d,
-            Err(e) => {
-                model
-                    .stats
-                    .record_failure(arrived.elapsed(), FailureReason::Rejected);
-                tracing::debug!(error = %e, "request rejected");
-                return Err(Error::from(e));
-            }
-        };
-        let rows = if model.max_batch_size() > 0 {
-            decoded
-                .inputs
-                .first()
-                .map(|t| t.tensor.batch_rows())
-                .unwrap_or(1)
-        } else {
-            1
-        };
-        match model.scheduler.infer(decoded).await {
-            Ok(response) => {
-                model
-                    .stats
-                    .record_success(arrived.elapsed(), rows, &response.timings);
-                Ok(infer_response(&model, id, response, &shm_outputs)?)
-            }
-            Err(e) => {
-                let reason = match e {
-                    SchedulerError::QueueFull | SchedulerError::InvalidRequest(_) => {
-                        FailureReason::Rejected
-                    }
-                    SchedulerError::TimedOut | SchedulerError::Cancelled => FailureReason::Canceled,
-                    SchedulerError::Execute(_) => FailureReason::Backend,
-                    SchedulerError::ShuttingDown => FailureReason::Other,
-                };
-                model.stats.record_failure(arrived.elapsed(), reason);
-                tracing::debug!(error = %e, "inference failed");
-                Err(Error::from(e))
-            }
-        }
-    }
-    .instrument(span)
-    .await
-}
 
 fn unimplemented(what: &str, issue: &str) -> Status {
     Status::unimplemented(format!(
@@ -450,7 +382,8 @@ impl InferenceService {
         name: &str,
         version: &str,
     ) -> Result<Arc<crate::model::manager::LoadedModel>, Status> {
-        Ok(self.state.models.get(name, version).map_err(Error::from)?)
+        let name = self.state.resolve_model_name(name);
+        Ok(self.state.models.get(&name, version).map_err(Error::from)?)
     }
 
     fn require_explicit_control(&self) -> Result<(), Status> {

@@ -6,6 +6,8 @@ pub mod decode;
 pub mod encode;
 pub mod grpc;
 pub mod grpc_metrics_layer;
+pub mod http;
+pub mod infer;
 pub mod state;
 pub mod status;
 pub mod trace_context;
