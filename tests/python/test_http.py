@@ -367,3 +367,43 @@ def test_http_can_be_turned_off(gateway_factory, repo_copy):
     gateway = gateway_factory(repo_copy("add_sub"), "--allow-http=false")
     assert gateway.http_addr is None
     assert "HTTP listening" not in gateway.stderr().replace("admin HTTP listening", "")
+
+
+def test_http_over_tls_and_mutual_tls(gateway_factory, repo_copy, tmp_path):
+    import ssl
+
+    from tls_certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    gateway = gateway_factory(
+        repo_copy("add_sub"), "--http-use-ssl-mutual=true", "--http-server-cert", str(pki.server_cert),
+        "--http-server-key", str(pki.server_key), "--http-root-cert", str(pki.ca_cert),
+    )
+    host, port = gateway.http_addr.rsplit(":", 1)
+
+    def get(cert, key):
+        context = ssl.create_default_context(cafile=str(pki.ca_cert))
+        context.check_hostname = False
+        if cert:
+            context.load_cert_chain(str(cert), str(key))
+        conn = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
+        try:
+            conn.request("GET", "/v2/health/ready")
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    assert get(pki.client_cert, pki.client_key) == 200
+    for cert, key in [(None, None), (pki.rogue_cert, pki.rogue_key)]:
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            get(cert, key)
+    # Plain HTTP on the TLS port gets no HTTP answer.
+    with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
+        raw(gateway, "GET", "/v2/health/ready")
+
+
+def test_bad_http_tls_config_stops_startup(tmp_path, repo_copy):
+    from harness import run_gateway_to_exit
+
+    code, stderr = run_gateway_to_exit(repo_copy("add_sub"), "--http-use-ssl=true")
+    assert code != 0 and "--http-server-cert" in stderr
