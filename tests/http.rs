@@ -61,7 +61,11 @@ where
     Fut: std::future::Future<Output = (u16, Bytes)>,
 {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
-    while send(request("GET", "/v2/health/ready", Bytes::new())).await.0 != 200 {
+    while send(request("GET", "/v2/health/ready", Bytes::new()))
+        .await
+        .0
+        != 200
+    {
         assert!(tokio::time::Instant::now() < deadline, "never ready");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
@@ -93,7 +97,10 @@ async fn http1_keep_alive_serves_many_requests_on_one_connection() {
         async move {
             let response = f.await.expect("same connection answers");
             let status = response.status().as_u16();
-            (status, response.into_body().collect().await.unwrap().to_bytes())
+            (
+                status,
+                response.into_body().collect().await.unwrap().to_bytes(),
+            )
         }
     })
     .await;
@@ -125,7 +132,10 @@ async fn h2c_prior_knowledge_on_the_same_port() {
             let response = sender.send_request(r).await.expect("h2 answer");
             assert_eq!(response.version(), hyper::Version::HTTP_2);
             let status = response.status().as_u16();
-            (status, response.into_body().collect().await.unwrap().to_bytes())
+            (
+                status,
+                response.into_body().collect().await.unwrap().to_bytes(),
+            )
         }
     })
     .await;
@@ -142,4 +152,111 @@ async fn h2c_prior_knowledge_on_the_same_port() {
     assert!(error["error"].as_str().unwrap().contains("/v2/nope"));
     server.stop.send(()).unwrap();
     server.task.await.unwrap().unwrap();
+}
+
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CALLER_SPAN_ID: &str = "00f067aa0ba902b7";
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The binary with OTLP export on: an HTTP infer carrying a W3C traceparent is exported as an
+/// `infer` span in the caller's trace, child of the caller's span, as on gRPC.
+#[tokio::test]
+async fn http_infer_continues_the_callers_trace() {
+    use std::io::BufRead as _;
+
+    let mut receiver = common::otlp::start_grpc_receiver().await;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_onnx-gateway"))
+        .current_dir(common::project_dir())
+        .arg("--model-repository")
+        .arg(common::example_models())
+        .args(["--grpc-address", "127.0.0.1", "--grpc-port", "0"])
+        .args(["--metrics-address", "127.0.0.1", "--metrics-port", "0"])
+        .args(["--http-address", "127.0.0.1", "--http-port", "0"])
+        .args(["--drain-delay-secs", "0"])
+        .args([
+            "--trace-otlp-endpoint",
+            &format!("http://{}", receiver.addr),
+        ])
+        .args(["--trace-protocol", "grpc"])
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the gateway binary");
+    let stderr = child.stderr.take().unwrap();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.split("HTTP listening addr=").nth(1) {
+                if !line.contains("admin HTTP") {
+                    let _ = addr_tx.send(rest.trim().parse::<SocketAddr>().unwrap());
+                }
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    let http = tokio::task::spawn_blocking(move || {
+        addr_rx.recv_timeout(std::time::Duration::from_secs(60))
+    })
+    .await
+    .unwrap()
+    .expect("the binary logs its HTTP address");
+
+    let stream = TcpStream::connect(http).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01");
+    let output = ready_then_infer(|mut r| {
+        r.headers_mut()
+            .insert("traceparent", traceparent.parse().unwrap());
+        let f = sender.send_request(r);
+        async move {
+            let response = f.await.expect("answer");
+            let status = response.status().as_u16();
+            (
+                status,
+                response.into_body().collect().await.unwrap().to_bytes(),
+            )
+        }
+    })
+    .await;
+    assert_eq!(output, expected());
+
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: kill only sends a signal to our own child process, which has not been reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    let logs = reader.join().unwrap();
+    assert!(status.success(), "{logs:#?}");
+    let mut spans = Vec::new();
+    while let Ok(export) = receiver.exports.try_recv() {
+        for resource in export.resource_spans {
+            for scope in resource.scope_spans {
+                spans.extend(scope.spans);
+            }
+        }
+    }
+    let infer: Vec<_> = spans
+        .iter()
+        .filter(|s| s.name == "infer" && hex(&s.trace_id) == TRACE_ID)
+        .collect();
+    let [infer] = infer.as_slice() else {
+        panic!(
+            "one infer span in the caller's trace: {:?}\n{logs:#?}",
+            spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+        );
+    };
+    assert_eq!(hex(&infer.parent_span_id), CALLER_SPAN_ID);
+    receiver.stop().await;
 }
