@@ -407,3 +407,42 @@ def test_bad_http_tls_config_stops_startup(tmp_path, repo_copy):
 
     code, stderr = run_gateway_to_exit(repo_copy("add_sub"), "--http-use-ssl=true")
     assert code != 0 and "--http-server-cert" in stderr
+
+
+def test_system_shared_memory_over_http(gateway_factory, repo_copy):
+    import os
+
+    import tritonclient.utils.shared_memory as shm
+
+    gateway = gateway_factory(repo_copy("add_sub"), "--allow-client-shm=true")
+    client = http_client(gateway)
+    nbytes = 16 * 4
+    in_key, out_key = f"/http_in_{os.getpid()}", f"/http_out_{os.getpid()}"
+    in_handle = shm.create_shared_memory_region("http_in", in_key, 2 * nbytes)
+    out_handle = shm.create_shared_memory_region("http_out", out_key, 2 * nbytes)
+    try:
+        a, b = add_sub_inputs()
+        shm.set_shared_memory_region(in_handle, [a, b])
+        client.register_system_shared_memory("in", in_key, 2 * nbytes)
+        client.register_system_shared_memory("out", out_key, 2 * nbytes)
+        status = client.get_system_shared_memory_status()
+        assert sorted(r["name"] for r in status) == ["in", "out"]
+        assert client.get_system_shared_memory_status("in")[0]["byte_size"] == 2 * nbytes
+        inputs = [httpclient.InferInput("INPUT0", [1, 16], "FP32"), httpclient.InferInput("INPUT1", [1, 16], "FP32")]
+        inputs[0].set_shared_memory("in", nbytes)
+        inputs[1].set_shared_memory("in", nbytes, offset=nbytes)
+        outputs = [httpclient.InferRequestedOutput("OUTPUT0"), httpclient.InferRequestedOutput("OUTPUT1")]
+        outputs[0].set_shared_memory("out", nbytes)
+        outputs[1].set_shared_memory("out", nbytes, offset=nbytes)
+        client.infer("add_sub", inputs, outputs=outputs)
+        assert np.array_equal(shm.get_contents_as_numpy(out_handle, np.float32, [1, 16]), a + b)
+        assert np.array_equal(shm.get_contents_as_numpy(out_handle, np.float32, [1, 16], offset=nbytes), a - b)
+        with pytest.raises(InferenceServerException):
+            client.register_system_shared_memory("in", in_key, 2 * nbytes)
+        client.unregister_system_shared_memory("in")
+        assert [r["name"] for r in client.get_system_shared_memory_status()] == ["out"]
+        client.unregister_system_shared_memory()
+        assert client.get_system_shared_memory_status() == []
+    finally:
+        shm.destroy_shared_memory_region(in_handle)
+        shm.destroy_shared_memory_region(out_handle)
