@@ -73,6 +73,16 @@ def raw(gateway, method: str, path: str, body: bytes | None = None, headers: dic
         conn.close()
 
 
+def scrape(gateway) -> str:
+    host, port = gateway.admin_addr.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
+
+
 def assert_json_error(status: int, body: bytes, expected_status: int, needle: str) -> None:
     assert status == expected_status, body
     message = json.loads(body)["error"]
@@ -269,13 +279,18 @@ def test_queue_full_is_503_with_retry_after(gateway_factory, repo_copy):
     inputs[0].set_data_from_numpy(a)
     inputs[1].set_data_from_numpy(b)
     pending = [client.async_infer("add_sub", inputs) for _ in range(3)]
-    time.sleep(0.3)
+    # Until the queue holds a request (the scrape says so), not a fixed sleep.
+    deadline = time.monotonic() + 30
+    while not re.search(r'nv_inference_pending_request_count\{[^}]*model="add_sub"[^}]*\} [1-9]', scrape(gateway)):
+        assert time.monotonic() < deadline, scrape(gateway)
+        time.sleep(0.02)
     status, headers, body = raw(gateway, "POST", "/v2/models/add_sub/infer", json.dumps({"inputs": [
         {"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16},
         {"name": "INPUT1", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16},
     ]}).encode())
     assert_json_error(status, body, 503, "queue size")
     assert headers.get("retry-after") == "1"
+    assert 'onnx_gateway_http_requests_total{route="infer",code="503"} 1' in scrape(gateway)
     for p in pending:
         try:
             p.get_result()
