@@ -461,3 +461,17 @@ def test_system_shared_memory_over_http(gateway_factory, repo_copy):
     finally:
         shm.destroy_shared_memory_region(in_handle)
         shm.destroy_shared_memory_region(out_handle)
+
+
+def test_body_limit_applies_before_and_after_inflating(gateway_factory, repo_copy):
+    gateway = gateway_factory(repo_copy("add_sub"), "--http-max-body-bytes", "4096")
+    status, _, body = raw(gateway, "POST", "/v2/models/add_sub/infer", b" " * 5000)
+    assert_json_error(status, body, 413, "")
+    # 1 MiB of spaces inflates past the limit from a body of about a kilobyte.
+    bomb = gzip.compress(b" " * (1 << 20))
+    assert len(bomb) < 4096
+    status, _, body = raw(gateway, "POST", "/v2/models/add_sub/infer", bomb, {"Content-Encoding": "gzip"})
+    assert_json_error(status, body, 413, "--http-max-body-bytes")
+    status, _, body = raw(gateway, "POST", "/v2/models/add_sub/infer", b"{}", {"Content-Encoding": "br"})
+    assert_json_error(status, body, 415, "Content-Encoding")
+    assert raw(gateway, "GET", "/v2/health/live")[0] == 200
