@@ -318,6 +318,12 @@ def test_repository_load_unload_over_http(gateway_factory, repo_copy):
     assert not client.is_model_ready("add_sub")
     with pytest.raises(InferenceServerException, match="no such model"):
         client.load_model("missing_model")
+    # Names in paths are percent-decoded, then validated as on gRPC: no way out of the repository.
+    status, _, body = raw(gateway, "POST", "/v2/repository/models/..%2F..%2Fetc/load", b"")
+    assert status == 400, body
+    assert "error" in json.loads(body)
+    status, _, body = raw(gateway, "POST", "/v2/repository/models/add_sub/load", b'{"parameters": {"config": 5}}')
+    assert_json_error(status, body, 400, "config")
 
 
 def test_bearer_token_on_http(gateway_factory, repo_copy, tmp_path):
