@@ -158,4 +158,27 @@ mod tests {
         assert_eq!(route_label(Some("/v2/health/ready")), "ready");
         assert_eq!(route_label(None), "other");
     }
+
+    #[test]
+    fn http_metrics_count_by_route_and_code() {
+        let metrics = crate::telemetry::metrics::HttpMetrics::new();
+        let text = metrics.render();
+        assert!(
+            text.contains("# TYPE onnx_gateway_http_requests_total counter"),
+            "{text}"
+        );
+        metrics.record("infer", 200, std::time::Duration::from_millis(3));
+        metrics.record("infer", 200, std::time::Duration::from_millis(5));
+        metrics.record("infer", 503, std::time::Duration::from_millis(1));
+        assert_eq!(metrics.requests("infer", 200), 2);
+        let text = metrics.render();
+        assert!(
+            text.contains("onnx_gateway_http_requests_total{route=\"infer\",code=\"503\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("onnx_gateway_http_request_duration_seconds_count{route=\"infer\"} 3"),
+            "{text}"
+        );
+    }
 }
