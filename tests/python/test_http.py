@@ -488,3 +488,20 @@ def test_body_limit_applies_before_and_after_inflating(gateway_factory, repo_cop
     status, _, body = raw(gateway, "POST", "/v2/models/add_sub/infer", b"{}", {"Content-Encoding": "br"})
     assert_json_error(status, body, 415, "Content-Encoding")
     assert raw(gateway, "GET", "/v2/health/live")[0] == 200
+
+
+def test_timeout_parameter_as_on_grpc(gateway_factory, repo_copy):
+    # The batcher holds a lone request up to 5 s; its own 100 ms timeout ends the wait first.
+    repo = repo_copy("add_sub")
+    config = repo / "add_sub" / "config.pbtxt"
+    config.write_text(config.read_text().replace(
+        "dynamic_batching {}",
+        "dynamic_batching { max_queue_delay_microseconds: 5000000 default_queue_policy { timeout_action: REJECT "
+        "default_timeout_microseconds: 10000000 allow_timeout_override: true } }",
+    ))
+    gateway = gateway_factory(repo)
+    body = infer_body({"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": [1.0] * 16},
+                      extra={"parameters": {"timeout": 100000, "priority": 0}})
+    status, headers, answer = raw(gateway, "POST", "/v2/models/add_sub/infer", body)
+    assert_json_error(status, answer, 503, "timeout")
+    assert headers.get("retry-after") == "1"
