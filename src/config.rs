@@ -27,6 +27,8 @@ pub struct Config {
     pub tracing: crate::telemetry::otel::TracingArgs,
     #[command(flatten)]
     pub http: HttpArgs,
+    #[command(flatten)]
+    pub memory: MemoryArgs,
 }
 
 /// How models are loaded and when the server counts as ready.
@@ -230,6 +232,24 @@ pub struct HttpArgs {
     /// really named so wins; with more than one model loaded the alias resolves to nothing.
     #[arg(long, env = "ONNX_GATEWAY_MODEL_ALIAS")]
     pub model_alias: Option<String>,
+}
+
+/// The memory budget for requests in flight.
+#[derive(Debug, Clone, Args)]
+pub struct MemoryArgs {
+    /// Request bytes the whole server holds at once (received, queued or running, until answered);
+    /// a request that would go past it is refused at once with RESOURCE_EXHAUSTED naming the budget.
+    /// Default: half the cgroup memory limit where one is set, else 2 GiB. 0 disables the limit.
+    #[arg(long, env = "ONNX_GATEWAY_MAX_INFLIGHT_BYTES")]
+    pub max_inflight_bytes: Option<u64>,
+}
+
+impl MemoryArgs {
+    /// The budget in bytes (0: unlimited), the default resolved against the cgroup limit.
+    pub fn inflight_bytes(&self) -> u64 {
+        self.max_inflight_bytes
+            .unwrap_or_else(crate::server::budget::default_budget_bytes)
+    }
 }
 
 impl Config {

@@ -19,6 +19,8 @@ use crate::proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::runtime::init_onnxruntime;
 use crate::server::admin::{serve_admin, AdminState};
 use crate::server::auth::TokenAuthLayer;
+use crate::server::budget::MemoryBudget;
+use crate::server::budget_grpc::GrpcBudgetLayer;
 use crate::server::grpc::InferenceService;
 use crate::server::grpc_metrics_layer::GrpcMetricsLayer;
 use crate::server::http::listener::HttpListener;
@@ -133,6 +135,14 @@ impl Gateway {
             ShmRegistry::disabled()
         });
         let grpc_metrics = Arc::new(GrpcMetrics::new());
+        let budget = MemoryBudget::new(
+            config.memory.inflight_bytes(),
+            Arc::clone(&grpc_metrics.budget),
+        );
+        tracing::info!(
+            max_inflight_bytes = budget.limit(),
+            "memory budget for requests in flight"
+        );
         let state = Arc::new(ServerState {
             models,
             readiness,
@@ -141,6 +151,7 @@ impl Gateway {
             grpc_metrics,
             http_metrics: Arc::new(crate::telemetry::metrics::HttpMetrics::new()),
             model_alias: config.http.model_alias.clone(),
+            budget,
         });
         let http = match config.http.allow_http {
             true => Some(HttpListener::bind(&config.http).await?),
@@ -443,9 +454,10 @@ async fn serve_grpc(
     result
 }
 
-/// A listener's server with its layers: metrics outermost, then authentication.
-type GrpcRouter =
-    tonic::transport::server::Router<Stack<TokenAuthLayer, Stack<GrpcMetricsLayer, NoLayer>>>;
+/// A listener's server with its layers: metrics outermost, then authentication, then the budget.
+type GrpcRouter = tonic::transport::server::Router<
+    Stack<GrpcBudgetLayer, Stack<TokenAuthLayer, Stack<GrpcMetricsLayer, NoLayer>>>,
+>;
 
 /// One listener's server: transport settings, then the layers, then the services.
 fn grpc_router(
@@ -488,6 +500,8 @@ fn grpc_router(
         .layer(GrpcMetricsLayer::new(Arc::clone(&state.grpc_metrics)))
         // Before the services, so an unauthenticated call is refused before any decoding.
         .layer(auth)
+        // After authentication (a refused caller reserves nothing), before the services decode.
+        .layer(GrpcBudgetLayer::new(Arc::clone(&state.budget)))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

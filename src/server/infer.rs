@@ -1,12 +1,14 @@
 //! One inference end to end, protocol-neutral: both front doors (gRPC and HTTP) translate their
 //! request into a `ModelInferRequest` and call [`infer`], so validation (decode.rs), scheduling,
 //! statistics, tracing and encoding (encode.rs) exist once.
+use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use super::decode::{decode_request, DecodedRequest};
+use super::budget::Reservation;
+use super::decode::{decode_request, decoding_overhead, DecodedRequest};
 use super::encode::infer_response;
 use super::state::ServerState;
 use crate::error::Error;
@@ -14,17 +16,26 @@ use crate::proto::{ModelInferRequest, ModelInferResponse};
 use crate::scheduler::SchedulerError;
 use crate::telemetry::stats::FailureReason;
 
-/// Runs one inference end to end. Shared by ModelInfer, ModelStreamInfer and HTTP `.../infer`.
+/// Runs one inference end to end. Shared by ModelInfer, ModelStreamInfer and HTTP `.../infer`. `reservation` holds
+/// the request's wire bytes against the memory budget; what decoding adds is reserved before it
+/// runs, and all of it is held until the answer is built (for ModelInfer, until it was sent).
 pub async fn infer(
     state: &ServerState,
     request: ModelInferRequest,
     trace_parent: &opentelemetry::Context,
+    reservation: Arc<Reservation>,
 ) -> Result<ModelInferResponse, Error> {
     let arrived = Instant::now();
     let model = state.models.get(
         &state.resolve_model_name(&request.model_name),
         &request.model_version,
     )?;
+    if let Err(exceeded) = reservation.grow(decoding_overhead(&request)) {
+        model
+            .stats
+            .record_failure(arrived.elapsed(), FailureReason::Rejected);
+        return Err(Error::from(exceeded));
+    }
     let id = request.id.clone();
     let span = tracing::info_span!("infer", request_id = %id, model = %model.name, version = model.version);
     // Continue the caller's trace when it sent a W3C traceparent.
@@ -54,10 +65,22 @@ pub async fn infer(
         };
         match model.scheduler.infer(decoded).await {
             Ok(response) => {
-                model
-                    .stats
-                    .record_success(arrived.elapsed(), rows, &response.timings);
-                Ok(infer_response(&model, id, response, &shm_outputs)?)
+                let timings = response.timings;
+                // Success only once the answer exists: writing an output region can still fail.
+                match infer_response(&model, id, response, &shm_outputs) {
+                    Ok(answer) => {
+                        model
+                            .stats
+                            .record_success(arrived.elapsed(), rows, &timings);
+                        Ok(answer)
+                    }
+                    Err(e) => {
+                        model
+                            .stats
+                            .record_failure(arrived.elapsed(), FailureReason::Other);
+                        Err(Error::from(e))
+                    }
+                }
             }
             Err(e) => {
                 let reason = match e {

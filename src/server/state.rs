@@ -99,6 +99,8 @@ pub struct ServerState {
     pub http_metrics: Arc<crate::telemetry::metrics::HttpMetrics>,
     /// `--model-alias`: another name for the only model (KServe's InferenceService name).
     pub model_alias: Option<String>,
+    /// The memory budget every request's bytes are held against.
+    pub budget: Arc<crate::server::budget::MemoryBudget>,
 }
 
 impl ServerState {

@@ -505,3 +505,21 @@ def test_timeout_parameter_as_on_grpc(gateway_factory, repo_copy):
     status, headers, answer = raw(gateway, "POST", "/v2/models/add_sub/infer", body)
     assert_json_error(status, answer, 503, "timeout")
     assert headers.get("retry-after") == "1"
+
+
+def test_memory_budget_counts_http_bodies(gateway_factory, repo_copy):
+    gateway = gateway_factory(repo_copy("add_sub"), "--max-inflight-bytes", "2000")
+    a, b = add_sub_inputs()
+    small = json.dumps({"inputs": [
+        {"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16},
+        {"name": "INPUT1", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16},
+    ]}).encode()
+    assert raw(gateway, "POST", "/v2/models/add_sub/infer", small)[0] == 200
+    big = json.dumps({"inputs": [
+        {"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": a.flatten().tolist()},
+        {"name": "INPUT1", "shape": [1, 16], "datatype": "FP32", "data": b.flatten().tolist()},
+    ], "id": "x" * 2000}).encode()
+    status, headers, body = raw(gateway, "POST", "/v2/models/add_sub/infer", big)
+    assert_json_error(status, body, 429, "budget")
+    assert headers.get("retry-after") == "1"
+    assert raw(gateway, "POST", "/v2/models/add_sub/infer", small)[0] == 200

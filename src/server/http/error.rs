@@ -74,6 +74,7 @@ fn retryable(error: &Error) -> bool {
             | Error::Lookup(LookupError::VersionNotReady(..))
             | Error::ShuttingDown
             | Error::Scheduler(SchedulerError::ShuttingDown)
+            | Error::Budget(_)
     )
 }
 

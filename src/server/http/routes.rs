@@ -201,7 +201,20 @@ async fn statistics(State(state): Shared, params: Params) -> Answer {
 
 async fn infer(State(state): Shared, params: Params, headers: HeaderMap, body: Body) -> Answer {
     let (model, version) = target(&state, params)?;
-    let body = request_body(&headers, body_bytes(body)?, state.max_body_bytes)?;
+    // The body's bytes count against the memory budget from here until the answer is built, as
+    // the gRPC door counts its message; an inflated body counts its inflated size too.
+    let reservation = Arc::new(state.server.budget.reservation());
+    let wire = body_bytes(body)?;
+    reservation
+        .grow(wire.len() as u64)
+        .map_err(|e| HttpError::from(crate::error::Error::from(e)))?;
+    let compressed = wire.len();
+    let body = request_body(&headers, wire, state.max_body_bytes)?;
+    if body.len() != compressed {
+        reservation
+            .grow(body.len() as u64)
+            .map_err(|e| HttpError::from(crate::error::Error::from(e)))?;
+    }
     let header_length = match headers.get(HEADER_LENGTH) {
         Some(v) => Some(
             v.to_str()
@@ -215,11 +228,10 @@ async fn infer(State(state): Shared, params: Params, headers: HeaderMap, body: B
         ),
         None => None,
     };
-    // Budget hook: once server/budget.rs lands, reserve `body.len()` here (and release it when the
-    // response is written), as the gRPC door does for its message.
     let parsed = parse_infer(body, header_length, &model, &version)?;
     let parent = parent_context_from_headers(&headers);
-    let response = crate::server::infer::infer(&state.server, parsed.request, &parent).await?;
+    let response =
+        crate::server::infer::infer(&state.server, parsed.request, &parent, reservation).await?;
     let encoded = encode_infer(response, &parsed.encoding)?;
     let mut answer_headers = HeaderMap::new();
     let content_type = if encoded.has_binary() {
