@@ -71,6 +71,7 @@ EOF
 
 "$GATEWAY" --model-repository "$repo" --grpc-address 127.0.0.1 --grpc-port 0 \
     --metrics-address 127.0.0.1 --metrics-port 0 --drain-delay-secs 0 \
+    --http-address 127.0.0.1 --http-port 0 \
     2> >(sed -u 's/\x1b\[[0-9;]*m//g' > "$work/gateway.log") &
 gateway_pid=$!
 url=""

@@ -60,6 +60,7 @@ def start_gateway() -> tuple[subprocess.Popen, str]:
             "--model-repository", str(ROOT / "tests" / "models"),
             "--grpc-address", "127.0.0.1", "--grpc-port", "0",
             "--metrics-address", "127.0.0.1", "--metrics-port", "0",
+            "--http-address", "127.0.0.1", "--http-port", "0",
             "--allow-client-shm=true",
         ],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

@@ -26,6 +26,8 @@ pub struct Config {
     #[command(flatten)]
     pub tracing: crate::telemetry::otel::TracingArgs,
     #[command(flatten)]
+    pub http: HttpArgs,
+    #[command(flatten)]
     pub memory: MemoryArgs,
     #[command(flatten)]
     pub security: SecurityArgs,
@@ -208,6 +210,43 @@ pub struct LifecycleArgs {
     pub drain_delay_secs: u64,
 }
 
+/// The KServe v2 HTTP/REST listener (Triton's flag names, plus TLS which Triton lacks).
+#[derive(Debug, Clone, Args)]
+pub struct HttpArgs {
+    /// Serve the KServe v2 HTTP/REST protocol (as Triton's --allow-http).
+    #[arg(long, env = "ONNX_GATEWAY_ALLOW_HTTP", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub allow_http: bool,
+    /// Address the HTTP server binds (IPv4 or IPv6).
+    #[arg(long, env = "ONNX_GATEWAY_HTTP_ADDRESS", default_value = "0.0.0.0")]
+    pub http_address: IpAddr,
+    /// HTTP port (HTTP/1.1 and cleartext HTTP/2); 0 picks a free port (the chosen one is logged).
+    #[arg(long, env = "ONNX_GATEWAY_HTTP_PORT", default_value_t = 8000)]
+    pub http_port: u16,
+    /// Largest HTTP request body accepted, in bytes, after decompression.
+    #[arg(long, env = "ONNX_GATEWAY_HTTP_MAX_BODY_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub http_max_body_bytes: usize,
+    /// Serve HTTP over TLS (needs --http-server-cert and --http-server-key).
+    #[arg(long, env = "ONNX_GATEWAY_HTTP_USE_SSL", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub http_use_ssl: bool,
+    /// Require HTTP client certificates signed by --http-root-cert (mutual TLS).
+    #[arg(long, env = "ONNX_GATEWAY_HTTP_USE_SSL_MUTUAL", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub http_use_ssl_mutual: bool,
+    /// PEM certificate chain of the HTTP server.
+    #[arg(long, env = "ONNX_GATEWAY_HTTP_SERVER_CERT")]
+    pub http_server_cert: Option<PathBuf>,
+    /// PEM private key of the HTTP server.
+    #[arg(long, env = "ONNX_GATEWAY_HTTP_SERVER_KEY")]
+    pub http_server_key: Option<PathBuf>,
+    /// PEM CA certificate(s) that HTTP client certificates must chain to (mutual TLS).
+    #[arg(long, env = "ONNX_GATEWAY_HTTP_ROOT_CERT")]
+    pub http_root_cert: Option<PathBuf>,
+    /// Another name that answers for the repository's only model, on both protocols (KServe: the
+    /// InferenceService name, while the model directory under /mnt/models has its own name). A model
+    /// really named so wins; with more than one model loaded the alias resolves to nothing.
+    #[arg(long, env = "ONNX_GATEWAY_MODEL_ALIAS")]
+    pub model_alias: Option<String>,
+}
+
 /// The memory budget for requests in flight.
 #[derive(Debug, Clone, Args)]
 pub struct MemoryArgs {
@@ -265,6 +304,8 @@ impl Config {
         config.admin.metrics_address = IpAddr::from([127, 0, 0, 1]);
         config.admin.metrics_port = 0;
         config.lifecycle.drain_delay_secs = 0;
+        config.http.http_address = IpAddr::from([127, 0, 0, 1]);
+        config.http.http_port = 0;
         config
     }
 }
@@ -295,6 +336,8 @@ mod tests {
         assert!(c.models.exit_on_error);
         assert_eq!(c.grpc.grpc_port, 8001);
         assert_eq!(c.admin.metrics_port, 8002);
+        assert_eq!(c.http.http_port, 8000);
+        assert!(c.http.allow_http);
     }
 
     #[test]

@@ -25,6 +25,7 @@ use crate::server::budget::MemoryBudget;
 use crate::server::budget_grpc::GrpcBudgetLayer;
 use crate::server::grpc::InferenceService;
 use crate::server::grpc_metrics_layer::GrpcMetricsLayer;
+use crate::server::http::listener::HttpListener;
 use crate::server::state::{Readiness, ServerState};
 use crate::shm::ShmRegistry;
 use crate::telemetry::metrics::GrpcMetrics;
@@ -38,6 +39,8 @@ pub struct Gateway {
     grpc: GrpcListeners,
     admin: TcpListener,
     state: Arc<ServerState>,
+    /// None with --allow-http=false.
+    http: Option<HttpListener>,
 }
 
 /// Everything the gRPC server needs that can fail, prepared before serving so that a bad
@@ -77,7 +80,7 @@ impl GrpcListeners {
     }
 }
 
-fn read_token(path: &Path) -> anyhow::Result<String> {
+pub(crate) fn read_token(path: &Path) -> anyhow::Result<String> {
     let token = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read --auth-token-file {}", path.display()))?
         .trim()
@@ -162,15 +165,22 @@ impl Gateway {
             control_mode,
             shm,
             grpc_metrics,
+            http_metrics: Arc::new(crate::telemetry::metrics::HttpMetrics::new()),
+            model_alias: config.http.model_alias.clone(),
             budget,
             access,
             server_name: config.identity.server_name.clone(),
         });
+        let http = match config.http.allow_http {
+            true => Some(HttpListener::bind(&config.http).await?),
+            false => None,
+        };
         Ok(Self {
             config,
             grpc,
             admin,
             state,
+            http,
         })
     }
 
@@ -179,6 +189,11 @@ impl Gateway {
             .tcp
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The HTTP/REST listener's address; None with --allow-http=false.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|h| h.local_addr().ok())
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
@@ -198,8 +213,12 @@ impl Gateway {
             grpc,
             admin,
             state,
+            http,
         } = self;
         tracing::info!(addr = %grpc.tcp.local_addr()?, "gRPC listening");
+        if let Some(http) = &http {
+            tracing::info!(addr = %http.local_addr()?, "HTTP listening");
+        }
         tracing::info!(addr = %admin.local_addr()?, "admin HTTP listening");
         security::setup::reload_policy_on_sighup(&state.access)?;
 
@@ -212,6 +231,14 @@ impl Gateway {
             config.grpc.clone(),
             stop_rx.clone(),
         ));
+
+        let http_task = match http {
+            Some(http) => {
+                let router = crate::server::http::router(http_state(&config, &state)?);
+                tokio::spawn(http.serve(router, stop_rx.clone()))
+            }
+            None => tokio::spawn(async {}),
+        };
 
         let admin_task = tokio::spawn(serve_admin(admin, admin_state(&state), {
             let mut stop = admin_stop_rx.clone();
@@ -233,6 +260,7 @@ impl Gateway {
                 let _ = stop_tx.send(true);
                 let _ = admin_stop_tx.send(true);
                 let _ = grpc_task.await;
+                let _ = http_task.await;
                 let _ = admin_task.await;
                 return Err(e);
             }
@@ -285,6 +313,7 @@ impl Gateway {
             state.readiness.mark_stopping();
             let _ = stop_tx.send(true);
             let _ = grpc_task.await;
+            let _ = http_task.await;
             state.models.shutdown().await;
         };
         if tokio::time::timeout(exit_timeout, drain).await.is_err() {
@@ -309,6 +338,19 @@ fn admin_state(state: &Arc<ServerState>) -> AdminState {
         ready: Arc::new(move || ready.is_ready()),
         render_metrics: Arc::new(move || metrics.render_metrics()),
     }
+}
+
+/// The HTTP door's share of the config: the same access control (in `state`) and health exemption
+/// as gRPC.
+fn http_state(
+    config: &Config,
+    state: &Arc<ServerState>,
+) -> anyhow::Result<Arc<crate::server::http::HttpState>> {
+    Ok(Arc::new(crate::server::http::HttpState {
+        server: Arc::clone(state),
+        exempt_health: config.grpc.auth.auth_exempt_health,
+        max_body_bytes: config.http.http_max_body_bytes,
+    }))
 }
 
 /// Binds per `config`, serves until `shutdown`, drains.

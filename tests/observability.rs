@@ -705,6 +705,7 @@ impl Binary {
             .arg(repo)
             .args(["--grpc-address", "127.0.0.1", "--grpc-port", "0"])
             .args(["--metrics-address", "127.0.0.1", "--metrics-port", "0"])
+            .args(["--http-address", "127.0.0.1", "--http-port", "0"])
             .args(["--drain-delay-secs", "0", "--log-format", "json"])
             .args(args)
             .stdin(Stdio::null())

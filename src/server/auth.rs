@@ -32,6 +32,33 @@ impl Caller {
     }
 }
 
+/// The caller a request's `authorization` header names, for any front door: None when nothing is
+/// protected or audited (the request path then pays nothing), a refusal for no or unknown token.
+pub fn resolve_caller(
+    access: &AccessControl,
+    headers: &http::HeaderMap,
+    rpc: Arc<str>,
+    peer: Option<Arc<str>>,
+) -> Result<Option<Caller>, AuthError> {
+    if !access.is_enabled() && !access.audit().is_enabled() {
+        return Ok(None);
+    }
+    let call = CallContext {
+        rpc: &rpc,
+        peer: peer.as_deref(),
+    };
+    let credential = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| Credential::from_authorization(v.as_bytes()));
+    let principal = access.principal_of(credential.as_ref(), &call)?;
+    Ok(Some(Caller {
+        principal,
+        credential,
+        peer,
+        rpc,
+    }))
+}
+
 /// The refusal as a gRPC status: no or unknown token UNAUTHENTICATED, a known one without the right
 /// PERMISSION_DENIED.
 pub fn auth_status(error: AuthError) -> tonic::Status {
@@ -130,30 +157,16 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let path = request.uri().path();
-        let exempt = self.layer.exempt_health && path.starts_with("/grpc.health.v1.Health/");
-        // With nothing to check and nothing to audit, the request path pays nothing here.
-        let unused = !self.layer.access.is_enabled() && !self.layer.access.audit().is_enabled();
-        if exempt || unused {
+        if self.layer.exempt_health && path.starts_with("/grpc.health.v1.Health/") {
             return self.inner.call(request).boxed();
         }
         let rpc: Arc<str> = Arc::from(path);
         let peer = peer_of(request.extensions());
-        let call = CallContext {
-            rpc: &rpc,
-            peer: peer.as_deref(),
-        };
-        let credential = request
-            .headers()
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| Credential::from_authorization(v.as_bytes()));
-        match self.layer.access.principal_of(credential.as_ref(), &call) {
-            Ok(principal) => {
-                request.extensions_mut().insert(Caller {
-                    principal,
-                    credential,
-                    peer,
-                    rpc,
-                });
+        match resolve_caller(&self.layer.access, request.headers(), rpc, peer) {
+            Ok(caller) => {
+                if let Some(caller) = caller {
+                    request.extensions_mut().insert(caller);
+                }
                 self.inner.call(request).boxed()
             }
             Err(error) => {

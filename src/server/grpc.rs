@@ -1,7 +1,6 @@
 //! The GRPCInferenceService: protocol messages in, engine calls, protocol messages out.
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
 
 use futures::Stream;
 use prost::Message;
@@ -9,15 +8,13 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::auth::{authorize, may_see, Caller};
 use super::trace_context::parent_context_from_headers;
 
 use super::budget::Reservation;
-use super::decode::{decode_request, decoding_overhead, DecodedRequest};
-use super::encode::{infer_response, model_statistics, tensor_metadata};
+use super::encode::{model_statistics, tensor_metadata};
+use super::infer::{infer, infer_admitted};
 use super::model_control::{load_failure, load_override, LoadOverride};
 use super::state::ServerState;
 use crate::config::ModelControlMode;
@@ -26,9 +23,7 @@ use crate::model::override_files::OverrideDir;
 use crate::proto::grpc_inference_service_server::GrpcInferenceService;
 use crate::proto::repository_index_response::ModelIndex;
 use crate::proto::*;
-use crate::scheduler::SchedulerError;
 use crate::security::{Access, AuditEvent};
-use crate::telemetry::stats::FailureReason;
 use crate::tensor::names::bounded_text;
 
 /// Requests one stream may have in flight; more wait for a slot, which pushes back on the client
@@ -57,121 +52,6 @@ const EXTENSIONS: &[&str] = &[
 ];
 
 type StreamResult = Result<ModelStreamInferResponse, Status>;
-
-/// Runs one inference end to end. Shared by ModelInfer and ModelStreamInfer. `reservation` holds
-/// the request's wire bytes against the memory budget; what decoding adds is reserved before it
-/// runs, and all of it is held until the answer is built (for ModelInfer, until it was sent).
-async fn infer(
-    state: &ServerState,
-    request: ModelInferRequest,
-    trace_parent: &opentelemetry::Context,
-    reservation: Arc<Reservation>,
-) -> Result<ModelInferResponse, Error> {
-    infer_admitted(state, request, trace_parent, reservation, None).await
-}
-
-/// As `infer`; a sequence request drops `admitted` once it is queued or refused.
-async fn infer_admitted(
-    state: &ServerState,
-    request: ModelInferRequest,
-    trace_parent: &opentelemetry::Context,
-    reservation: Arc<Reservation>,
-    admitted: Option<tokio::sync::oneshot::Sender<()>>,
-) -> Result<ModelInferResponse, Error> {
-    let arrived = Instant::now();
-    let model = state
-        .models
-        .get(&request.model_name, &request.model_version)?;
-    if let Err(exceeded) = reservation.grow(decoding_overhead(&request)) {
-        model
-            .stats
-            .record_failure(arrived.elapsed(), FailureReason::Rejected);
-        return Err(Error::from(exceeded));
-    }
-    let id = request.id.clone();
-    let span = tracing::info_span!("infer", request_id = %id, model = %model.name, version = model.version);
-    // Continue the caller's trace when it sent a W3C traceparent.
-    let _ = span.set_parent(trace_parent.clone());
-    async {
-        let control = match &model.sequence {
-            Some(_) => Some(super::sequence_params::sequence_control(
-                &request.parameters,
-            )?),
-            None => None,
-        };
-        let DecodedRequest {
-            request: decoded,
-            shm_outputs,
-            classifications,
-        } = match decode_request(request, &model, &state.shm) {
-            Ok(d) => d,
-            Err(e) => {
-                model
-                    .stats
-                    .record_failure(arrived.elapsed(), FailureReason::Rejected);
-                tracing::debug!(error = %e, "request rejected");
-                return Err(Error::from(e));
-            }
-        };
-        let rows = if model.max_batch_size() > 0 {
-            decoded
-                .inputs
-                .first()
-                .map(|t| t.tensor.batch_rows())
-                .unwrap_or(1)
-        } else {
-            1
-        };
-        let outcome = match (&model.sequence, control) {
-            (Some(sequence), Some(control)) => {
-                sequence.infer_admitted(decoded, control, admitted).await
-            }
-            _ => model.scheduler.infer(decoded).await,
-        };
-        match outcome {
-            Ok(mut response) => {
-                let timings = response.timings;
-                // Success only once the answer exists: classifying or writing an output region
-                // can still fail.
-                let answer =
-                    super::classification::apply(&model, &mut response.outputs, &classifications)
-                        .map_err(Error::from)
-                        .and_then(|()| {
-                            infer_response(&model, id, response, &shm_outputs).map_err(Error::from)
-                        });
-                match answer {
-                    Ok(answer) => {
-                        model
-                            .stats
-                            .record_success(arrived.elapsed(), rows, &timings);
-                        Ok(answer)
-                    }
-                    Err(e) => {
-                        model
-                            .stats
-                            .record_failure(arrived.elapsed(), FailureReason::Other);
-                        Err(e)
-                    }
-                }
-            }
-            Err(e) => {
-                let reason = match e {
-                    SchedulerError::QueueFull | SchedulerError::InvalidRequest(_) => {
-                        FailureReason::Rejected
-                    }
-                    SchedulerError::TimedOut | SchedulerError::Cancelled => FailureReason::Canceled,
-                    SchedulerError::Execute(_) => FailureReason::Backend,
-                    SchedulerError::ShuttingDown => FailureReason::Other,
-                };
-                model.stats.record_failure(arrived.elapsed(), reason);
-                tracing::debug!(error = %e, "inference failed");
-                Err(Error::from(e))
-            }
-        }
-    }
-    .instrument(span)
-    .await
-}
 
 fn unimplemented(what: &str, issue: &str) -> Status {
     Status::unimplemented(format!(
@@ -640,7 +520,8 @@ impl InferenceService {
         name: &str,
         version: &str,
     ) -> Result<Arc<crate::model::manager::LoadedModel>, Status> {
-        Ok(self.state.models.get(name, version).map_err(Error::from)?)
+        let name = self.state.resolve_model_name(name);
+        Ok(self.state.models.get(&name, version).map_err(Error::from)?)
     }
 
     /// The per-call authorization check (the layer already authenticated the token).

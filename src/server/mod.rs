@@ -12,6 +12,8 @@ pub mod grpc;
 pub mod grpc_metrics_layer;
 pub mod model_control;
 pub mod sequence_params;
+pub mod http;
+pub mod infer;
 pub mod state;
 pub mod status;
 pub mod trace_context;

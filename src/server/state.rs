@@ -95,6 +95,10 @@ pub struct ServerState {
     pub shm: Arc<ShmRegistry>,
     /// Calls by gRPC method and status code, for /metrics.
     pub grpc_metrics: Arc<GrpcMetrics>,
+    /// Requests by HTTP route and status, for /metrics.
+    pub http_metrics: Arc<crate::telemetry::metrics::HttpMetrics>,
+    /// `--model-alias`: another name for the only model (KServe's InferenceService name).
+    pub model_alias: Option<String>,
     /// The memory budget every request's bytes are held against.
     pub budget: Arc<crate::server::budget::MemoryBudget>,
     /// Who may call what (--auth-token-file, --auth-policy-file), and the audit log.
@@ -116,6 +120,8 @@ impl ServerState {
             .iter()
             .map(|m| Arc::clone(&m.stats))
             .collect();
-        crate::telemetry::metrics::render(&stats, &self.grpc_metrics)
+        let mut scrape = crate::telemetry::metrics::render(&stats, &self.grpc_metrics);
+        scrape.push_str(&self.http_metrics.render());
+        scrape
     }
 }

@@ -135,6 +135,18 @@ pub const GRPC_REQUEST_DURATION_SECONDS: MetricDef = def(
     "Duration of gRPC requests until their status was sent, by method, in seconds",
 );
 
+// --- HTTP/REST transport (the gRPC families' counterparts for the second front door) ---
+pub const HTTP_REQUESTS_TOTAL: MetricDef = def(
+    "onnx_gateway_http_requests_total",
+    Counter,
+    "HTTP/REST requests completed, by route and status code",
+);
+pub const HTTP_REQUEST_DURATION_SECONDS: MetricDef = def(
+    "onnx_gateway_http_request_duration_seconds",
+    Hist,
+    "Duration of HTTP/REST requests until their response head was sent, by route, in seconds",
+);
+
 // --- Process (standard names, as the Prometheus client libraries export them) ---
 pub const PROCESS_CPU_SECONDS_TOTAL: MetricDef = def(
     "process_cpu_seconds_total",
@@ -206,7 +218,7 @@ pub const TRITON_COMPAT_METRICS: [MetricDef; 11] = [
 ];
 
 /// Every metric family the gateway can expose.
-pub const ALL_METRICS: [MetricDef; 28] = [
+pub const ALL_METRICS: [MetricDef; 30] = [
     INFERENCE_REQUEST_SUCCESS,
     INFERENCE_REQUEST_FAILURE,
     INFERENCE_COUNT,
@@ -231,6 +243,8 @@ pub const ALL_METRICS: [MetricDef; 28] = [
     PROCESS_OPEN_FDS,
     PROCESS_MAX_FDS,
     PROCESS_START_TIME_SECONDS,
+    HTTP_REQUESTS_TOTAL,
+    HTTP_REQUEST_DURATION_SECONDS,
     INFLIGHT_REQUEST_BYTES,
     INFLIGHT_REQUEST_BYTES_LIMIT,
     INFLIGHT_REQUEST_BYTES_PEAK,
@@ -506,6 +520,56 @@ impl GrpcMetrics {
             }
         }
         self.budget.render_into(out);
+    }
+}
+
+/// HTTP requests per (route, status) and durations per route. `route` is one of the door's fixed
+/// route names (never a raw path), so the label set is bounded.
+#[derive(Debug, Default)]
+pub struct HttpMetrics {
+    requests: parking_lot::Mutex<std::collections::BTreeMap<(&'static str, u16), u64>>,
+    durations: parking_lot::Mutex<std::collections::BTreeMap<&'static str, Histogram>>,
+}
+
+impl HttpMetrics {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// One request to `route` answered `status` after `elapsed`.
+    pub fn record(&self, route: &'static str, status: u16, elapsed: Duration) {
+        *self.requests.lock().entry((route, status)).or_default() += 1;
+        self.durations
+            .lock()
+            .entry(route)
+            .or_insert_with(|| Histogram::new(&LATENCY_BUCKETS_SECONDS))
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Requests recorded for `route` with `status`.
+    pub fn requests(&self, route: &str, status: u16) -> u64 {
+        self.requests
+            .lock()
+            .iter()
+            .filter(|((r, s), _)| *r == route && *s == status)
+            .map(|(_, n)| *n)
+            .sum()
+    }
+
+    /// Renders only the HTTP families.
+    pub fn render(&self) -> String {
+        let mut out = Exposition::default();
+        out.family(&HTTP_REQUESTS_TOTAL);
+        for ((route, status), n) in self.requests.lock().iter() {
+            let labels = [("route", route.to_string()), ("code", status.to_string())];
+            out.sample(HTTP_REQUESTS_TOTAL.name, "", &labels, Num::U(*n));
+        }
+        out.family(&HTTP_REQUEST_DURATION_SECONDS);
+        for (route, histogram) in self.durations.lock().iter() {
+            let labels = [("route", route.to_string())];
+            out.histogram(HTTP_REQUEST_DURATION_SECONDS.name, &labels, histogram);
+        }
+        out.finish()
     }
 }
 

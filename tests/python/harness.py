@@ -29,6 +29,7 @@ POLL_INTERVAL_S = 0.05
 
 GRPC_LISTENING = re.compile(r"gRPC listening addr=(\S+)")
 ADMIN_LISTENING = re.compile(r"admin HTTP listening addr=(\S+)")
+HTTP_LISTENING = re.compile(r"(?<!admin )HTTP listening addr=(\S+)")
 # tracing's text format may colour field names; strip escapes before matching log lines.
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -50,6 +51,8 @@ def gateway_command(repository: Path, extra_args: list[str]) -> list[str]:
         "--metrics-port": "0",
         # Tests stop servers constantly; waiting out a load balancer's drain delay would only slow them.
         "--drain-delay-secs": "0",
+        "--http-address": "127.0.0.1",
+        "--http-port": "0",
     }
     command = [str(gateway_binary()), "--model-repository", str(repository)]
     for flag, value in defaults.items():
@@ -71,6 +74,7 @@ class Gateway:
 
     def __init__(self, repository: Path, extra_args: list[str]):
         self.repository = repository
+        self.extra_args = list(extra_args)
         self.process = subprocess.Popen(
             gateway_command(repository, extra_args),
             cwd=REPO_ROOT,
@@ -87,6 +91,7 @@ class Gateway:
         self._reader.start()
         self.grpc_addr: str | None = None
         self.admin_addr: str | None = None
+        self.http_addr: str | None = None
         self._client: grpcclient.InferenceServerClient | None = None
 
     def _drain(self) -> None:
@@ -132,6 +137,10 @@ class Gateway:
     def wait_listening(self) -> None:
         self.grpc_addr = self.wait_for_log(GRPC_LISTENING).group(1)
         self.admin_addr = self.wait_for_log(ADMIN_LISTENING).group(1)
+        if any(a in ("--allow-http=false", "--allow-http=0") for a in self.extra_args):
+            self.http_addr = None
+        else:
+            self.http_addr = self.wait_for_log(HTTP_LISTENING).group(1)
 
     @property
     def url(self) -> str:

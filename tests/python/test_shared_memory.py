@@ -40,6 +40,7 @@ class Gateway:
             "--model-repository", str(ROOT / "models"),
             "--grpc-address", "127.0.0.1", "--grpc-port", "0",
             "--metrics-address", "127.0.0.1", "--metrics-port", "0",
+            "--http-address", "127.0.0.1", "--http-port", "0",
             *extra_args,
         ]
         env = dict(os.environ)

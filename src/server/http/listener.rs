@@ -1,0 +1,163 @@
+//! The HTTP listener: HTTP/1.1 with keep-alive and cleartext HTTP/2 (h2c, by prior knowledge) on
+//! one port, optionally TLS (h2 and http/1.1 by ALPN), with a graceful stop: on `stop` it accepts
+//! no more connections, lets requests in progress finish and closes idle keep-alive connections.
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio_rustls::rustls;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::HttpArgs;
+
+/// A client that opens a connection must finish its TLS handshake or request head within this
+/// time, so idle half-open connections cannot pile up.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A bound HTTP listener, ready to serve.
+pub struct HttpListener {
+    tcp: TcpListener,
+    tls: Option<TlsAcceptor>,
+}
+
+impl HttpListener {
+    /// Binds `--http-address:--http-port` and prepares TLS, so a bad certificate stops startup.
+    pub async fn bind(args: &HttpArgs) -> anyhow::Result<Self> {
+        let addr = SocketAddr::new(args.http_address, args.http_port);
+        let tcp = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot bind HTTP address {addr}"))?;
+        let tls = tls_acceptor(args)?;
+        Ok(Self { tcp, tls })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// Serves `router` until `stop` turns true, then drains the open connections.
+    pub async fn serve(self, router: Router, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let graceful = GracefulShutdown::new();
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HANDSHAKE_TIMEOUT);
+        let builder = Arc::new(builder);
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        tokio::pin!(stopped);
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = self.tcp.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        // Out of file descriptors and the like: keep serving what is open.
+                        tracing::warn!(error = %e, "HTTP accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = &mut stopped => break,
+            };
+            // Without it a small response can wait behind Nagle's algorithm for a delayed ACK.
+            let _ = stream.set_nodelay(true);
+            let service = TowerToHyperService::new(router.clone());
+            let (builder, watcher, tls) =
+                (Arc::clone(&builder), graceful.watcher(), self.tls.clone());
+            tokio::spawn(async move {
+                let result = match tls {
+                    None => {
+                        let conn = builder.serve_connection(TokioIo::new(stream), service);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                    Some(acceptor) => {
+                        let Ok(Ok(stream)) =
+                            tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                        else {
+                            tracing::debug!(%peer, "HTTP TLS handshake failed");
+                            return;
+                        };
+                        let conn = builder.serve_connection(TokioIo::new(stream), service);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                };
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                }
+            });
+        }
+        drop(self.tcp);
+        graceful.shutdown().await;
+    }
+}
+
+/// The HTTP TLS flags → a rustls acceptor (ring), mutual TLS when asked.
+fn tls_acceptor(args: &HttpArgs) -> anyhow::Result<Option<TlsAcceptor>> {
+    if !args.http_use_ssl && !args.http_use_ssl_mutual {
+        return Ok(None);
+    }
+    let need =
+        |flag: &str, path: &Option<std::path::PathBuf>| -> anyhow::Result<std::path::PathBuf> {
+            path.clone()
+                .with_context(|| format!("HTTP TLS is on but {flag} is not set"))
+        };
+    let cert_path = need("--http-server-cert", &args.http_server_cert)?;
+    let key_path = need("--http-server-key", &args.http_server_key)?;
+    let certs = read_certs("--http-server-cert", &cert_path)?;
+    let key = PrivateKeyDer::from_pem_file(&key_path).with_context(|| {
+        format!(
+            "cannot read a PEM private key from --http-server-key {}",
+            key_path.display()
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?;
+    let builder = if args.http_use_ssl_mutual {
+        let root_path = need("--http-root-cert", &args.http_root_cert)?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in read_certs("--http-root-cert", &root_path)? {
+            roots
+                .add(cert)
+                .context("invalid --http-root-cert certificate")?;
+        }
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .context("invalid --http-root-cert")?;
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .context("invalid HTTP TLS certificate or key")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Some(TlsAcceptor::from(Arc::new(config))))
+}
+
+fn read_certs(flag: &str, path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("cannot read {flag} {}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{flag} {} is not valid PEM", path.display()))?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "{flag} {} holds no certificate",
+        path.display()
+    );
+    Ok(certs)
+}

@@ -1,0 +1,170 @@
+//! One inference end to end, protocol-neutral: both front doors (gRPC and HTTP) translate their
+//! request into a `ModelInferRequest` and call [`infer`], so validation (decode.rs), scheduling,
+//! statistics, tracing and encoding (encode.rs) exist once.
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use super::budget::Reservation;
+use super::decode::{decode_request, decoding_overhead, DecodedRequest};
+use super::encode::infer_response;
+use super::state::ServerState;
+use crate::error::Error;
+use crate::model::manager::LoadedModel;
+use crate::proto::{ModelInferRequest, ModelInferResponse};
+use crate::shm::ShmOutput;
+use crate::scheduler::{InferRequest, InferResponse, SchedulerError};
+use crate::telemetry::stats::FailureReason;
+
+/// Runs one inference end to end. Shared by ModelInfer, ModelStreamInfer and HTTP `.../infer`.
+/// `reservation` holds the request's wire bytes against the memory budget; what decoding adds is
+/// reserved before it runs, and all of it is held until the answer is built (for ModelInfer, until
+/// it was sent).
+pub async fn infer(
+    state: &ServerState,
+    request: ModelInferRequest,
+    trace_parent: &opentelemetry::Context,
+    reservation: Arc<Reservation>,
+) -> Result<ModelInferResponse, Error> {
+    infer_admitted(state, request, trace_parent, reservation, None).await
+}
+
+/// As `infer`; a sequence request drops `admitted` once it is queued or refused, so a stream can
+/// hand its sequence requests to the sequence batcher in the order it received them.
+pub async fn infer_admitted(
+    state: &ServerState,
+    request: ModelInferRequest,
+    trace_parent: &opentelemetry::Context,
+    reservation: Arc<Reservation>,
+    admitted: Option<tokio::sync::oneshot::Sender<()>>,
+) -> Result<ModelInferResponse, Error> {
+    let arrived = Instant::now();
+    let model = state.models.get(
+        &state.resolve_model_name(&request.model_name),
+        &request.model_version,
+    )?;
+    if let Err(exceeded) = reservation.grow(decoding_overhead(&request)) {
+        model
+            .stats
+            .record_failure(arrived.elapsed(), FailureReason::Rejected);
+        return Err(Error::from(exceeded));
+    }
+    let span = tracing::info_span!("infer", request_id = %request.id, model = %model.name, version = model.version);
+    // Continue the caller's trace when it sent a W3C traceparent.
+    let _ = span.set_parent(trace_parent.clone());
+    decode_run_encode(state, &model, request, admitted, arrived)
+        .instrument(span)
+        .await
+}
+
+async fn decode_run_encode(
+    state: &ServerState,
+    model: &Arc<LoadedModel>,
+    request: ModelInferRequest,
+    admitted: Option<tokio::sync::oneshot::Sender<()>>,
+    arrived: Instant,
+) -> Result<ModelInferResponse, Error> {
+    let control = match &model.sequence {
+        Some(_) => Some(super::sequence_params::sequence_control(
+            &request.parameters,
+        )?),
+        None => None,
+    };
+    let id = request.id.clone();
+    let DecodedRequest {
+        request: decoded,
+        shm_outputs,
+        classifications,
+    } = decode_request(request, model, &state.shm).map_err(|e| {
+        model
+            .stats
+            .record_failure(arrived.elapsed(), FailureReason::Rejected);
+        tracing::debug!(error = %e, "request rejected");
+        Error::from(e)
+    })?;
+    let rows = request_rows(model, &decoded);
+    let outcome = match (&model.sequence, control) {
+        (Some(sequence), Some(control)) => sequence.infer_admitted(decoded, control, admitted).await,
+        _ => model.scheduler.infer(decoded).await,
+    };
+    let mut response = outcome.map_err(|e| {
+        model
+            .stats
+            .record_failure(arrived.elapsed(), failure_reason(&e));
+        tracing::debug!(error = %e, "inference failed");
+        Error::from(e)
+    })?;
+    let timings = response.timings;
+    // Success only once the answer exists: classifying or writing an output region can still fail.
+    let answer = super::classification::apply(model, &mut response.outputs, &classifications)
+        .map_err(Error::from)
+        .and_then(|()| encode(model, id, response, &shm_outputs));
+    match &answer {
+        Ok(_) => model
+            .stats
+            .record_success(arrived.elapsed(), rows, &timings),
+        Err(_) => model
+            .stats
+            .record_failure(arrived.elapsed(), FailureReason::Other),
+    }
+    answer
+}
+
+fn encode(
+    model: &LoadedModel,
+    id: String,
+    response: InferResponse,
+    shm_outputs: &HashMap<String, ShmOutput>,
+) -> Result<ModelInferResponse, Error> {
+    infer_response(model, id, response, shm_outputs).map_err(Error::from)
+}
+
+/// Rows the request adds to a batch (1 for a model that does not batch).
+fn request_rows(model: &LoadedModel, request: &InferRequest) -> usize {
+    if model.max_batch_size() == 0 {
+        return 1;
+    }
+    request
+        .inputs
+        .first()
+        .map(|t| t.tensor.batch_rows())
+        .unwrap_or(1)
+}
+
+/// The statistics bucket of a scheduler failure, as Triton counts them.
+fn failure_reason(error: &SchedulerError) -> FailureReason {
+    match error {
+        SchedulerError::QueueFull | SchedulerError::InvalidRequest(_) => FailureReason::Rejected,
+        SchedulerError::TimedOut | SchedulerError::Cancelled => FailureReason::Canceled,
+        SchedulerError::Execute(_) => FailureReason::Backend,
+        SchedulerError::ShuttingDown => FailureReason::Other,
+    }
+}
+
+impl ServerState {
+    /// The model a request's name stands for: itself, or, when it is the `--model-alias` and no
+    /// model has that name, the only model loaded. KServe routes an InferenceService's requests by
+    /// its own name, which need not be the model directory's name under /mnt/models.
+    pub fn resolve_model_name<'a>(&self, name: &'a str) -> std::borrow::Cow<'a, str> {
+        if self.model_alias.as_deref() != Some(name) {
+            return name.into();
+        }
+        let mut names: Vec<String> = self
+            .models
+            .loaded()
+            .iter()
+            .map(|m| m.name.clone())
+            .collect();
+        names.dedup();
+        if names.iter().any(|n| n == name) {
+            return name.into();
+        }
+        match <[String; 1]>::try_from(names) {
+            Ok([only]) => only.into(),
+            Err(_) => name.into(),
+        }
+    }
+}
