@@ -6,6 +6,8 @@ pub mod decode;
 pub mod encode;
 pub mod grpc;
 pub mod grpc_metrics_layer;
+pub mod listeners;
 pub mod state;
 pub mod status;
 pub mod trace_context;
+pub mod uds_authority;
