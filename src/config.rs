@@ -25,6 +25,8 @@ pub struct Config {
     pub log: crate::telemetry::logging::LoggingArgs,
     #[command(flatten)]
     pub tracing: crate::telemetry::otel::TracingArgs,
+    #[command(flatten)]
+    pub memory: MemoryArgs,
 }
 
 /// How models are loaded and when the server counts as ready.
@@ -215,6 +217,24 @@ pub struct LifecycleArgs {
     /// Kubernetes endpoints stop sending traffic before the listener closes.
     #[arg(long, env = "ONNX_GATEWAY_DRAIN_DELAY_SECS", default_value_t = 5)]
     pub drain_delay_secs: u64,
+}
+
+/// The memory budget for requests in flight.
+#[derive(Debug, Clone, Args)]
+pub struct MemoryArgs {
+    /// Request bytes the whole server holds at once (received, queued or running, until answered);
+    /// a request that would go past it is refused at once with RESOURCE_EXHAUSTED naming the budget.
+    /// Default: half the cgroup memory limit where one is set, else 2 GiB. 0 disables the limit.
+    #[arg(long, env = "ONNX_GATEWAY_MAX_INFLIGHT_BYTES")]
+    pub max_inflight_bytes: Option<u64>,
+}
+
+impl MemoryArgs {
+    /// The budget in bytes (0: unlimited), the default resolved against the cgroup limit.
+    pub fn inflight_bytes(&self) -> u64 {
+        self.max_inflight_bytes
+            .unwrap_or_else(crate::server::budget::default_budget_bytes)
+    }
 }
 
 impl Config {

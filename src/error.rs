@@ -21,6 +21,9 @@ pub enum Error {
     /// The server is draining: it accepts nothing new.
     #[error("server is shutting down")]
     ShuttingDown,
+    /// The request does not fit the memory budget (--max-inflight-bytes).
+    #[error(transparent)]
+    Budget(#[from] crate::server::budget::BudgetExceeded),
 }
 
 impl Error {
@@ -38,6 +41,7 @@ impl Error {
             Error::Model(_) => "model_error",
             Error::Unimplemented(_) => "unimplemented",
             Error::ShuttingDown => "shutting_down",
+            Error::Budget(_) => "memory_budget",
         }
     }
 }

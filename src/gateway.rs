@@ -18,6 +18,8 @@ use crate::proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::runtime::init_onnxruntime;
 use crate::server::admin::{serve_admin, AdminState};
 use crate::server::auth::TokenAuthLayer;
+use crate::server::budget::MemoryBudget;
+use crate::server::budget_grpc::GrpcBudgetLayer;
 use crate::server::grpc::InferenceService;
 use crate::server::grpc_metrics_layer::GrpcMetricsLayer;
 use crate::server::listeners::{self, ConnectionActivityLayer, ConnectionLimits};
@@ -130,12 +132,21 @@ impl Gateway {
             ShmRegistry::disabled()
         });
         let grpc_metrics = Arc::new(GrpcMetrics::new());
+        let budget = MemoryBudget::new(
+            config.memory.inflight_bytes(),
+            Arc::clone(&grpc_metrics.budget),
+        );
+        tracing::info!(
+            max_inflight_bytes = budget.limit(),
+            "memory budget for requests in flight"
+        );
         let state = Arc::new(ServerState {
             models,
             readiness,
             control_mode,
             shm,
             grpc_metrics,
+            budget,
         });
         Ok(Self {
             config,
@@ -409,9 +420,12 @@ async fn serve_grpc(
 }
 
 /// A listener's server with its layers: connection activity outermost, then metrics, then
-/// authentication.
+/// authentication, then the budget.
 type GrpcRouter = tonic::transport::server::Router<
-    Stack<TokenAuthLayer, Stack<GrpcMetricsLayer, Stack<ConnectionActivityLayer, NoLayer>>>,
+    Stack<
+        GrpcBudgetLayer,
+        Stack<TokenAuthLayer, Stack<GrpcMetricsLayer, Stack<ConnectionActivityLayer, NoLayer>>>,
+    >,
 >;
 
 /// One listener's server: transport settings, then the layers, then the services.
@@ -457,6 +471,8 @@ fn grpc_router(
         .layer(GrpcMetricsLayer::new(Arc::clone(&state.grpc_metrics)))
         // Before the services, so an unauthenticated call is refused before any decoding.
         .layer(auth)
+        // After authentication (a refused caller reserves nothing), before the services decode.
+        .layer(GrpcBudgetLayer::new(Arc::clone(&state.budget)))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -3,6 +3,11 @@ use clap::Parser;
 use onnx_gateway::telemetry::{logging, otel::OtelTracing};
 use onnx_gateway::Config;
 
+/// mimalloc returns freed memory to the OS after a burst, where glibc's malloc keeps most of it
+/// (figures in docs/memory.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let config = Config::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -42,9 +42,12 @@ impl ModelExecutor for OrtExecutor {
     ) -> Result<Vec<NamedTensor>, ExecuteError> {
         let values = inputs
             .iter()
-            .map(|t| to_ort(&t.name, &t.tensor).map(|v| (t.name.as_str(), v)))
+            .map(|t| to_ort(&t.name, &t.tensor).map(|v| (t.name.clone(), v)))
             .collect::<Result<Vec<_>, String>>()
             .map_err(ExecuteError)?;
+        // The ORT values hold their own copies: the engine tensors (the request's wire bytes, a
+        // BYTES list's 32-byte handles) need not live through the run and the output copies.
+        drop(inputs);
         let wanted: Vec<&String> = if outputs.is_empty() {
             self.output_names.iter().collect()
         } else {

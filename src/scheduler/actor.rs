@@ -73,6 +73,7 @@ impl Scheduler {
                 .settings
                 .preserve_ordering
                 .then(|| Arc::new(Orderer::default())),
+            batched: shared.settings.max_batch_size > 0,
         });
         let workers: Vec<Worker> = executors
             .into_iter()

@@ -12,7 +12,7 @@ use tracing::Span;
 
 use super::{ExecuteError, InferResponse, ModelExecutor, RequestTimings, SchedulerError};
 use crate::telemetry::stats::ModelStats;
-use crate::tensor::batch::{concat_rows, split_rows};
+use crate::tensor::batch::{concat_rows, outputs_per_request};
 use crate::tensor::NamedTensor;
 
 pub(crate) type Outcome = Result<InferResponse, SchedulerError>;
@@ -117,6 +117,8 @@ pub(crate) struct WorkerContext {
     pub model: String,
     pub stats: Arc<ModelStats>,
     pub orderer: Option<Arc<Orderer>>,
+    /// The model has a batch dimension (max_batch_size > 0): outputs are checked against it.
+    pub batched: bool,
 }
 
 impl WorkerContext {
@@ -193,7 +195,7 @@ fn run_batch(executor: &mut dyn ModelExecutor, ctx: &WorkerContext, instance: us
     let output_names = union_of_outputs(&waiting);
     let row_counts: Vec<usize> = waiting.iter().map(|w| w.rows).collect();
 
-    let replies = match execute(executor, inputs, &output_names, &row_counts) {
+    let replies = match execute(executor, inputs, &output_names, &row_counts, ctx.batched) {
         Ok((per_request, input_time, infer_time, output_time)) => {
             ctx.stats
                 .record_execution(batch.rows, input_time, infer_time, output_time);
@@ -232,6 +234,7 @@ fn execute(
     inputs: Vec<Vec<NamedTensor>>,
     output_names: &[String],
     row_counts: &[usize],
+    batched: bool,
 ) -> Result<Executed, SchedulerError> {
     let started = StdInstant::now();
     let assembled = concat_rows(inputs)
@@ -243,12 +246,8 @@ fn execute(
     }))
     .map_err(|_| ExecuteError("the model instance panicked while executing".into()))??;
     let executed_at = StdInstant::now();
-    let per_request = if row_counts.len() == 1 {
-        vec![outputs]
-    } else {
-        split_rows(outputs, row_counts)
-            .map_err(|e| ExecuteError(format!("failed to split the batch outputs: {e}")))?
-    };
+    let per_request = outputs_per_request(outputs, row_counts, batched)
+        .map_err(|e| ExecuteError(format!("failed to split the batch outputs: {e}")))?;
     let split_at = StdInstant::now();
     Ok((
         per_request,

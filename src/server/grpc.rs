@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::Stream;
+use prost::Message;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -13,7 +14,8 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::trace_context::parent_context_from_headers;
 
-use super::decode::{decode_request, DecodedRequest};
+use super::budget::Reservation;
+use super::decode::{decode_request, decoding_overhead, DecodedRequest};
 use super::encode::{infer_response, model_statistics, tensor_metadata};
 use super::state::ServerState;
 use crate::config::ModelControlMode;
@@ -23,6 +25,7 @@ use crate::proto::repository_index_response::ModelIndex;
 use crate::proto::*;
 use crate::scheduler::SchedulerError;
 use crate::telemetry::stats::FailureReason;
+use crate::tensor::names::{bounded_text, shown};
 
 /// Requests one stream may have in flight; more wait for a slot, which pushes back on the client
 /// through HTTP/2 flow control instead of growing memory.
@@ -49,16 +52,25 @@ const EXTENSIONS: &[&str] = &[
 
 type StreamResult = Result<ModelStreamInferResponse, Status>;
 
-/// Runs one inference end to end. Shared by ModelInfer and ModelStreamInfer.
+/// Runs one inference end to end. Shared by ModelInfer and ModelStreamInfer. `reservation` holds
+/// the request's wire bytes against the memory budget; what decoding adds is reserved before it
+/// runs, and all of it is held until the answer is built (for ModelInfer, until it was sent).
 async fn infer(
     state: &ServerState,
     request: ModelInferRequest,
     trace_parent: &opentelemetry::Context,
+    reservation: Arc<Reservation>,
 ) -> Result<ModelInferResponse, Error> {
     let arrived = Instant::now();
     let model = state
         .models
         .get(&request.model_name, &request.model_version)?;
+    if let Err(exceeded) = reservation.grow(decoding_overhead(&request)) {
+        model
+            .stats
+            .record_failure(arrived.elapsed(), FailureReason::Rejected);
+        return Err(Error::from(exceeded));
+    }
     let id = request.id.clone();
     let span = tracing::info_span!("infer", request_id = %id, model = %model.name, version = model.version);
     // Continue the caller's trace when it sent a W3C traceparent.
@@ -88,10 +100,22 @@ async fn infer(
         };
         match model.scheduler.infer(decoded).await {
             Ok(response) => {
-                model
-                    .stats
-                    .record_success(arrived.elapsed(), rows, &response.timings);
-                Ok(infer_response(&model, id, response, &shm_outputs)?)
+                let timings = response.timings;
+                // Success only once the answer exists: writing an output region can still fail.
+                match infer_response(&model, id, response, &shm_outputs) {
+                    Ok(answer) => {
+                        model
+                            .stats
+                            .record_success(arrived.elapsed(), rows, &timings);
+                        Ok(answer)
+                    }
+                    Err(e) => {
+                        model
+                            .stats
+                            .record_failure(arrived.elapsed(), FailureReason::Other);
+                        Err(Error::from(e))
+                    }
+                }
             }
             Err(e) => {
                 let reason = match e {
@@ -198,7 +222,13 @@ impl GrpcInferenceService for InferenceService {
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
         let parent = parent_context_from_headers(request.metadata().as_ref());
-        let response = infer(&self.state, request.into_inner(), &parent).await?;
+        // The budget layer put the body's reservation here; without the layer (a test harness
+        // serving the bare service) the request is still counted, from its decoded size.
+        let reservation = match request.extensions().get::<Arc<Reservation>>() {
+            Some(r) => Arc::clone(r),
+            None => self.reserve_message(request.get_ref())?,
+        };
+        let response = infer(&self.state, request.into_inner(), &parent, reservation).await?;
         Ok(Response::new(response))
     }
 
@@ -230,6 +260,14 @@ impl GrpcInferenceService for InferenceService {
                 let Some(message) = message else { break };
                 let request = match message {
                     Ok(r) => r,
+                    // A message that does not fit the memory budget cannot be skipped (its bytes
+                    // were never read): answers already taken finish, then the stream ends with the
+                    // budget's status.
+                    Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                        let _ = slots.acquire_many(STREAM_IN_FLIGHT as u32).await;
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
                     Err(status) => {
                         tracing::debug!(%status, "inference stream ended by the client");
                         break;
@@ -238,25 +276,29 @@ impl GrpcInferenceService for InferenceService {
                 let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
                     break;
                 };
+                // The layer gave the message's wire bytes back once it arrived; this request
+                // holds its own (decoded) size until its answer is queued for sending.
+                let reservation = Arc::new(state.budget.reservation());
+                if let Err(exceeded) = reservation.grow(request.encoded_len() as u64) {
+                    let _ = tx
+                        .send(Ok(stream_error(&request, Error::from(exceeded))))
+                        .await;
+                    continue;
+                }
                 let (state, tx, parent) = (Arc::clone(&state), tx.clone(), parent.clone());
                 tokio::spawn(async move {
-                    let id = request.id.clone();
-                    let (name, version) =
-                        (request.model_name.clone(), request.model_version.clone());
-                    let message = match infer(&state, request, &parent).await {
+                    let echo = ModelInferRequest {
+                        model_name: request.model_name.clone(),
+                        model_version: request.model_version.clone(),
+                        id: request.id.clone(),
+                        ..Default::default()
+                    };
+                    let message = match infer(&state, request, &parent, reservation).await {
                         Ok(response) => ModelStreamInferResponse {
                             error_message: String::new(),
                             infer_response: Some(response),
                         },
-                        Err(e) => ModelStreamInferResponse {
-                            error_message: e.to_string(),
-                            infer_response: Some(ModelInferResponse {
-                                model_name: name,
-                                model_version: version,
-                                id,
-                                ..Default::default()
-                            }),
-                        },
+                        Err(e) => stream_error(&echo, e),
                     };
                     let _ = tx.send(Ok(message)).await;
                     drop(permit);
@@ -443,7 +485,30 @@ impl GrpcInferenceService for InferenceService {
     }
 }
 
+/// A failed stream request: the error text (bounded) and the request's identity, so the client can
+/// match it.
+fn stream_error(request: &ModelInferRequest, error: Error) -> ModelStreamInferResponse {
+    ModelStreamInferResponse {
+        error_message: bounded_text(error.to_string()),
+        infer_response: Some(ModelInferResponse {
+            model_name: bounded_text(request.model_name.clone()),
+            model_version: bounded_text(request.model_version.clone()),
+            id: bounded_text(request.id.clone()),
+            ..Default::default()
+        }),
+    }
+}
+
 impl InferenceService {
+    /// A reservation of a decoded message's size, for calls that did not pass the budget layer.
+    fn reserve_message(&self, request: &ModelInferRequest) -> Result<Arc<Reservation>, Status> {
+        let reservation = Arc::new(self.state.budget.reservation());
+        reservation
+            .grow(request.encoded_len() as u64)
+            .map_err(|e| Status::from(Error::from(e)))?;
+        Ok(reservation)
+    }
+
     /// The model version a request names, or the status Triton gives for it.
     fn lookup(
         &self,
@@ -471,12 +536,14 @@ fn config_override(
     for key in r.parameters.keys() {
         if key.starts_with("file:") {
             return Err(Status::invalid_argument(format!(
-                "load parameter '{key}': model file overrides are not supported; place the file in the repository"
+                "load parameter '{}': model file overrides are not supported; place the file in the repository",
+                shown(key)
             )));
         }
         if key != "config" {
             return Err(Status::invalid_argument(format!(
-                "unknown load parameter '{key}'"
+                "unknown load parameter '{}'",
+                shown(key)
             )));
         }
     }
@@ -489,7 +556,7 @@ fn config_override(
         Some(ParameterChoice::StringParam(json)) => {
             crate::model::config_json::parse_config_json(&r.model_name, json)
                 .map(Some)
-                .map_err(|e| Status::invalid_argument(e.to_string()))
+                .map_err(|e| Status::invalid_argument(bounded_text(e.to_string())))
         }
         Some(_) => Err(Status::invalid_argument(
             "load parameter 'config' must be a string holding JSON",
@@ -507,7 +574,8 @@ fn shm_status(e: crate::shm::ShmError) -> Status {
         K::Internal => tonic::Code::Internal,
         K::Unavailable => tonic::Code::Unavailable,
     };
-    Status::new(code, e.to_string())
+    // Region names come from clients.
+    Status::new(code, bounded_text(e.to_string()))
 }
 
 fn cuda_shm_unimplemented() -> Status {

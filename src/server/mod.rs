@@ -2,6 +2,8 @@
 //! HTTP server and the listeners. The only module that knows gRPC and HTTP.
 pub mod admin;
 pub mod auth;
+pub mod budget;
+pub mod budget_grpc;
 pub mod decode;
 pub mod encode;
 pub mod grpc;

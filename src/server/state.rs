@@ -95,6 +95,8 @@ pub struct ServerState {
     pub shm: Arc<ShmRegistry>,
     /// Calls by gRPC method and status code, for /metrics.
     pub grpc_metrics: Arc<GrpcMetrics>,
+    /// The memory budget every request's bytes are held against.
+    pub budget: Arc<crate::server::budget::MemoryBudget>,
 }
 
 impl ServerState {

@@ -33,11 +33,16 @@ pub fn code_of(error: &Error) -> Code {
         },
         Error::Unimplemented(_) => Code::Unimplemented,
         Error::ShuttingDown => Code::Unavailable,
+        Error::Budget(_) => Code::ResourceExhausted,
     }
 }
 
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
-        Status::new(code_of(&error), error.to_string())
+        // Texts repeat client-supplied names: bounded so a huge name cannot overflow metadata limits.
+        Status::new(
+            code_of(&error),
+            crate::tensor::names::bounded_text(error.to_string()),
+        )
     }
 }

@@ -168,6 +168,26 @@ pub const PROCESS_START_TIME_SECONDS: MetricDef = def(
     Gauge,
     "Start time of the process since the Unix epoch in seconds",
 );
+pub const INFLIGHT_REQUEST_BYTES: MetricDef = def(
+    "onnx_gateway_inflight_request_bytes",
+    Gauge,
+    "Request bytes held against the memory budget (received and not yet answered)",
+);
+pub const INFLIGHT_REQUEST_BYTES_LIMIT: MetricDef = def(
+    "onnx_gateway_inflight_request_bytes_limit",
+    Gauge,
+    "The memory budget --max-inflight-bytes (0: unlimited)",
+);
+pub const INFLIGHT_REQUEST_BYTES_PEAK: MetricDef = def(
+    "onnx_gateway_inflight_request_bytes_peak",
+    Gauge,
+    "Highest value the request bytes in flight reached since start",
+);
+pub const BUDGET_REFUSED_TOTAL: MetricDef = def(
+    "onnx_gateway_budget_refused_total",
+    Counter,
+    "Requests or messages refused because they did not fit the memory budget",
+);
 
 // --- Triton-compatible GPU metrics (from NVML, labelled gpu_uuid; absent without a GPU) ---
 pub const GPU_UTILIZATION: MetricDef = def(
@@ -204,7 +224,7 @@ pub const TRITON_COMPAT_METRICS: [MetricDef; 11] = [
 ];
 
 /// Every metric family the gateway can expose.
-pub const ALL_METRICS: [MetricDef; 28] = [
+pub const ALL_METRICS: [MetricDef; 32] = [
     INFERENCE_REQUEST_SUCCESS,
     INFERENCE_REQUEST_FAILURE,
     INFERENCE_COUNT,
@@ -233,6 +253,10 @@ pub const ALL_METRICS: [MetricDef; 28] = [
     GPU_MEMORY_TOTAL_BYTES,
     GPU_MEMORY_USED_BYTES,
     GPU_POWER_USAGE,
+    INFLIGHT_REQUEST_BYTES,
+    INFLIGHT_REQUEST_BYTES_LIMIT,
+    INFLIGHT_REQUEST_BYTES_PEAK,
+    BUDGET_REFUSED_TOTAL,
 ];
 
 /// The `Content-Type` of [`render`]'s output.
@@ -416,6 +440,30 @@ pub struct GrpcMetrics {
     /// `requests[method][code]`; the last method slot is [`OTHER_METHOD`].
     requests: Vec<[AtomicU64; GRPC_CODES.len()]>,
     durations: Vec<Histogram>,
+    /// The memory budget's counters (server/budget.rs keeps its state in them).
+    pub budget: Arc<BudgetGauges>,
+}
+
+/// The memory budget's state, kept here so the scrape reads it directly.
+#[derive(Debug, Default)]
+pub struct BudgetGauges {
+    pub in_flight: AtomicU64,
+    pub limit: AtomicU64,
+    pub peak: AtomicU64,
+    pub refused: AtomicU64,
+}
+
+impl BudgetGauges {
+    fn render_into(&self, out: &mut Exposition) {
+        let mut single = |d: &MetricDef, value: &AtomicU64| {
+            out.family(d);
+            out.sample(d.name, "", &[], Num::U(value.load(Relaxed)));
+        };
+        single(&INFLIGHT_REQUEST_BYTES, &self.in_flight);
+        single(&INFLIGHT_REQUEST_BYTES_LIMIT, &self.limit);
+        single(&INFLIGHT_REQUEST_BYTES_PEAK, &self.peak);
+        single(&BUDGET_REFUSED_TOTAL, &self.refused);
+    }
 }
 
 impl Default for GrpcMetrics {
@@ -432,6 +480,7 @@ impl GrpcMetrics {
             durations: (0..slots)
                 .map(|_| Histogram::new(&LATENCY_BUCKETS_SECONDS))
                 .collect(),
+            budget: Arc::default(),
         }
     }
 
@@ -507,6 +556,7 @@ impl GrpcMetrics {
                 out.histogram(GRPC_REQUEST_DURATION_SECONDS.name, &labels, histogram);
             }
         }
+        self.budget.render_into(out);
     }
 }
 

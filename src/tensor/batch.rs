@@ -69,6 +69,21 @@ pub fn split_rows(
     Ok(per_request)
 }
 
+/// A batch's outputs back to its requests. For a model with a batch dimension every output must
+/// have the batch's rows in dim 0, one request or many (a single request is checked like a batch,
+/// so a model that drops or changes the batch dimension fails the same way at batch 1); a model
+/// without one runs one request at a time and its outputs pass through untouched.
+pub fn outputs_per_request(
+    outputs: Vec<NamedTensor>,
+    row_counts: &[usize],
+    batched: bool,
+) -> Result<Vec<Vec<NamedTensor>>, TensorError> {
+    if !batched && row_counts.len() == 1 {
+        return Ok(vec![outputs]);
+    }
+    split_rows(outputs, row_counts)
+}
+
 /// The input called `name` of one request; requests usually list inputs in the same order, so the
 /// same position is tried before a search.
 fn find_input<'a>(
@@ -209,6 +224,24 @@ fn split_one(
 mod tests {
     use super::*;
     use crate::tensor::DataType;
+
+    #[test]
+    fn batch_one_outputs_are_checked_like_batched_ones() {
+        // The model returned 3 rows for a request of 1: refused at batch 1 as it is at batch 2.
+        let wrong = || vec![fp32("y", vec![3, 1], &[1.0, 2.0, 3.0])];
+        let error = outputs_per_request(wrong(), &[1], true).unwrap_err();
+        assert!(error.to_string().contains("batch has 1 rows"), "{error}");
+        assert!(outputs_per_request(wrong(), &[1, 1], true).is_err());
+        // Right shape: passed through whole.
+        let right = vec![fp32("y", vec![1, 2], &[1.0, 2.0])];
+        let per_request = outputs_per_request(right.clone(), &[1], true).unwrap();
+        assert_eq!(per_request, vec![right]);
+        // Without a batch dimension there is nothing to check against.
+        assert_eq!(
+            outputs_per_request(wrong(), &[1], false).unwrap(),
+            vec![wrong()]
+        );
+    }
 
     fn fp32(name: &str, shape: Vec<i64>, values: &[f32]) -> NamedTensor {
         let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();

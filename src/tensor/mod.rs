@@ -3,9 +3,13 @@
 pub mod batch;
 mod bytes_codec;
 mod datatype;
+pub mod names;
 mod shape;
 
-pub use bytes_codec::{decode_length_prefixed, encode_length_prefixed};
+pub use bytes_codec::{
+    count_length_prefixed, decode_length_prefixed, decode_length_prefixed_exact,
+    encode_length_prefixed,
+};
 pub use datatype::DataType;
 pub use shape::{element_count, shape_matches, ShapeError};
 
