@@ -211,6 +211,15 @@ pub struct ConnectionInfo {
     tcp: Option<TcpConnectInfo>,
 }
 
+impl ConnectionInfo {
+    /// The TCP peer, under TLS too (where tonic's `Request::remote_addr` finds no
+    /// `TcpConnectInfo`, since the connect info is `TlsConnectInfo<ConnectionInfo>`); `None` on the
+    /// Unix socket.
+    pub fn remote_addr(&self) -> Option<std::net::SocketAddr> {
+        self.tcp.as_ref().and_then(|tcp| tcp.remote_addr)
+    }
+}
+
 /// A connection with the handshake and idle bounds applied on every read, holding its slot under
 /// the connection cap until hyper drops it.
 pub struct BoundedConnection<S> {
