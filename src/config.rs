@@ -130,6 +130,30 @@ pub struct GrpcArgs {
         default_value_t = 512
     )]
     pub grpc_connection_concurrency: usize,
+    /// Seconds a new gRPC connection has to send the HTTP/2 preface (under TLS: to finish the TLS
+    /// handshake) before it is closed; 0 disables the bound.
+    #[arg(
+        long,
+        env = "ONNX_GATEWAY_GRPC_HANDSHAKE_TIMEOUT_SECS",
+        default_value_t = 10
+    )]
+    pub grpc_handshake_timeout_secs: u64,
+    /// Seconds a gRPC connection may stay open with no RPC in flight before it is closed (gRPC's
+    /// MAX_CONNECTION_IDLE; keepalive pings do not count as use); 0 disables the bound.
+    #[arg(
+        long,
+        env = "ONNX_GATEWAY_GRPC_IDLE_TIMEOUT_SECS",
+        default_value_t = 300
+    )]
+    pub grpc_idle_timeout_secs: u64,
+    /// gRPC connections open at once, TCP and Unix socket together; one more is refused with an
+    /// HTTP/2 GOAWAY naming the limit (closed under TLS). 0 disables the limit.
+    #[arg(
+        long,
+        env = "ONNX_GATEWAY_GRPC_MAX_CONNECTIONS",
+        default_value_t = 1024
+    )]
+    pub grpc_max_connections: usize,
     #[command(flatten)]
     pub tls: TlsArgs,
     #[command(flatten)]

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tower::layer::util::{Identity as NoLayer, Stack};
 
@@ -26,6 +25,7 @@ use crate::server::budget_grpc::GrpcBudgetLayer;
 use crate::server::grpc::InferenceService;
 use crate::server::grpc_metrics_layer::GrpcMetricsLayer;
 use crate::server::http::listener::HttpListener;
+use crate::server::listeners::{self, ConnectionActivityLayer, ConnectionLimits};
 use crate::server::state::{Readiness, ServerState};
 use crate::shm::ShmRegistry;
 use crate::telemetry::metrics::GrpcMetrics;
@@ -458,16 +458,26 @@ async fn serve_grpc(
     } = listeners;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(follow_readiness(health_reporter, Arc::clone(&state)));
+    let limits = ConnectionLimits::new(
+        args.grpc_handshake_timeout_secs,
+        args.grpc_idle_timeout_secs,
+        args.grpc_max_connections,
+    );
+    let tls = tls.map(|tls| match limits.handshake_timeout() {
+        Some(timeout) => tls.timeout(timeout),
+        None => tls,
+    });
     let mut servers = Vec::new();
     if let Some((uds, path)) = uds {
         tracing::info!(path = %path.display(), "gRPC listening on Unix socket");
         // Peers on the socket share the pod: no TLS there.
         let router = grpc_router(&state, &args, None, auth.clone(), health_service.clone())?;
         let mut stop = stop.clone();
+        let limits = limits.clone();
         servers.push(tokio::spawn(async move {
             let result = router
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::UnixListenerStream::new(uds),
+                    listeners::uds_incoming(uds, limits.clone()),
                     async move {
                         let _ = stop.wait_for(|s| *s).await;
                     },
@@ -477,11 +487,12 @@ async fn serve_grpc(
             result.map_err(anyhow::Error::from)
         }));
     }
+    let tls_on = tls.is_some();
     let router = grpc_router(&state, &args, tls, auth, health_service)?;
     let mut stop_tcp = stop.clone();
-    // TCP_NODELAY: without it a small response can sit behind Nagle's algorithm until the client's
-    // delayed ACK (~40 ms), which showed as a 40-50 ms p99 on small tensors.
-    let incoming = TcpIncoming::from(tcp).with_nodelay(Some(true));
+    // TCP_NODELAY is set on each connection there: without it a small response can sit behind
+    // Nagle's algorithm until the client's delayed ACK (~40 ms), a 40-50 ms p99 on small tensors.
+    let incoming = listeners::tcp_incoming(tcp, limits, tls_on);
     let tcp = router.serve_with_incoming_shutdown(incoming, async move {
         let _ = stop_tcp.wait_for(|s| *s).await;
     });
@@ -492,9 +503,13 @@ async fn serve_grpc(
     result
 }
 
-/// A listener's server with its layers: metrics outermost, then authentication, then the budget.
+/// A listener's server with its layers: connection activity outermost, then metrics, then
+/// authentication, then the budget.
 type GrpcRouter = tonic::transport::server::Router<
-    Stack<GrpcBudgetLayer, Stack<TokenAuthLayer, Stack<GrpcMetricsLayer, NoLayer>>>,
+    Stack<
+        GrpcBudgetLayer,
+        Stack<TokenAuthLayer, Stack<GrpcMetricsLayer, Stack<ConnectionActivityLayer, NoLayer>>>,
+    >,
 >;
 
 /// One listener's server: transport settings, then the layers, then the services.
@@ -534,7 +549,9 @@ fn grpc_router(
         builder = builder.tls_config(tls)?;
     }
     Ok(builder
-        // Outermost, so every call is counted, refused ones included.
+        // Outermost: any RPC, even one refused below, keeps its connection from counting as idle.
+        .layer(ConnectionActivityLayer)
+        // Then metrics, so every call is counted, refused ones included.
         .layer(GrpcMetricsLayer::new(Arc::clone(&state.grpc_metrics)))
         // Before the services, so an unauthenticated call is refused before any decoding.
         .layer(auth)

@@ -238,6 +238,35 @@ fn cuda_provider(
             "cudnn_conv_use_max_workspace" => cuda.with_conv_max_workspace(parse_bool(key, value)?),
             "enable_cuda_graph" => cuda.with_cuda_graph(parse_bool(key, value)?),
             "use_tf32" => cuda.with_tf32(parse_bool(key, value)?),
+            // Triton's integer codes for these three.
+            "arena_extend_strategy" => cuda.with_arena_extend_strategy(match value.trim() {
+                "0" => ep::ArenaExtendStrategy::NextPowerOfTwo,
+                "1" => ep::ArenaExtendStrategy::SameAsRequested,
+                _ => {
+                    return Err(one_of(
+                        key,
+                        value,
+                        "0 (next power of two) or 1 (same as requested)",
+                    ))
+                }
+            }),
+            "cudnn_conv_algo_search" => cuda.with_conv_algorithm_search(match value.trim() {
+                "0" => ep::cuda::ConvAlgorithmSearch::Exhaustive,
+                "1" => ep::cuda::ConvAlgorithmSearch::Heuristic,
+                "2" => ep::cuda::ConvAlgorithmSearch::Default,
+                _ => {
+                    return Err(one_of(
+                        key,
+                        value,
+                        "0 (exhaustive), 1 (heuristic) or 2 (default)",
+                    ))
+                }
+            }),
+            "do_copy_in_default_stream" => {
+                use ep::ArbitrarilyConfigurableExecutionProvider as _;
+                let on = parse_bool(key, value)?;
+                cuda.with_arbitrary_config(key, if on { "1" } else { "0" })
+            }
             other => {
                 return Err(RuntimeError::Provider(format!(
                     "unsupported cuda accelerator parameter \"{other}\""
@@ -252,6 +281,12 @@ fn parse_num(key: &str, value: &str) -> Result<usize, RuntimeError> {
     value.trim().parse().map_err(|_| {
         RuntimeError::Provider(format!("parameter {key} must be a number, got \"{value}\""))
     })
+}
+
+fn one_of(key: &str, value: &str, allowed: &str) -> RuntimeError {
+    RuntimeError::Provider(format!(
+        "parameter {key} must be {allowed}, got \"{value}\""
+    ))
 }
 
 fn parse_bool(key: &str, value: &str) -> Result<bool, RuntimeError> {
@@ -402,5 +437,42 @@ mod tests {
         );
         let error = plan_with(&[(SPINNING_PARAMETER, "yes")]).unwrap_err();
         assert!(error.to_string().contains(SPINNING_PARAMETER), "{error}");
+    }
+}
+
+#[cfg(test)]
+mod cuda_parameter_tests {
+    use super::cuda_provider;
+
+    fn with(key: &str, value: &str) -> Result<(), String> {
+        let options = [(key.to_string(), value.to_string())];
+        cuda_provider(0, &options)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn triton_cuda_parameters_are_accepted_with_their_integer_codes() {
+        for (key, value) in [
+            ("arena_extend_strategy", "0"),
+            ("arena_extend_strategy", "1"),
+            ("cudnn_conv_algo_search", "0"),
+            ("cudnn_conv_algo_search", "2"),
+            ("do_copy_in_default_stream", "true"),
+            ("gpu_mem_limit", "1073741824"),
+        ] {
+            assert_eq!(with(key, value), Ok(()), "{key}={value}");
+        }
+    }
+
+    #[test]
+    fn an_out_of_range_code_names_the_parameter_and_the_choices() {
+        let error = with("cudnn_conv_algo_search", "3").unwrap_err();
+        assert!(
+            error.contains("cudnn_conv_algo_search") && error.contains("heuristic"),
+            "{error}"
+        );
+        let error = with("arena_extend_strategy", "kSameAsRequested").unwrap_err();
+        assert!(error.contains("arena_extend_strategy"), "{error}");
     }
 }

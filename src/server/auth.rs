@@ -10,6 +10,7 @@ use http::{Request, Response};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 
+use super::listeners::ConnectionInfo;
 use crate::security::{Access, AccessControl, AuthError, CallContext, Credential, Principal};
 
 /// The authenticated caller of one gRPC call, as the layer found it.
@@ -127,14 +128,15 @@ pub struct TokenAuth<S> {
     layer: TokenAuthLayer,
 }
 
-/// The peer address tonic recorded for the connection (TCP, or TCP under TLS); None on a Unix socket.
+/// The peer address the listener recorded for the connection (TCP, or TCP under TLS); None on a
+/// Unix socket.
 fn peer_of(extensions: &http::Extensions) -> Option<Arc<str>> {
     let addr = extensions
         .get::<TcpConnectInfo>()
         .and_then(|i| i.remote_addr())
         .or_else(|| {
             extensions
-                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .get::<TlsConnectInfo<ConnectionInfo>>()
                 .and_then(|i| i.get_ref().remote_addr())
         });
     addr.map(|a| Arc::from(a.to_string()))

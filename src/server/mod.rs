@@ -14,6 +14,8 @@ pub mod model_control;
 pub mod sequence_params;
 pub mod http;
 pub mod infer;
+pub mod listeners;
 pub mod state;
 pub mod status;
 pub mod trace_context;
+pub mod uds_authority;

@@ -201,6 +201,24 @@ pub const BUDGET_REFUSED_TOTAL: MetricDef = def(
     "Requests or messages refused because they did not fit the memory budget",
 );
 
+// --- Triton-compatible GPU metrics (from NVML, labelled gpu_uuid; absent without a GPU) ---
+pub const GPU_UTILIZATION: MetricDef = def(
+    "nv_gpu_utilization",
+    Gauge,
+    "GPU utilization rate [0.0 - 1.0)",
+);
+pub const GPU_MEMORY_TOTAL_BYTES: MetricDef = def(
+    "nv_gpu_memory_total_bytes",
+    Gauge,
+    "GPU total memory, in bytes",
+);
+pub const GPU_MEMORY_USED_BYTES: MetricDef = def(
+    "nv_gpu_memory_used_bytes",
+    Gauge,
+    "GPU used memory, in bytes",
+);
+pub const GPU_POWER_USAGE: MetricDef = def("nv_gpu_power_usage", Gauge, "GPU power usage in watts");
+
 /// Names kept as Triton spells them for dashboard compatibility; `promtool check metrics` reports
 /// lint findings on these and only these.
 pub const TRITON_COMPAT_METRICS: [MetricDef; 11] = [
@@ -218,7 +236,7 @@ pub const TRITON_COMPAT_METRICS: [MetricDef; 11] = [
 ];
 
 /// Every metric family the gateway can expose.
-pub const ALL_METRICS: [MetricDef; 30] = [
+pub const ALL_METRICS: [MetricDef; 34] = [
     INFERENCE_REQUEST_SUCCESS,
     INFERENCE_REQUEST_FAILURE,
     INFERENCE_COUNT,
@@ -245,6 +263,10 @@ pub const ALL_METRICS: [MetricDef; 30] = [
     PROCESS_START_TIME_SECONDS,
     HTTP_REQUESTS_TOTAL,
     HTTP_REQUEST_DURATION_SECONDS,
+    GPU_UTILIZATION,
+    GPU_MEMORY_TOTAL_BYTES,
+    GPU_MEMORY_USED_BYTES,
+    GPU_POWER_USAGE,
     INFLIGHT_REQUEST_BYTES,
     INFLIGHT_REQUEST_BYTES_LIMIT,
     INFLIGHT_REQUEST_BYTES_PEAK,
@@ -263,6 +285,35 @@ pub fn render(models: &[Arc<ModelStats>], grpc: &GrpcMetrics) -> String {
     if let Some(process) = ProcessStats::read() {
         process.render_into(&mut out);
     }
+    render_gpus(&mut out, &crate::telemetry::gpu::read_gpus());
+    out.finish()
+}
+
+/// Triton's `nv_gpu_*` families, one sample per GPU; nothing at all without one.
+fn render_gpus(out: &mut Exposition, gpus: &[crate::telemetry::gpu::GpuStats]) {
+    if gpus.is_empty() {
+        return;
+    }
+    type Value = fn(&crate::telemetry::gpu::GpuStats) -> Num;
+    let families: [(&MetricDef, Value); 4] = [
+        (&GPU_UTILIZATION, |g| Num::F(g.utilization)),
+        (&GPU_MEMORY_TOTAL_BYTES, |g| Num::U(g.memory_total_bytes)),
+        (&GPU_MEMORY_USED_BYTES, |g| Num::U(g.memory_used_bytes)),
+        (&GPU_POWER_USAGE, |g| Num::F(g.power_usage_watts)),
+    ];
+    for (d, value) in families {
+        out.family(d);
+        for gpu in gpus {
+            out.sample(d.name, "", &[("gpu_uuid", gpu.uuid.clone())], value(gpu));
+        }
+    }
+}
+
+/// [`render_gpus`] alone, for tests.
+#[cfg(test)]
+pub(crate) fn render_gpu_metrics(gpus: &[crate::telemetry::gpu::GpuStats]) -> String {
+    let mut out = Exposition::default();
+    render_gpus(&mut out, gpus);
     out.finish()
 }
 

@@ -1,4 +1,5 @@
 //! Telemetry: statistics, metric names and exposition, logging, tracing.
+pub mod gpu;
 pub mod logging;
 pub mod metrics;
 pub mod otel;

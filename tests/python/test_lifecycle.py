@@ -37,9 +37,6 @@ from harness import (
 )
 
 DEADLINE_S = 30.0
-# gRPC C-core clients send a Unix socket's percent-encoded path as :authority, which the HTTP/2 layer
-# under the gateway (hyper's h2) rejects as malformed; naming any plain authority avoids it.
-UDS_CHANNEL_ARGS = [("grpc.default_authority", "localhost")]
 
 
 def wait_for(predicate, what: str, timeout: float = DEADLINE_S):
@@ -396,11 +393,11 @@ def test_unix_socket_serves_tritonclient_and_a_raw_stub(gateway_factory, repo_co
 
     gateway = gateway_factory(repository, "--grpc-uds", str(path))
     gateway.wait_for_log(re.compile(r"gRPC listening on Unix socket"))
-    client = grpcclient.InferenceServerClient(f"unix://{path}", channel_args=UDS_CHANNEL_ARGS)
+    client = grpcclient.InferenceServerClient(f"unix://{path}")
     assert client.is_server_ready()
     assert_add_sub_serves(client)
 
-    channel = grpc.insecure_channel(f"unix://{path}", options=UDS_CHANNEL_ARGS)
+    channel = grpc.insecure_channel(f"unix://{path}")
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
     a, b = add_sub_inputs(batch=2, seed=5)
     request = service_pb2.ModelInferRequest(model_name="add_sub")

@@ -1,0 +1,483 @@
+//! Accepting gRPC connections with bounds: how many may be open, how long one may take to start
+//! HTTP/2, how long one may stay idle.
+//!
+//! - **Connection cap** (`--grpc-max-connections`, TCP and Unix socket together): a connection past
+//!   the cap is never handed to hyper; it is closed before any HTTP/2 byte (see
+//!   [`ConnectionLimits::refuse`] for why not a GOAWAY), and the server logs a warning naming the
+//!   flag.
+//! - **Handshake timeout** (`--grpc-handshake-timeout-secs`): the 24 bytes of the HTTP/2 client
+//!   preface must arrive within it, or the connection is closed. Under TLS the same bound is the TLS
+//!   handshake's (tonic's own timeout), and the preface inside TLS is covered by the idle timeout.
+//! - **Idle timeout** (`--grpc-idle-timeout-secs`): a connection with no RPC in flight for that long
+//!   is closed, as gRPC's MAX_CONNECTION_IDLE; pings do not count as use. A client reconnects for its
+//!   next call. RPCs are counted by [`ConnectionActivityLayer`], which finds this connection's
+//!   [`ConnectionActivity`] in the request's connect info.
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+use tower::{Layer, Service};
+
+use super::uds_authority::AuthorityRewrite;
+
+const PREFACE_LEN: usize = 24;
+/// How long a refused connection may hold a socket while it is closed.
+const REFUSAL_TIME: Duration = Duration::from_secs(2);
+/// Refused connections being closed at once; past this one is dropped at once (it may be reset).
+const MAX_CONCURRENT_REFUSALS: usize = 64;
+/// Shortest time between two warnings about refused connections.
+const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(10);
+/// Pause after a failed accept (out of file descriptors), so the accept loop does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// The bounds shared by every gRPC listener of one server.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    handshake_timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
+    max_connections: usize,
+    slots: Option<Arc<Semaphore>>,
+    refusals: Arc<Semaphore>,
+    refused: Arc<AtomicU64>,
+    started: Instant,
+    last_warning_ms: Arc<AtomicU64>,
+}
+
+impl ConnectionLimits {
+    /// Zero for any value means "no bound".
+    pub fn new(
+        handshake_timeout_secs: u64,
+        idle_timeout_secs: u64,
+        max_connections: usize,
+    ) -> Self {
+        let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+        Self {
+            handshake_timeout: secs(handshake_timeout_secs),
+            idle_timeout: secs(idle_timeout_secs),
+            max_connections,
+            slots: (max_connections > 0).then(|| Arc::new(Semaphore::new(max_connections))),
+            refusals: Arc::new(Semaphore::new(MAX_CONCURRENT_REFUSALS)),
+            refused: Arc::new(AtomicU64::new(0)),
+            started: Instant::now(),
+            last_warning_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    pub fn handshake_timeout(&self) -> Option<Duration> {
+        self.handshake_timeout
+    }
+
+    /// A slot for a new connection, or `None` when the cap is reached.
+    fn admit(&self) -> Option<Option<OwnedSemaphorePermit>> {
+        match &self.slots {
+            None => Some(None),
+            Some(slots) => Arc::clone(slots).try_acquire_owned().ok().map(Some),
+        }
+    }
+
+    fn bound<S>(
+        &self,
+        inner: S,
+        slot: Option<OwnedSemaphorePermit>,
+        plaintext: bool,
+    ) -> BoundedConnection<S> {
+        // Under TLS tonic bounds the handshake, and the bytes seen here are TLS records.
+        let handshake = self
+            .handshake_timeout
+            .filter(|_| plaintext)
+            .map(|t| Box::pin(tokio::time::sleep(t)));
+        let activity = Arc::new(ConnectionActivity::new());
+        let idle = self
+            .idle_timeout
+            .map(|t| (t, Box::pin(tokio::time::sleep(t))));
+        BoundedConnection {
+            inner,
+            activity,
+            _slot: slot,
+            handshake,
+            preface_read: 0,
+            idle,
+        }
+    }
+
+    /// Closes a connection past the cap, off the accept loop and bounded in time. It is closed
+    /// before any HTTP/2 byte is sent, so a gRPC client counts it as a failed connection attempt:
+    /// the call fails with UNAVAILABLE and the client backs off before it reconnects. (A SETTINGS
+    /// and GOAWAY would name the limit, but C-core clients treat that connection as established and
+    /// reconnect at once, hundreds of times a second.) The client's bytes are read until it closes,
+    /// as closing with unread bytes would reset the connection instead.
+    fn refuse<S>(&self, mut stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.warn_refused();
+        let Ok(permit) = Arc::clone(&self.refusals).try_acquire_owned() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let _permit = permit;
+            let close = async {
+                stream.shutdown().await?;
+                let mut sink = [0u8; 1024];
+                while stream.read(&mut sink).await? > 0 {}
+                io::Result::Ok(())
+            };
+            let _ = tokio::time::timeout(REFUSAL_TIME, close).await;
+        });
+    }
+
+    /// One warning per [`REFUSAL_LOG_PERIOD`] at most, with the count, so a flood cannot flood
+    /// the log too.
+    fn warn_refused(&self) {
+        let refused = self.refused.fetch_add(1, Ordering::AcqRel) + 1;
+        let now = self.started.elapsed().as_millis() as u64;
+        let last = self.last_warning_ms.load(Ordering::Acquire);
+        let due = refused == 1 || now.saturating_sub(last) >= REFUSAL_LOG_PERIOD.as_millis() as u64;
+        if due
+            && self
+                .last_warning_ms
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            tracing::warn!(
+                limit = self.max_connections,
+                refused_total = refused,
+                "gRPC connection refused: --grpc-max-connections reached"
+            );
+        }
+    }
+}
+
+/// RPCs in flight on one connection and when the last one ended.
+#[derive(Debug)]
+pub struct ConnectionActivity {
+    opened: Instant,
+    in_flight: AtomicUsize,
+    /// Milliseconds after `opened` when the connection last became idle.
+    idle_since_ms: AtomicU64,
+}
+
+impl ConnectionActivity {
+    fn new() -> Self {
+        Self {
+            opened: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn start(self: &Arc<Self>) -> RpcGuard {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        RpcGuard(Arc::clone(self))
+    }
+
+    /// When the idle timeout ends, or `None` while an RPC is in flight.
+    fn idle_deadline(&self, timeout: Duration) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
+        Some(self.opened + since + timeout)
+    }
+}
+
+/// Held while an RPC (request and its whole response) is in progress.
+struct RpcGuard(Arc<ConnectionActivity>);
+
+impl Drop for RpcGuard {
+    fn drop(&mut self) {
+        let now = self.0.opened.elapsed().as_millis() as u64;
+        self.0.idle_since_ms.fetch_max(now, Ordering::AcqRel);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What tonic puts in each request's extensions for a bounded connection. The TCP peer address is
+/// kept so that the layer can restore tonic's own `TcpConnectInfo` (`Request::remote_addr`).
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    activity: Arc<ConnectionActivity>,
+    tcp: Option<TcpConnectInfo>,
+}
+
+impl ConnectionInfo {
+    /// The TCP peer, under TLS too (where tonic's `Request::remote_addr` finds no
+    /// `TcpConnectInfo`, since the connect info is `TlsConnectInfo<ConnectionInfo>`); `None` on the
+    /// Unix socket.
+    pub fn remote_addr(&self) -> Option<std::net::SocketAddr> {
+        self.tcp.as_ref().and_then(|tcp| tcp.remote_addr)
+    }
+}
+
+/// A connection with the handshake and idle bounds applied on every read, holding its slot under
+/// the connection cap until hyper drops it.
+pub struct BoundedConnection<S> {
+    inner: S,
+    activity: Arc<ConnectionActivity>,
+    _slot: Option<OwnedSemaphorePermit>,
+    handshake: Option<Pin<Box<Sleep>>>,
+    preface_read: usize,
+    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+}
+
+impl<S> BoundedConnection<S> {
+    /// Err when a bound is past; hyper closes the connection on a read error. Polling the timers
+    /// here registers them with the connection's task, which always has a read pending.
+    fn check_bounds(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if let Some(deadline) = &mut self.handshake {
+            if deadline.as_mut().poll(cx).is_ready() {
+                tracing::debug!(
+                    "gRPC connection closed: no HTTP/2 preface within the handshake timeout"
+                );
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no HTTP/2 preface within --grpc-handshake-timeout-secs",
+                ));
+            }
+        }
+        let Some((timeout, timer)) = &mut self.idle else {
+            return Ok(());
+        };
+        while timer.as_mut().poll(cx).is_ready() {
+            match self.activity.idle_deadline(*timeout) {
+                Some(deadline) if deadline <= Instant::now() => {
+                    tracing::debug!("gRPC connection closed: idle past --grpc-idle-timeout-secs");
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "connection idle past --grpc-idle-timeout-secs",
+                    ));
+                }
+                Some(deadline) => timer.as_mut().reset(deadline.into()),
+                None => timer.as_mut().reset((Instant::now() + *timeout).into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for BoundedConnection<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check_bounds(cx)?;
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if this.handshake.is_some() {
+            this.preface_read += buf.filled().len() - before;
+            if this.preface_read >= PREFACE_LEN {
+                this.handshake = None;
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for BoundedConnection<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl Connected for BoundedConnection<TcpStream> {
+    type ConnectInfo = ConnectionInfo;
+
+    fn connect_info(&self) -> ConnectionInfo {
+        ConnectionInfo {
+            activity: Arc::clone(&self.activity),
+            tcp: Some(self.inner.connect_info()),
+        }
+    }
+}
+
+impl Connected for BoundedConnection<AuthorityRewrite<UnixStream>> {
+    type ConnectInfo = ConnectionInfo;
+
+    fn connect_info(&self) -> ConnectionInfo {
+        ConnectionInfo {
+            activity: Arc::clone(&self.activity),
+            tcp: None,
+        }
+    }
+}
+
+/// The TCP listener's connections, bounded; TCP_NODELAY on each (a small response must not wait
+/// for the client's delayed ACK).
+pub fn tcp_incoming(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    tls: bool,
+) -> impl Stream<Item = io::Result<BoundedConnection<TcpStream>>> + Send + 'static {
+    futures::stream::unfold((listener, limits), move |(listener, limits)| async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    return Some((Err(error), (listener, limits)));
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            match limits.admit() {
+                Some(slot) => {
+                    let connection = limits.bound(stream, slot, !tls);
+                    return Some((Ok(connection), (listener, limits)));
+                }
+                None => limits.refuse(stream),
+            }
+        }
+    })
+}
+
+/// The Unix socket's connections, bounded, with any `:authority` accepted (see `uds_authority`).
+pub fn uds_incoming(
+    listener: UnixListener,
+    limits: ConnectionLimits,
+) -> impl Stream<Item = io::Result<BoundedConnection<AuthorityRewrite<UnixStream>>>> + Send + 'static
+{
+    futures::stream::unfold((listener, limits), move |(listener, limits)| async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    return Some((Err(error), (listener, limits)));
+                }
+            };
+            match limits.admit() {
+                Some(slot) => {
+                    let connection = limits.bound(AuthorityRewrite::new(stream), slot, true);
+                    return Some((Ok(connection), (listener, limits)));
+                }
+                None => limits.refuse(stream),
+            }
+        }
+    })
+}
+
+/// Counts each RPC as in flight on its connection from its arrival until its response body is
+/// done, for the idle timeout; also restores tonic's `TcpConnectInfo` for `Request::remote_addr`.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionActivityLayer;
+
+impl<S> Layer<S> for ConnectionActivityLayer {
+    type Service = ConnectionActivityService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ConnectionActivityService { inner }
+    }
+}
+
+/// The service [`ConnectionActivityLayer`] produces.
+#[derive(Debug, Clone)]
+pub struct ConnectionActivityService<S> {
+    inner: S,
+}
+
+fn connection_info<B>(request: &http::Request<B>) -> Option<&ConnectionInfo> {
+    let extensions = request.extensions();
+    extensions.get::<ConnectionInfo>().or_else(|| {
+        extensions
+            .get::<tonic::transport::server::TlsConnectInfo<ConnectionInfo>>()
+            .map(|tls| tls.get_ref())
+    })
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for ConnectionActivityService<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    ResBody: Body + Unpin + Send + 'static,
+{
+    type Response = http::Response<ActivityBody<ResBody>>;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+        let info = connection_info(&request).cloned();
+        let guard = info.as_ref().map(|info| info.activity.start());
+        if let Some(tcp) = info.and_then(|info| info.tcp) {
+            request.extensions_mut().insert(tcp);
+        }
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|inner| ActivityBody {
+                inner,
+                _guard: guard,
+            }))
+        })
+    }
+}
+
+/// A response body that keeps its RPC counted as in flight until it is dropped.
+pub struct ActivityBody<B> {
+    inner: B,
+    _guard: Option<RpcGuard>,
+}
+
+impl<B: Body + Unpin> Body for ActivityBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+#[path = "listeners_tests.rs"]
+mod tests;
