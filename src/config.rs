@@ -63,6 +63,11 @@ pub struct ModelArgs {
         default_value_t = 4096
     )]
     pub default_max_queue_size: usize,
+    /// Warm up every model whose config lists no model_warmup with zero data at each batch size the
+    /// batcher can form (1, preferred sizes, max_batch_size) before it reports READY, so the first
+    /// request at a new shape does not stall. A config parameter `auto_warmup` overrides it per model.
+    #[arg(long, env = "ONNX_GATEWAY_MODEL_AUTO_WARMUP", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub model_auto_warmup: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -121,6 +121,7 @@ impl Gateway {
         let models = Arc::new(ModelManager::new(ManagerSettings {
             repository: config.models.model_repository.clone(),
             default_max_queue_size: config.models.default_max_queue_size,
+            auto_warmup: config.models.model_auto_warmup,
         }));
         let readiness = Arc::new(Readiness::new(config.models.strict_readiness));
         let control_mode = config.models.model_control_mode;

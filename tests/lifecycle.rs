@@ -60,6 +60,7 @@ fn manager(repo: &Path) -> Arc<ModelManager> {
     Arc::new(ModelManager::new(ManagerSettings {
         repository: repo.to_path_buf(),
         default_max_queue_size: 64,
+        auto_warmup: false,
     }))
 }
 

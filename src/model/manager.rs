@@ -8,7 +8,7 @@ use std::time::Instant;
 use parking_lot::RwLock;
 
 use super::validate::TensorSpec;
-use super::{autocomplete, repository, validate, ModelConfig, ModelError};
+use super::{autocomplete, repository, validate, warmup, ModelConfig, ModelError};
 use crate::proto::model_instance_group::Kind as InstanceKind;
 use crate::runtime::{cpu_budget, OrtExecutor, SessionPlan};
 use crate::scheduler::{
@@ -90,6 +90,8 @@ struct ModelSlot {
 pub struct ManagerSettings {
     pub repository: PathBuf,
     pub default_max_queue_size: usize,
+    /// Warm up models whose config lists no `model_warmup` over their batch sizes (`--model-auto-warmup`).
+    pub auto_warmup: bool,
 }
 
 /// Owns every loaded model. Cheap lookups for the request path (one read lock, an Arc clone).
@@ -380,6 +382,11 @@ impl ModelManager {
             executors.push(Box::new(executor));
         }
         let (inputs, outputs) = validate::io_specs(&config);
+        // Before the scheduler exists: every instance warms up, and nothing reaches the statistics.
+        let model_dir = self.settings.repository.join(name);
+        warmup::plan(&model_dir, &config, &inputs, self.settings.auto_warmup)
+            .and_then(|samples| warmup::run(name, &samples, &mut executors))
+            .map_err(|e| fail(e.to_string()))?;
         let stats = Arc::new(ModelStats::new(name, &version.to_string()));
         let scheduler = Scheduler::start(settings, executors, Arc::clone(&stats));
         Ok(LoadedModel {

@@ -10,6 +10,7 @@ pub mod manager;
 pub mod poll;
 pub mod repository;
 pub mod validate;
+pub mod warmup;
 
 use crate::tensor::DataType;
 
