@@ -25,6 +25,17 @@ pub struct Config {
     pub log: crate::telemetry::logging::LoggingArgs,
     #[command(flatten)]
     pub tracing: crate::telemetry::otel::TracingArgs,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+/// The response cache, as Triton's flags.
+#[derive(Debug, Clone, Args)]
+pub struct CacheArgs {
+    /// Response cache settings as Triton's: `local,size=BYTES` enables the in-memory LRU cache of
+    /// that many bytes, shared by the models whose config sets `response_cache { enable: true }`.
+    #[arg(long = "cache-config", env = "ONNX_GATEWAY_CACHE_CONFIG")]
+    pub cache_config: Vec<String>,
 }
 
 /// How models are loaded and when the server counts as ready.

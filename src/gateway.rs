@@ -131,12 +131,16 @@ impl Gateway {
             ShmRegistry::disabled()
         });
         let grpc_metrics = Arc::new(GrpcMetrics::new());
+        let cache = crate::cache::parse_cache_config(&config.cache.cache_config)
+            .map_err(anyhow::Error::msg)?
+            .map(|settings| Arc::new(crate::cache::ResponseCache::new(settings)));
         let state = Arc::new(ServerState {
             models,
             readiness,
             control_mode,
             shm,
             grpc_metrics,
+            cache,
         });
         Ok(Self {
             config,

@@ -1,6 +1,7 @@
 //! onnx-gateway: serves ONNX models through ONNX Runtime over the KServe v2 / Triton gRPC protocol.
 #![deny(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod model;

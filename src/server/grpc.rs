@@ -86,7 +86,10 @@ async fn infer(
         } else {
             1
         };
-        match model.scheduler.infer(decoded).await {
+        let cache = state.cache.as_deref();
+        let outcome =
+            crate::cache::lookup_or_run(cache, &model, decoded, |r| model.scheduler.infer(r)).await;
+        match outcome {
             Ok(response) => {
                 model
                     .stats

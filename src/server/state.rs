@@ -95,6 +95,8 @@ pub struct ServerState {
     pub shm: Arc<ShmRegistry>,
     /// Calls by gRPC method and status code, for /metrics.
     pub grpc_metrics: Arc<GrpcMetrics>,
+    /// The response cache (`--cache-config`); None when not configured.
+    pub cache: Option<Arc<crate::cache::ResponseCache>>,
 }
 
 impl ServerState {
@@ -110,6 +112,16 @@ impl ServerState {
             .iter()
             .map(|m| Arc::clone(&m.stats))
             .collect();
-        crate::telemetry::metrics::render(&stats, &self.grpc_metrics)
+        let mut text = crate::telemetry::metrics::render(&stats, &self.grpc_metrics);
+        if let Some(cache) = &self.cache {
+            let snapshot = cache.snapshot();
+            text.push_str(&crate::telemetry::metrics::render_cache(
+                &stats,
+                snapshot.entries,
+                snapshot.evictions,
+                snapshot.utilization(),
+            ));
+        }
+        text
     }
 }
