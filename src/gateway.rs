@@ -304,6 +304,7 @@ async fn load_models(config: &Config, state: &Arc<ServerState>) -> anyhow::Resul
     if names.is_empty() {
         tracing::warn!(repository = %config.models.model_repository.display(), "no models to load");
     }
+    let names = crate::ensemble::runner::load_order(state.models.repository(), names);
     for name in names {
         let result = state.models.load(&name, None).await;
         state.readiness.notify();

@@ -3,6 +3,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 pub mod cache;
 pub mod config;
+pub mod ensemble;
 pub mod error;
 pub mod model;
 pub mod runtime;

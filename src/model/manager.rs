@@ -24,7 +24,8 @@ pub struct LoadedModel {
     pub config: ModelConfig,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
-    pub scheduler: Scheduler,
+    /// The model's scheduler, or for an ensemble the executor that routes to its composing models.
+    pub scheduler: crate::ensemble::ModelRunner,
     pub stats: Arc<ModelStats>,
 }
 
@@ -205,8 +206,20 @@ impl ModelManager {
         }
     }
 
-    /// The model version a request names; an empty version means the latest ready one.
+    /// The model version a request names; an empty version means the latest ready one. An
+    /// ensemble is not ready while any of its composing models is not.
     pub fn get(&self, name: &str, version: &str) -> Result<Arc<LoadedModel>, LookupError> {
+        let model = self.get_loaded(name, version)?;
+        match model.scheduler.ensemble() {
+            Some(e) if !e.composing_ready(self) => Err(LookupError::VersionNotReady(
+                name.to_string(),
+                model.version.to_string(),
+            )),
+            _ => Ok(model),
+        }
+    }
+
+    fn get_loaded(&self, name: &str, version: &str) -> Result<Arc<LoadedModel>, LookupError> {
         let models = self.models.read();
         let slot = models
             .get(name)
@@ -313,7 +326,7 @@ impl ModelManager {
     }
 
     fn load_versions_blocking(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         config_override: Option<ModelConfig>,
     ) -> Result<Vec<Arc<LoadedModel>>, ModelError> {
@@ -334,6 +347,13 @@ impl ModelManager {
                     "no version to load (found versions {available:?} in the repository)"
                 ),
             });
+        }
+        if crate::ensemble::is_ensemble(&config) {
+            let load = |v| crate::ensemble::runner::load_ensemble(self, name, v, &config);
+            return versions
+                .into_iter()
+                .map(|v| load(v).map(Arc::new))
+                .collect();
         }
         versions
             .into_iter()
@@ -395,7 +415,7 @@ impl ModelManager {
             config,
             inputs,
             outputs,
-            scheduler,
+            scheduler: scheduler.into(),
             stats,
         })
     }
