@@ -294,13 +294,16 @@ pub fn render_model_metrics(models: &[Arc<ModelStats>]) -> String {
     out.finish()
 }
 
+/// Picks one of a model's counters.
+type CounterOf = fn(&ModelStats) -> u64;
+
 /// Renders the response-cache families: per model-version hits and misses from the same
 /// statistics ModelStatistics reads, then the cache-wide figures. Appended to [`render`]'s output
 /// when a cache is configured.
 pub fn render_cache(models: &[Arc<ModelStats>], entries: u64, evictions: u64, util: f64) -> String {
     let mut out = Exposition::default();
     let labels = |m: &ModelStats| [("model", m.model.clone()), ("version", m.version.clone())];
-    let per_model: [(&MetricDef, fn(&ModelStats) -> u64); 4] = [
+    let per_model: [(&MetricDef, CounterOf); 4] = [
         (&CACHE_NUM_HITS_PER_MODEL, |m| m.cache_hit.count()),
         (&CACHE_NUM_MISSES_PER_MODEL, |m| m.cache_miss.count()),
         (&CACHE_HIT_DURATION_PER_MODEL, |m| m.cache_hit.ns() / 1000),
