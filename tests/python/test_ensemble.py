@@ -204,3 +204,27 @@ def test_readiness_follows_the_composing_model(gateway_factory, tmp_path):
     assert client.is_model_ready("pipeline")
     result = client.infer("pipeline", pipeline_inputs(a, b))
     assert np.array_equal(result.as_numpy("DOUBLE_A"), a + a)
+
+
+def test_the_example_digits_pipeline_matches_the_classifier(client):
+    """models/digits_pipeline on 0..255 pixels predicts what digits_classifier predicts on the
+    same held-out images in its own 0..16 scale, and scores as well."""
+    import sys
+
+    sys.path.insert(0, str(MODELS / "digits_classifier"))
+    from digits_data import load_split
+
+    _, x_test, _, y_test = load_split()
+    x_test, y_test = x_test[:64], y_test[:64]
+    pipeline_labels, direct_labels = [], []
+    for start in range(0, len(x_test), 4):
+        chunk = x_test[start : start + 4]
+        pixels = grpcclient.InferInput("pixels", list(chunk.shape), "FP32")
+        pixels.set_data_from_numpy((chunk * (255.0 / 16.0)).astype(np.float32))
+        pipeline_labels.append(client.infer("digits_pipeline", [pixels]).as_numpy("label").reshape(-1))
+        direct = grpcclient.InferInput("input", list(chunk.shape), "FP32")
+        direct.set_data_from_numpy(chunk)
+        direct_labels.append(client.infer("digits_classifier", [direct]).as_numpy("label").reshape(-1))
+    pipeline_labels, direct_labels = np.concatenate(pipeline_labels), np.concatenate(direct_labels)
+    assert np.array_equal(pipeline_labels, direct_labels)
+    assert np.mean(pipeline_labels == y_test) > 0.9
