@@ -348,6 +348,7 @@ impl ModelManager {
                 ),
             });
         }
+        super::ignored::warn_ignored(name, &config);
         if crate::ensemble::is_ensemble(&config) {
             let load = |v| crate::ensemble::runner::load_ensemble(self, name, v, &config);
             return versions

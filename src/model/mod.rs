@@ -6,6 +6,7 @@
 pub mod autocomplete;
 pub mod config_json;
 pub mod config_text;
+pub mod ignored;
 pub mod manager;
 pub mod poll;
 pub mod repository;
