@@ -228,3 +228,20 @@ def test_the_example_digits_pipeline_matches_the_classifier(client):
     pipeline_labels, direct_labels = np.concatenate(pipeline_labels), np.concatenate(direct_labels)
     assert np.array_equal(pipeline_labels, direct_labels)
     assert np.mean(pipeline_labels == y_test) > 0.9
+
+
+def test_the_request_timeout_reaches_the_step(gateway_factory, tmp_path):
+    # The composing model would hold a lone request for 30 s (batches of exactly 4) and time it out
+    # only after 20 s by default; the ensemble request asks for 0.2 s. Only if that reaches the step
+    # does the request come back as the step's timeout before the client's 10 s deadline.
+    scheduling = (
+        "dynamic_batching { preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 30000000 "
+        "default_queue_policy { timeout_action: REJECT default_timeout_microseconds: 20000000 allow_timeout_override: true } }"
+    )
+    gateway = gateway_factory(pipeline_repository(tmp_path, add_sub_scheduling=scheduling))
+    client = gateway.client()
+    a, b = add_sub_inputs(batch=1)
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("pipeline", pipeline_inputs(a, b), timeout=200_000, client_timeout=10)
+    assert info.value.status() == "StatusCode.UNAVAILABLE", info.value.message()
+    assert "timeout" in info.value.message().lower()
