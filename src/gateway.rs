@@ -340,7 +340,13 @@ async fn poll_repository(
         };
         let after = poll::scan(&repo, &names);
         let changes = poll::diff(&before, &after);
-        for name in changes.added.iter().chain(&changes.changed) {
+        let to_load: Vec<String> = changes
+            .added
+            .iter()
+            .chain(&changes.changed)
+            .cloned()
+            .collect();
+        for name in &crate::ensemble::runner::load_order(&repo, to_load) {
             tracing::info!(model = %name, "repository change detected: loading");
             let _ = state.models.load(name, None).await;
         }

@@ -313,7 +313,19 @@ impl ModelManager {
                 });
             }
         }
+        drop(models);
+        self.mark_unready_ensembles(&mut rows);
         rows
+    }
+
+    /// An ensemble version whose composing models are not all ready is listed UNAVAILABLE.
+    fn mark_unready_ensembles(&self, rows: &mut [IndexEntry]) {
+        for row in rows.iter_mut().filter(|r| r.state == ModelState::Ready) {
+            if let Err(e) = self.get(&row.name, &row.version) {
+                row.state = ModelState::Unavailable;
+                row.reason = format!("{e}: a composing model is not ready");
+            }
+        }
     }
 
     /// Every loaded model version, for statistics and metrics.

@@ -196,6 +196,8 @@ def test_readiness_follows_the_composing_model(gateway_factory, tmp_path):
     assert client.is_model_ready("pipeline")
     client.unload_model("add_sub")
     assert not client.is_model_ready("pipeline")
+    index = {m.name: m for m in client.get_model_repository_index().models}
+    assert index["pipeline"].state == "UNAVAILABLE" and "composing model" in index["pipeline"].reason
     a, b = add_sub_inputs(batch=1)
     with pytest.raises(InferenceServerException) as info:
         client.infer("pipeline", pipeline_inputs(a, b))
