@@ -8,10 +8,13 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
-from harness import MODELS, TEST_MODELS, add_sub_inputs
+from harness import MODELS, TEST_MODELS, add_sub_inputs, run_gateway_to_exit
 from test_statistics_metrics import scrape
+from test_warmup import broadcast_add_model
 
 CACHE_ON = "\nresponse_cache { enable: true }\n"
 
@@ -126,8 +129,6 @@ def test_a_small_cache_evicts_the_least_recently_used(gateway_factory, tmp_path)
 
 
 def test_a_bad_cache_config_stops_startup(repo_copy):
-    from harness import run_gateway_to_exit
-
     code, stderr = run_gateway_to_exit(repo_copy("add_sub"), "--cache-config", "redis,size=10")
     assert code != 0
     assert "cache 'redis' is not available" in stderr, stderr
@@ -142,3 +143,37 @@ def test_without_cache_config_no_cache_metrics(gateway_factory, tmp_path):
         add_sub_request(client, "cached", 0)
     assert cache_counts(client, "cached") == (0, 0, 2, 2)
     assert not any(name.startswith("nv_cache_") for name, _ in scrape(gateway.admin_url))
+
+
+def test_only_successes_are_cached(gateway_factory, tmp_path):
+    repository = tmp_path / "repository"
+    broadcast_add_model(repository / "vector_add" / "1" / "model.onnx")
+    (repository / "vector_add" / "config.pbtxt").write_text(
+        """name: "vector_add"
+backend: "onnxruntime"
+max_batch_size: 0
+input [ { name: "X" data_type: TYPE_FP32 dims: [ -1 ] }, { name: "Y" data_type: TYPE_FP32 dims: [ -1 ] } ]
+output [ { name: "Z" data_type: TYPE_FP32 dims: [ -1 ] } ]
+response_cache { enable: true }
+"""
+    )
+    gateway = gateway_factory(repository, "--cache-config", "local,size=1048576")
+    client = gateway.client()
+
+    def send(x, y):
+        inputs = [grpcclient.InferInput("X", list(x.shape), "FP32"), grpcclient.InferInput("Y", list(y.shape), "FP32")]
+        inputs[0].set_data_from_numpy(x)
+        inputs[1].set_data_from_numpy(y)
+        return client.infer("vector_add", inputs)
+
+    three, four = np.ones(3, np.float32), np.ones(4, np.float32)
+    for _ in range(2):  # fails in ONNX Runtime both times: nothing stored, so no hit either
+        with pytest.raises(InferenceServerException) as info:
+            send(three, four)
+        assert info.value.status() == "StatusCode.INTERNAL"
+    (stats,) = client.get_inference_statistics("vector_add").model_stats
+    assert (stats.inference_stats.cache_hit.count, stats.inference_stats.cache_miss.count) == (0, 0)
+    assert stats.inference_stats.fail.count == 2
+    for _ in range(2):
+        assert np.array_equal(send(three, three).as_numpy("Z"), three + three)
+    assert cache_counts(client, "vector_add")[:2] == (1, 1)
