@@ -543,6 +543,52 @@ mod tests {
     }
 
     #[test]
+    fn bytes_file_data_is_length_prefixed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(WARMUP_DIR)).unwrap();
+        let items = [Bytes::from_static(b"ab"), Bytes::from_static(b"")];
+        let encoded = crate::tensor::encode_length_prefixed(&items);
+        std::fs::write(dir.path().join(WARMUP_DIR).join("s.bin"), &encoded).unwrap();
+        let mut setting = sample(
+            "s",
+            1,
+            &[("t", &[2], InputDataType::InputDataFile("s.bin".into()))],
+        );
+        setting.inputs.get_mut("t").unwrap().data_type = crate::proto::DataType::TypeString as i32;
+        let bytes_spec = TensorSpec {
+            dtype: DataType::Bytes,
+            ..spec("t", &[2])
+        };
+        let samples = plan(
+            dir.path(),
+            &config(0, vec![setting.clone()]),
+            &[bytes_spec.clone()],
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            samples[0].inputs[0].tensor.data,
+            TensorData::Strings(items.to_vec())
+        );
+        setting.inputs.get_mut("t").unwrap().dims = vec![3];
+        let err = plan(
+            dir.path(),
+            &config(0, vec![setting]),
+            &[spec("t", &[-1])].map(|s| TensorSpec {
+                dtype: DataType::Bytes,
+                ..s
+            }),
+            false,
+        )
+        .unwrap_err();
+        assert!(
+            err.reason
+                .contains("holds 2 BYTES elements but the shape needs 3"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn auto_warmup_covers_the_batch_sizes_and_obeys_the_parameter() {
         let mut c = config(8, vec![]);
         c.scheduling_choice = Some(SchedulingChoice::DynamicBatching(ModelDynamicBatching {
