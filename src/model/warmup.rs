@@ -562,7 +562,7 @@ mod tests {
         let samples = plan(
             dir.path(),
             &config(0, vec![setting.clone()]),
-            &[bytes_spec.clone()],
+            std::slice::from_ref(&bytes_spec),
             false,
         )
         .unwrap();
