@@ -46,6 +46,14 @@ impl ModelRunner {
         }
     }
 
+    /// The model's own scheduler; None for an ensemble (which queues nothing itself).
+    pub fn scheduled(&self) -> Option<&Scheduler> {
+        match self {
+            ModelRunner::Scheduled(s) => Some(s),
+            ModelRunner::Ensemble(_) => None,
+        }
+    }
+
     pub fn ensemble(&self) -> Option<&EnsembleExecutor> {
         match self {
             ModelRunner::Ensemble(e) => Some(e),
