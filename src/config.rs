@@ -33,6 +33,17 @@ pub struct Config {
     pub security: SecurityArgs,
     #[command(flatten)]
     pub identity: IdentityArgs,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+/// The response cache, as Triton's flags.
+#[derive(Debug, Clone, Args)]
+pub struct CacheArgs {
+    /// Response cache settings as Triton's: `local,size=BYTES` enables the in-memory LRU cache of
+    /// that many bytes, shared by the models whose config sets `response_cache { enable: true }`.
+    #[arg(long = "cache-config", env = "ONNX_GATEWAY_CACHE_CONFIG")]
+    pub cache_config: Vec<String>,
 }
 
 /// How models are loaded and when the server counts as ready.
@@ -80,6 +91,11 @@ pub struct ModelArgs {
     /// RepositoryModelLoad), stops building instances, and the previous version keeps serving.
     #[arg(long, env = "ONNX_GATEWAY_MODEL_LOAD_TIMEOUT_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub model_load_timeout_secs: u64,
+    /// Warm up every model whose config lists no model_warmup with zero data at each batch size the
+    /// batcher can form (1, preferred sizes, max_batch_size) before it reports READY, so the first
+    /// request at a new shape does not stall. A config parameter `auto_warmup` overrides it per model.
+    #[arg(long, env = "ONNX_GATEWAY_MODEL_AUTO_WARMUP", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub model_auto_warmup: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -140,6 +140,7 @@ impl Gateway {
                         .map_or_else(ConfigLimits::default_max_instances, |n| n as usize),
                 },
                 load_timeout: Duration::from_secs(config.models.model_load_timeout_secs),
+                auto_warmup: config.models.model_auto_warmup,
             })
             .with_model_keys(security::setup::model_keys(&config.security)?),
         );
@@ -159,6 +160,9 @@ impl Gateway {
             max_inflight_bytes = budget.limit(),
             "memory budget for requests in flight"
         );
+        let cache = crate::cache::parse_cache_config(&config.cache.cache_config)
+            .map_err(anyhow::Error::msg)?
+            .map(|settings| Arc::new(crate::cache::ResponseCache::new(settings)));
         let state = Arc::new(ServerState {
             models,
             readiness,
@@ -170,6 +174,7 @@ impl Gateway {
             budget,
             access,
             server_name: config.identity.server_name.clone(),
+            cache,
         });
         let http = match config.http.allow_http {
             true => Some(HttpListener::bind(&config.http).await?),
@@ -374,6 +379,7 @@ async fn load_models(config: &Config, state: &Arc<ServerState>) -> anyhow::Resul
     if names.is_empty() {
         tracing::warn!(repository = %config.models.model_repository.display(), "no models to load");
     }
+    let names = crate::ensemble::runner::load_order(state.models.repository(), names);
     for name in names {
         let result = state.models.load(&name, None).await;
         state.readiness.notify();
@@ -413,7 +419,13 @@ async fn poll_repository(
         };
         let after = scan_off_reactor(&repo, names).await;
         let changes = poll::diff(&before, &after);
-        for name in changes.added.iter().chain(&changes.changed) {
+        let to_load: Vec<String> = changes
+            .added
+            .iter()
+            .chain(&changes.changed)
+            .cloned()
+            .collect();
+        for name in &crate::ensemble::runner::load_order(&repo, to_load) {
             tracing::info!(model = %name, "repository change detected: loading");
             let result = state.models.load(name, None).await;
             state

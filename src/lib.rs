@@ -1,7 +1,9 @@
 //! onnx-gateway: serves ONNX models through ONNX Runtime over the KServe v2 / Triton gRPC protocol.
 #![deny(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
+pub mod cache;
 pub mod config;
+pub mod ensemble;
 pub mod error;
 pub mod model;
 pub mod runtime;

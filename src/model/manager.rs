@@ -10,7 +10,7 @@ use parking_lot::{Mutex, RwLock};
 
 use super::bounds::{self, ConfigLimits};
 use super::validate::TensorSpec;
-use super::{autocomplete, instance_plan, repository, validate, ModelConfig, ModelError};
+use super::{autocomplete, instance_plan, repository, validate, warmup, ModelConfig, ModelError};
 use crate::proto::model_instance_group::Kind as GroupKind;
 use crate::runtime::{cpu_budget, OrtExecutor, SessionPlan};
 use crate::scheduler::sequence::settings::SequenceSettings;
@@ -27,7 +27,8 @@ pub struct LoadedModel {
     pub config: ModelConfig,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
-    pub scheduler: Scheduler,
+    /// The model's scheduler, or for an ensemble the executor that routes to its composing models.
+    pub scheduler: crate::ensemble::ModelRunner,
     pub stats: Arc<ModelStats>,
     /// Class labels of outputs that name a `label_filename`, for the classification extension.
     pub labels: super::labels::OutputLabels,
@@ -119,6 +120,8 @@ pub struct ManagerSettings {
     pub limits: ConfigLimits,
     /// A load still building after this long fails (`--model-load-timeout-secs`).
     pub load_timeout: Duration,
+    /// Warm up models whose config lists no `model_warmup` over their batch sizes (`--model-auto-warmup`).
+    pub auto_warmup: bool,
 }
 
 /// `--model-load-timeout-secs` when not set.
@@ -131,6 +134,7 @@ impl Default for ManagerSettings {
             default_max_queue_size: crate::scheduler::DEFAULT_MAX_QUEUE,
             limits: ConfigLimits::default(),
             load_timeout: DEFAULT_LOAD_TIMEOUT,
+            auto_warmup: false,
         }
     }
 }
@@ -399,8 +403,20 @@ impl ModelManager {
     }
 
     /// The model version a request names; an empty version means the latest ready one. A version
-    /// whose instances have all failed is not ready.
+    /// whose instances have all failed is not ready, nor an ensemble while any of its composing
+    /// models is not.
     pub fn get(&self, name: &str, version: &str) -> Result<Arc<LoadedModel>, LookupError> {
+        let model = self.get_loaded(name, version)?;
+        match model.scheduler.ensemble() {
+            Some(e) if !e.composing_ready(self) => Err(LookupError::VersionNotReady(
+                name.to_string(),
+                model.version.to_string(),
+            )),
+            _ => Ok(model),
+        }
+    }
+
+    fn get_loaded(&self, name: &str, version: &str) -> Result<Arc<LoadedModel>, LookupError> {
         let models = self.models.read();
         let slot = models
             .get(name)
@@ -477,7 +493,19 @@ impl ModelManager {
                 }),
             }
         }
+        drop(models);
+        self.mark_unready_ensembles(&mut rows);
         rows
+    }
+
+    /// An ensemble version whose composing models are not all ready is listed UNAVAILABLE.
+    fn mark_unready_ensembles(&self, rows: &mut [IndexEntry]) {
+        for row in rows.iter_mut().filter(|r| r.state == ModelState::Ready) {
+            if let Err(e) = self.get(&row.name, &row.version) {
+                row.state = ModelState::Unavailable;
+                row.reason = format!("{e}: a composing model is not ready");
+            }
+        }
     }
 
     /// Every loaded model version, for statistics and metrics.
@@ -490,7 +518,7 @@ impl ModelManager {
     }
 
     fn load_versions_blocking(
-        &self,
+        self: &Arc<Self>,
         repo: &Path,
         name: &str,
         config_override: Option<ModelConfig>,
@@ -514,6 +542,14 @@ impl ModelManager {
                     "no version to load (found versions {available:?} in the repository)"
                 ),
             });
+        }
+        super::ignored::warn_ignored(name, &config);
+        if crate::ensemble::is_ensemble(&config) {
+            let load = |v| crate::ensemble::runner::load_ensemble(self, name, v, &config);
+            return versions
+                .into_iter()
+                .map(|v| load(v).map(Arc::new))
+                .collect();
         }
         versions
             .into_iter()
@@ -577,6 +613,11 @@ impl ModelManager {
         }
         let labels = super::labels::read_output_labels(&repo.join(name), &config)?;
         let (inputs, outputs) = validate::io_specs(&config);
+        // Before the scheduler exists: every instance warms up, and nothing reaches the statistics.
+        let model_dir = self.settings.repository.join(name);
+        warmup::plan(&model_dir, &config, &inputs, self.settings.auto_warmup)
+            .and_then(|samples| warmup::run(name, &samples, &mut executors))
+            .map_err(|e| fail(e.to_string()))?;
         let stats = Arc::new(ModelStats::new(name, &version.to_string()));
         let (scheduler, sequence) = start_schedulers(
             &config,
@@ -592,7 +633,7 @@ impl ModelManager {
             config,
             inputs,
             outputs,
-            scheduler,
+            scheduler: scheduler.into(),
             stats,
             labels,
             sequence,

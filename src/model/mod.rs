@@ -9,11 +9,13 @@ pub mod config_json;
 pub mod config_text;
 pub mod labels;
 pub mod instance_plan;
+pub mod ignored;
 pub mod manager;
 pub mod override_files;
 pub mod poll;
 pub mod repository;
 pub mod validate;
+pub mod warmup;
 
 use crate::tensor::DataType;
 

@@ -44,7 +44,7 @@ pub struct RequestTimings {
     pub compute_input: Duration,
     pub compute_infer: Duration,
     pub compute_output: Duration,
-    /// Rows in the execution this request was part of.
+    /// Rows in the execution this request was part of; 0 when it ran in none (a response-cache hit).
     pub batch_size: usize,
 }
 

@@ -170,8 +170,8 @@ pub fn model_statistics(model: &Arc<LoadedModel>) -> ModelStatistics {
             compute_input: duration(&s.compute_input),
             compute_infer: duration(&s.compute_infer),
             compute_output: duration(&s.compute_output),
-            cache_hit: Some(StatisticDuration::default()),
-            cache_miss: Some(StatisticDuration::default()),
+            cache_hit: duration(&s.cache_hit),
+            cache_miss: duration(&s.cache_miss),
         }),
         batch_stats,
         ..Default::default()

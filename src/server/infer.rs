@@ -88,7 +88,10 @@ async fn decode_run_encode(
     let rows = request_rows(model, &decoded);
     let outcome = match (&model.sequence, control) {
         (Some(sequence), Some(control)) => sequence.infer_admitted(decoded, control, admitted).await,
-        _ => model.scheduler.infer(decoded).await,
+        _ => {
+            let cache = state.cache.as_deref();
+            crate::cache::lookup_or_run(cache, model, decoded, |r| model.scheduler.infer(r)).await
+        }
     };
     let mut response = outcome.map_err(|e| {
         model

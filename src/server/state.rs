@@ -105,6 +105,8 @@ pub struct ServerState {
     pub access: Arc<crate::security::AccessControl>,
     /// What ServerMetadata calls this server (`--server-name`).
     pub server_name: String,
+    /// The response cache (`--cache-config`); None when not configured.
+    pub cache: Option<Arc<crate::cache::ResponseCache>>,
 }
 
 impl ServerState {
@@ -120,8 +122,17 @@ impl ServerState {
             .iter()
             .map(|m| Arc::clone(&m.stats))
             .collect();
-        let mut scrape = crate::telemetry::metrics::render(&stats, &self.grpc_metrics);
-        scrape.push_str(&self.http_metrics.render());
-        scrape
+        let mut text = crate::telemetry::metrics::render(&stats, &self.grpc_metrics);
+        text.push_str(&self.http_metrics.render());
+        if let Some(cache) = &self.cache {
+            let snapshot = cache.snapshot();
+            text.push_str(&crate::telemetry::metrics::render_cache(
+                &stats,
+                snapshot.entries,
+                snapshot.evictions,
+                snapshot.utilization(),
+            ));
+        }
+        text
     }
 }

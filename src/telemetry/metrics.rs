@@ -219,9 +219,57 @@ pub const GPU_MEMORY_USED_BYTES: MetricDef = def(
 );
 pub const GPU_POWER_USAGE: MetricDef = def("nv_gpu_power_usage", Gauge, "GPU power usage in watts");
 
+// --- Response cache, as Triton names them (rendered only when --cache-config is given) ---
+pub const CACHE_NUM_HITS_PER_MODEL: MetricDef = def(
+    "nv_cache_num_hits_per_model",
+    Counter,
+    "Number of cache hits per model",
+);
+pub const CACHE_NUM_MISSES_PER_MODEL: MetricDef = def(
+    "nv_cache_num_misses_per_model",
+    Counter,
+    "Number of cache misses per model (successful responses only)",
+);
+pub const CACHE_HIT_DURATION_PER_MODEL: MetricDef = def(
+    "nv_cache_hit_duration_per_model",
+    Counter,
+    "Total cache hit lookup duration per model, in microseconds",
+);
+pub const CACHE_MISS_DURATION_PER_MODEL: MetricDef = def(
+    "nv_cache_miss_duration_per_model",
+    Counter,
+    "Total cache miss (lookup and insertion) duration per model, in microseconds",
+);
+pub const CACHE_NUM_ENTRIES: MetricDef = def(
+    "nv_cache_num_entries",
+    Gauge,
+    "Number of responses stored in the response cache",
+);
+pub const CACHE_NUM_EVICTIONS: MetricDef = def(
+    "nv_cache_num_evictions",
+    Gauge,
+    "Number of responses evicted from the response cache since startup",
+);
+pub const CACHE_UTIL: MetricDef = def(
+    "nv_cache_util",
+    Gauge,
+    "Response cache utilization, the fraction of its size in use [0.0 - 1.0]",
+);
+
+/// The response-cache families, in rendering order.
+pub const CACHE_METRICS: [MetricDef; 7] = [
+    CACHE_NUM_HITS_PER_MODEL,
+    CACHE_NUM_MISSES_PER_MODEL,
+    CACHE_HIT_DURATION_PER_MODEL,
+    CACHE_MISS_DURATION_PER_MODEL,
+    CACHE_NUM_ENTRIES,
+    CACHE_NUM_EVICTIONS,
+    CACHE_UTIL,
+];
+
 /// Names kept as Triton spells them for dashboard compatibility; `promtool check metrics` reports
 /// lint findings on these and only these.
-pub const TRITON_COMPAT_METRICS: [MetricDef; 11] = [
+pub const TRITON_COMPAT_METRICS: [MetricDef; 15] = [
     INFERENCE_REQUEST_SUCCESS,
     INFERENCE_REQUEST_FAILURE,
     INFERENCE_COUNT,
@@ -233,10 +281,14 @@ pub const TRITON_COMPAT_METRICS: [MetricDef; 11] = [
     INFERENCE_COMPUTE_INFER_DURATION_US,
     INFERENCE_COMPUTE_OUTPUT_DURATION_US,
     MODEL_LOAD_DURATION_SECS,
+    CACHE_NUM_HITS_PER_MODEL,
+    CACHE_NUM_MISSES_PER_MODEL,
+    CACHE_HIT_DURATION_PER_MODEL,
+    CACHE_MISS_DURATION_PER_MODEL,
 ];
 
 /// Every metric family the gateway can expose.
-pub const ALL_METRICS: [MetricDef; 34] = [
+pub const ALL_METRICS: [MetricDef; 41] = [
     INFERENCE_REQUEST_SUCCESS,
     INFERENCE_REQUEST_FAILURE,
     INFERENCE_COUNT,
@@ -271,6 +323,13 @@ pub const ALL_METRICS: [MetricDef; 34] = [
     INFLIGHT_REQUEST_BYTES_LIMIT,
     INFLIGHT_REQUEST_BYTES_PEAK,
     BUDGET_REFUSED_TOTAL,
+    CACHE_NUM_HITS_PER_MODEL,
+    CACHE_NUM_MISSES_PER_MODEL,
+    CACHE_HIT_DURATION_PER_MODEL,
+    CACHE_MISS_DURATION_PER_MODEL,
+    CACHE_NUM_ENTRIES,
+    CACHE_NUM_EVICTIONS,
+    CACHE_UTIL,
 ];
 
 /// The `Content-Type` of [`render`]'s output.
@@ -321,6 +380,36 @@ pub(crate) fn render_gpu_metrics(gpus: &[crate::telemetry::gpu::GpuStats]) -> St
 pub fn render_model_metrics(models: &[Arc<ModelStats>]) -> String {
     let mut out = Exposition::default();
     render_models(&mut out, models);
+    out.finish()
+}
+
+/// Picks one of a model's counters.
+type CounterOf = fn(&ModelStats) -> u64;
+
+/// Renders the response-cache families: per model-version hits and misses from the same
+/// statistics ModelStatistics reads, then the cache-wide figures. Appended to [`render`]'s output
+/// when a cache is configured.
+pub fn render_cache(models: &[Arc<ModelStats>], entries: u64, evictions: u64, util: f64) -> String {
+    let mut out = Exposition::default();
+    let labels = |m: &ModelStats| [("model", m.model.clone()), ("version", m.version.clone())];
+    let per_model: [(&MetricDef, CounterOf); 4] = [
+        (&CACHE_NUM_HITS_PER_MODEL, |m| m.cache_hit.count()),
+        (&CACHE_NUM_MISSES_PER_MODEL, |m| m.cache_miss.count()),
+        (&CACHE_HIT_DURATION_PER_MODEL, |m| m.cache_hit.ns() / 1000),
+        (&CACHE_MISS_DURATION_PER_MODEL, |m| m.cache_miss.ns() / 1000),
+    ];
+    for (d, value) in per_model {
+        out.family(d);
+        for m in models {
+            out.sample(d.name, "", &labels(m), Num::U(value(m)));
+        }
+    }
+    out.family(&CACHE_NUM_ENTRIES);
+    out.sample(CACHE_NUM_ENTRIES.name, "", &[], Num::U(entries));
+    out.family(&CACHE_NUM_EVICTIONS);
+    out.sample(CACHE_NUM_EVICTIONS.name, "", &[], Num::U(evictions));
+    out.family(&CACHE_UTIL);
+    out.sample(CACHE_UTIL.name, "", &[], Num::F(util));
     out.finish()
 }
 

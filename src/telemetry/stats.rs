@@ -156,6 +156,9 @@ pub struct ModelStats {
     batches: Mutex<BTreeMap<u64, BatchSizeStats>>,
     /// How long loading this version took, in nanoseconds; 0 until the load finished.
     load_duration_ns: AtomicU64,
+    /// Response-cache lookups that hit (lookup time) and successes that missed (lookup + insertion).
+    pub cache_hit: DurationStat,
+    pub cache_miss: DurationStat,
 }
 
 impl ModelStats {
@@ -179,6 +182,8 @@ impl ModelStats {
             batch_size: Histogram::new(&BATCH_SIZE_BUCKETS),
             batches: Mutex::new(BTreeMap::new()),
             load_duration_ns: AtomicU64::new(0),
+            cache_hit: DurationStat::default(),
+            cache_miss: DurationStat::default(),
         }
     }
 
@@ -199,6 +204,9 @@ impl ModelStats {
 
     /// A request completed; `total` runs from arrival at the server to the response.
     pub fn record_success(&self, total: Duration, rows: usize, t: &RequestTimings) {
+        if t.batch_size == 0 {
+            return self.record_cache_hit_success(total, rows);
+        }
         self.success.record(total);
         self.queue.record(t.queue);
         self.compute_input.record(t.compute_input);
@@ -209,6 +217,15 @@ impl ModelStats {
         self.queue_seconds.observe(t.queue.as_secs_f64());
         self.compute_seconds
             .observe((t.compute_input + t.compute_infer + t.compute_output).as_secs_f64());
+        self.touch_last_inference();
+    }
+
+    /// A request answered from the response cache: a success of `rows` rows that spent no time
+    /// queued or computing (as Triton, it counts in inference_count but not in execution_count).
+    fn record_cache_hit_success(&self, total: Duration, rows: usize) {
+        self.success.record(total);
+        self.inference_count.fetch_add(rows as u64, Relaxed);
+        self.request_seconds.observe(total.as_secs_f64());
         self.touch_last_inference();
     }
 

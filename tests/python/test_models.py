@@ -25,7 +25,7 @@ from digits_data import load_split  # noqa: E402
 
 sys.dont_write_bytecode = _dont_write_bytecode
 
-EXAMPLE_MODELS = ["add_sub", "digits_classifier", "mlp_bench"]
+EXAMPLE_MODELS = ["add_sub", "digits_classifier", "digits_pipeline", "digits_preprocess", "mlp_bench", "mlp_bench_int8"]
 TYPE_FP32 = model_config_pb2.TYPE_FP32
 
 

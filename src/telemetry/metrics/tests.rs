@@ -479,3 +479,29 @@ fn find_on_path(program: &str) -> Option<std::path::PathBuf> {
             .find(|candidate| candidate.is_file())
     })
 }
+
+#[test]
+fn cache_families_are_declared_and_read_the_model_statistics() {
+    let models = sample_models();
+    models[0].cache_hit.record(Duration::from_micros(7));
+    models[0].cache_hit.record(Duration::from_micros(5));
+    models[0].cache_miss.record(Duration::from_micros(40));
+    let text = render_cache(&models, 3, 2, 0.25);
+    let (types, samples) = parse(&text);
+    let names: Vec<&str> = types.iter().map(|(n, _)| n.as_str()).collect();
+    let expected: Vec<&str> = CACHE_METRICS.iter().map(|d| d.name).collect();
+    assert_eq!(names, expected);
+    for d in CACHE_METRICS {
+        assert!(ALL_METRICS.contains(&d));
+    }
+    let (model, version) = (models[0].model.as_str(), models[0].version.as_str());
+    let labels = [("model", model), ("version", version)];
+    let value = |name: &str, labels: &[(&str, &str)]| find(&samples, name, labels).value;
+    assert_eq!(value("nv_cache_num_hits_per_model", &labels), 2.0);
+    assert_eq!(value("nv_cache_num_misses_per_model", &labels), 1.0);
+    assert_eq!(value("nv_cache_hit_duration_per_model", &labels), 12.0);
+    assert_eq!(value("nv_cache_miss_duration_per_model", &labels), 40.0);
+    assert_eq!(value("nv_cache_num_entries", &[]), 3.0);
+    assert_eq!(value("nv_cache_num_evictions", &[]), 2.0);
+    assert_eq!(value("nv_cache_util", &[]), 0.25);
+}
