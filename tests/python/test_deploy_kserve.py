@@ -10,16 +10,20 @@ from __future__ import annotations
 import copy
 import re
 import subprocess
+import urllib.request
 from functools import cache
 from pathlib import Path
 
 import kubernetes_validate
+import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 import yaml
 
 from harness import (
     MODELS,
     REPO_ROOT,
+    add_sub_inputs,
     assert_add_sub_serves,
     gateway_binary,
     start_gateway,
@@ -63,6 +67,7 @@ KSERVE_EXPLICIT_FLAG = "--model-control-mode=explicit"
 SERVER_TYPE_ANNOTATION = "serving.kserve.io/server-type"
 # Flags of the HTTP front door, which lands on its own branch; the full-runtime start test needs them.
 HTTP_FLAGS = ("--http-port", "--http-address", "--model-alias")
+HTTP_LISTENING = re.compile(r"(?<!admin )HTTP listening addr=(\S+)")
 
 
 @cache
@@ -381,6 +386,16 @@ def test_grpc_example_probes_the_grpc_port():
 # The gateway takes the runtime's flags
 
 
+def infer_add_sub_as(client, a, b, model_name: str):
+    inputs = [
+        grpcclient.InferInput("INPUT0", list(a.shape), "FP32"),
+        grpcclient.InferInput("INPUT1", list(b.shape), "FP32"),
+    ]
+    inputs[0].set_data_from_numpy(a)
+    inputs[1].set_data_from_numpy(b)
+    return client.infer(model_name, inputs)
+
+
 def gateway_help() -> str:
     done = subprocess.run([str(gateway_binary()), "--help"], capture_output=True, text=True, timeout=60, check=True)
     return done.stdout
@@ -447,14 +462,22 @@ def test_runtime_args_start_the_gateway_as_kserve_runs_it(tmp_path):
             # harness.py passes the repository itself; the runtime's must be KServe's mount.
             assert value == KSERVE_MODEL_DIR
             continue
+        if name == "--log-format":
+            # harness.py reads the listening addresses from the text log format.
+            continue
         args.append(f"{name}={rendering.get(value, value)}" if value else arg)
     args += ["--http-address=127.0.0.1", "--load-model=add_sub", KSERVE_EXPLICIT_FLAG]
     gateway = start_gateway(repo, *args)
     try:
         client = gateway.client()
         assert client.is_model_ready("add_sub")
-        assert client.is_model_ready("add-sub")
         assert_add_sub_serves(client)
+        # What KServe routes: the InferenceService's name, over gRPC and HTTP.
+        a, b = add_sub_inputs(batch=1, seed=7)
+        assert np.array_equal(infer_add_sub_as(client, a, b, model_name="add-sub").as_numpy("OUTPUT0"), a + b)
+        http_addr = gateway.wait_for_log(HTTP_LISTENING).group(1)
+        with urllib.request.urlopen(f"http://{http_addr}/v2/models/add-sub/ready", timeout=30) as answer:
+            assert answer.status == 200
     finally:
         assert gateway.stop() == 0, gateway.stderr()
 
