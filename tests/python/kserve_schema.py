@@ -211,7 +211,10 @@ SCALED_OBJECT_SPEC = strict(
             {
                 "restoreToOriginalReplicaCount": BOOLEAN,
                 "horizontalPodAutoscalerConfig": strict(
-                    {"name": STRING, "behavior": strict({"scaleUp": SCALING_RULES, "scaleDown": SCALING_RULES})}
+                    {
+                        "name": STRING,
+                        "behavior": strict({"scaleUp": SCALING_RULES, "scaleDown": SCALING_RULES}),
+                    }
                 ),
                 "scalingModifiers": OBJECT,
             }

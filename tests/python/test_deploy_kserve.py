@@ -39,7 +39,6 @@ from kserve_schema import (
     validation_errors,
 )
 from test_deploy_manifests import (
-    HEALTH_PATHS,
     KUBERNETES_VERSIONS,
     drain_problems,
     gateway_flags,
@@ -165,7 +164,9 @@ def annotation_problems(isvc: dict) -> list[str]:
         problems.append(f"{ident(isvc)}: deploymentMode {mode!r} is not one of {sorted(DEPLOYMENT_MODES)}")
     autoscaler = annotations.get("serving.kserve.io/autoscalerClass")
     if autoscaler is not None and autoscaler not in AUTOSCALER_CLASSES:
-        problems.append(f"{ident(isvc)}: autoscalerClass {autoscaler!r} is not one of {sorted(AUTOSCALER_CLASSES)}")
+        problems.append(
+            f"{ident(isvc)}: autoscalerClass {autoscaler!r} is not one of {sorted(AUTOSCALER_CLASSES)}"
+        )
     return problems
 
 
@@ -224,7 +225,8 @@ def http_probe_problems(container: dict, http_port: int) -> list[str]:
         return ["readinessProbe must be httpGet on the HTTP port"]
     problems = []
     if probe["httpGet"].get("port", http_port) != http_port:
-        problems.append(f"readinessProbe port {probe['httpGet'].get('port')} is not the HTTP port {http_port}")
+        port = probe["httpGet"].get("port")
+        problems.append(f"readinessProbe port {port} is not the HTTP port {http_port}")
     if probe["httpGet"].get("path") != "/v2/health/ready":
         problems.append(f"readinessProbe path {probe['httpGet'].get('path')} is not /v2/health/ready")
     return problems
@@ -256,7 +258,10 @@ def inference_service_problems(isvc: dict, runtimes: list[dict]) -> list[str]:
     problems = []
     fmt = model.get("modelFormat", {})
     supported = runtime["spec"].get("supportedModelFormats", [])
-    if not any(f["name"] == fmt.get("name") and fmt.get("version", f.get("version")) == f.get("version") for f in supported):
+    if not any(
+        f["name"] == fmt.get("name") and fmt.get("version", f.get("version")) == f.get("version")
+        for f in supported
+    ):
         problems.append(f"{where}: {ident(runtime)} does not support model format {fmt}")
     # A tritonserver-type runtime defaults to v2; KServe's general default is v1.
     triton_type = runtime["metadata"].get("annotations", {}).get(SERVER_TYPE_ANNOTATION) == "tritonserver"
@@ -270,7 +275,9 @@ def inference_service_problems(isvc: dict, runtimes: list[dict]) -> list[str]:
     ports = {p.get("name"): p["containerPort"] for p in model.get("ports", [])}
     if protocol == "grpc-v2":
         if ports.get("h2c") != int(flags["grpc-port"]):
-            problems.append(f"{where}: grpc-v2 needs a container port h2c = --grpc-port {flags['grpc-port']}, has {ports}")
+            problems.append(
+                f"{where}: grpc-v2 needs a container port h2c = --grpc-port {flags['grpc-port']}, has {ports}"
+            )
         probe = model.get("readinessProbe", runtime_container(runtime).get("readinessProbe", {}))
         probe_port = probe.get("grpc", probe.get("httpGet", {})).get("port")
         if probe_port is not None and probe_port != int(flags["grpc-port"]):
@@ -296,15 +303,20 @@ def scaled_object_problems(scaled: dict, services: list[dict]) -> list[str]:
         (
             s
             for s in services
-            if f"{s['metadata']['name']}-predictor" == target["name"] and s["metadata"].get("namespace") == namespace
+            if f"{s['metadata']['name']}-predictor" == target["name"]
+            and s["metadata"].get("namespace") == namespace
         ),
         None,
     )
     if owner is None:
-        return problems + [f"{where}: {target['name']} is no InferenceService's predictor Deployment in {namespace}"]
+        return problems + [
+            f"{where}: {target['name']} is no InferenceService's predictor Deployment in {namespace}"
+        ]
     annotations = owner["metadata"].get("annotations", {})
     if annotations.get("serving.kserve.io/deploymentMode") not in {"RawDeployment", "Standard"}:
-        problems.append(f"{where}: {ident(owner)} is not a raw Deployment (Knative's autoscaler would fight KEDA)")
+        problems.append(
+            f"{where}: {ident(owner)} is not a raw Deployment (Knative's autoscaler would fight KEDA)"
+        )
     if annotations.get("serving.kserve.io/autoscalerClass") != "external":
         problems.append(f"{where}: {ident(owner)} needs autoscalerClass external, or KServe's HPA competes")
     if spec.get("minReplicaCount", 0) > spec.get("maxReplicaCount", 100):
@@ -376,7 +388,8 @@ def test_objects_agree_with_kserve_and_each_other():
 
 
 def test_grpc_example_probes_the_grpc_port():
-    (isvc,) = [d for d in of_kind(kserve_docs(), "InferenceService") if d["metadata"]["name"].endswith("-grpc")]
+    services = of_kind(kserve_docs(), "InferenceService")
+    (isvc,) = [d for d in services if d["metadata"]["name"].endswith("-grpc")]
     model = isvc["spec"]["predictor"]["model"]
     assert model["protocolVersion"] == "grpc-v2"
     assert model["readinessProbe"]["grpc"]["port"] == KSERVE_GRPC_PORT
@@ -397,7 +410,9 @@ def infer_add_sub_as(client, a, b, model_name: str):
 
 
 def gateway_help() -> str:
-    done = subprocess.run([str(gateway_binary()), "--help"], capture_output=True, text=True, timeout=60, check=True)
+    done = subprocess.run(
+        [str(gateway_binary()), "--help"], capture_output=True, text=True, timeout=60, check=True
+    )
     return done.stdout
 
 

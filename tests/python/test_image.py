@@ -143,7 +143,10 @@ def chroot_launcher(tmp_path: Path, root: Path, *, mount_proc: bool, ort_dylib_p
     mounts /proc in a private mount namespace (as a container runtime does; the mount ends with the
     process). Every step execs, so the harness's SIGTERM reaches the gateway itself."""
     env = ["NO_COLOR=1"] + ([f"ORT_DYLIB_PATH={ort_dylib_path}"] if ort_dylib_path else [])
-    run = f"exec env -i {' '.join(env)} {CHROOT} --userspec={NONROOT} {shlex.quote(str(root))} /usr/local/bin/onnx-gateway"
+    run = (
+        f"exec env -i {' '.join(env)} {CHROOT} --userspec={NONROOT} {shlex.quote(str(root))} "
+        "/usr/local/bin/onnx-gateway"
+    )
     if mount_proc:
         proc = shlex.quote(str(root / "proc"))
         body = f'exec unshare --mount sh -c \'mount -t proc proc {proc} && {run} "$@"\' sh "$@"'
@@ -206,7 +209,8 @@ def test_relative_library_without_proc_is_a_clear_startup_error(rootfs, tmp_path
     executable's directory; without /proc that used to be a panic, now it is one error line."""
     require_root()
     root, _ = rootfs
-    monkeypatch.setenv("GATEWAY_BIN", str(chroot_launcher(tmp_path, root, mount_proc=False, ort_dylib_path=None)))
+    launcher = chroot_launcher(tmp_path, root, mount_proc=False, ort_dylib_path=None)
+    monkeypatch.setenv("GATEWAY_BIN", str(launcher))
     code, stderr = run_gateway_to_exit(Path("/models"))
     assert code != 0
     assert "panicked" not in stderr, stderr
