@@ -270,3 +270,60 @@ def test_scripts_image_builds_the_rootfs_as_an_image():
         for image in listed:
             if image.rsplit(":", 1)[0].split("/")[-1] == name:
                 buildah("rmi", "--force", image)
+
+
+# --------------------------------------------------------------------------------------------------
+# deploy/Dockerfile and scripts/image describe the same image
+
+
+def dockerfile_stages(text: str) -> list[tuple[str, list[str]]]:
+    """(FROM line, instructions) per stage, continuation lines joined, comments dropped."""
+    joined = re.sub(r"\\\n", " ", text)
+    stages: list[tuple[str, list[str]]] = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.upper().startswith("FROM "):
+            stages.append((line, []))
+        elif stages:
+            stages[-1][1].append(line)
+    return stages
+
+
+def test_dockerfile_final_stage_is_scratch_with_the_image_rootfs():
+    stages = dockerfile_stages((REPO_ROOT / "deploy" / "Dockerfile").read_text())
+    final_from, final = stages[-1]
+    assert final_from == "FROM scratch"
+    copies = [i for i in final if i.startswith("COPY")]
+    assert copies == ["COPY --from=rootfs /rootfs/ /"], copies
+    assert not any(i.startswith("RUN") for i in final), "a scratch stage has no shell to RUN with"
+    rootfs_from, rootfs = next(s for s in stages if s[0].endswith(" AS rootfs"))
+    assert "bookworm" in rootfs_from
+    builder_from = next(s[0] for s in stages if s[0].endswith(" AS builder"))
+    assert "bookworm" in builder_from, "glibc of the rootfs stage must be the one the binary links"
+    runs = [i for i in rootfs if i.startswith("RUN image-rootfs ")]
+    assert len(runs) == 1 and runs[0].endswith(" /rootfs"), rootfs
+    assert "COPY scripts/image-rootfs /usr/local/bin/image-rootfs" in rootfs
+
+
+def test_dockerfile_and_scripts_image_configure_the_image_alike():
+    final = dockerfile_stages((REPO_ROOT / "deploy" / "Dockerfile").read_text())[-1][1]
+    script = re.sub(r"\\\n", " ", SCRIPTS_IMAGE.read_text())
+    config = re.search(r"buildah config (.*?)\"\$container\"", script, re.S)
+    assert config, "scripts/image runs no `buildah config`"
+    options = shlex.split(config.group(1))
+    pairs = list(zip(options[::2], options[1::2]))
+
+    def values(flag: str) -> list[str]:
+        return [v for f, v in pairs if f == flag]
+
+    assert f"ENTRYPOINT {json.dumps(json.loads(values('--entrypoint')[0]))}" in [
+        re.sub(r'",\s*"', '", "', i) for i in final
+    ]
+    cmd = next(i for i in final if i.startswith("CMD "))
+    assert json.loads(cmd[len("CMD ") :]) == values("--cmd")[0].split()
+    assert f"ENV {values('--env')[0]}" in final
+    assert f"USER {values('--user')[0]}" in final
+    expose = next(i for i in final if i.startswith("EXPOSE "))
+    assert sorted(expose.split()[1:]) == sorted(p.split("/")[0] for p in values("--port"))
