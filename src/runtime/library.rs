@@ -86,6 +86,7 @@ pub fn init_onnxruntime(flag: Option<&Path>) -> Result<LibraryLocation, RuntimeE
     }
     let location = locate(flag)?;
     let path = location.path();
+    require_executable_path_for_relative(&path)?;
     let builder = ort::init_from(&path).map_err(|e| {
         RuntimeError::Library(format!(
             "cannot load ONNX Runtime from {}: {e}. {HOW_TO_GET_IT}",
@@ -103,4 +104,57 @@ pub fn init_onnxruntime(flag: Option<&Path>) -> Result<LibraryLocation, RuntimeE
     let _ = ENVIRONMENT.set(env);
     let _ = LOCATION.set(location.clone());
     Ok(location)
+}
+
+/// ort resolves a relative library path against the executable's directory first, and panics ("could
+/// not get current executable path") when that directory is unknown, as in a container or chroot
+/// without /proc. Asking the same question first turns that panic into a startup error saying what to do.
+fn require_executable_path_for_relative(path: &Path) -> Result<(), RuntimeError> {
+    executable_path_check(path, std::env::current_exe().map(|_| ()))
+}
+
+fn executable_path_check(path: &Path, exe: std::io::Result<()>) -> Result<(), RuntimeError> {
+    if path.is_absolute() {
+        return Ok(());
+    }
+    exe.map_err(|e| {
+        RuntimeError::Library(format!(
+            "cannot load ONNX Runtime from the relative path {}: the executable's own path is unknown \
+             ({e}), and ONNX Runtime's loader needs it for a relative path. Mount /proc (a container \
+             runtime does; a bare chroot does not), or give an absolute path with --onnxruntime-lib or \
+             ORT_DYLIB_PATH (the image sets ORT_DYLIB_PATH=/opt/onnxruntime/lib/libonnxruntime.so)",
+            path.display()
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_proc() -> std::io::Result<()> {
+        Err(std::io::Error::other(
+            "no /proc/self/exe available. Is /proc mounted?",
+        ))
+    }
+
+    #[test]
+    fn relative_path_without_executable_path_is_a_clear_error() {
+        let err = executable_path_check(Path::new(SYSTEM_LIBRARY_NAME), no_proc()).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("relative path libonnxruntime.so"), "{text}");
+        assert!(text.contains("Mount /proc"), "{text}");
+        assert!(text.contains("--onnxruntime-lib"), "{text}");
+    }
+
+    #[test]
+    fn absolute_path_needs_no_executable_path() {
+        let path = Path::new("/opt/onnxruntime/lib/libonnxruntime.so");
+        assert!(executable_path_check(path, no_proc()).is_ok());
+    }
+
+    #[test]
+    fn relative_path_with_executable_path_is_left_to_ort() {
+        assert!(executable_path_check(Path::new(SYSTEM_LIBRARY_NAME), Ok(())).is_ok());
+    }
 }
