@@ -553,7 +553,10 @@ impl ModelManager {
         }
         versions
             .into_iter()
-            .map(|v| self.load_version(repo, name, v, &config, cancel).map(Arc::new))
+            .map(|v| {
+                self.load_version(repo, name, v, &config, cancel)
+                    .map(Arc::new)
+            })
             .collect()
     }
 
@@ -595,12 +598,11 @@ impl ModelManager {
         let config = autocomplete::autocomplete(name, config.clone(), &graph)?;
         validate::validate(name, &config, &graph)?;
         bounds::check(name, &config, &self.settings.limits)?;
-        let settings =
-            SchedulerSettings::from_config(
-                &without_sequence_batching(&config),
-                self.settings.default_max_queue_size,
-            )
-                .map_err(invalid)?;
+        let settings = SchedulerSettings::from_config(
+            &without_sequence_batching(&config),
+            self.settings.default_max_queue_size,
+        )
+        .map_err(invalid)?;
         // Completion only names groups (and adds one CPU group when there was none), so the plan
         // keeps its devices; the first session is rebuilt should that ever change.
         let mut executors: Vec<Box<dyn ModelExecutor>> =

@@ -204,7 +204,10 @@ impl GrpcInferenceService for InferenceService {
                 let reservation = Arc::new(state.budget.reservation());
                 if let Err(exceeded) = reservation.grow(request.encoded_len() as u64) {
                     let _ = tx
-                        .send(Ok(stream_error(&request, Error::from(exceeded).to_string())))
+                        .send(Ok(stream_error(
+                            &request,
+                            Error::from(exceeded).to_string(),
+                        )))
                         .await;
                     continue;
                 }

@@ -15,8 +15,8 @@ use super::state::ServerState;
 use crate::error::Error;
 use crate::model::manager::LoadedModel;
 use crate::proto::{ModelInferRequest, ModelInferResponse};
-use crate::shm::ShmOutput;
 use crate::scheduler::{InferRequest, InferResponse, SchedulerError};
+use crate::shm::ShmOutput;
 use crate::telemetry::stats::FailureReason;
 
 /// Runs one inference end to end. Shared by ModelInfer, ModelStreamInfer and HTTP `.../infer`.
@@ -87,7 +87,9 @@ async fn decode_run_encode(
     })?;
     let rows = request_rows(model, &decoded);
     let outcome = match (&model.sequence, control) {
-        (Some(sequence), Some(control)) => sequence.infer_admitted(decoded, control, admitted).await,
+        (Some(sequence), Some(control)) => {
+            sequence.infer_admitted(decoded, control, admitted).await
+        }
         _ => {
             let cache = state.cache.as_deref();
             crate::cache::lookup_or_run(cache, model, decoded, |r| model.scheduler.infer(r)).await

@@ -261,7 +261,7 @@ def test_scripts_image_builds_the_rootfs_as_an_image():
         assert config["User"] == NONROOT
         assert config["Entrypoint"] == ["/usr/local/bin/onnx-gateway"]
         assert f"ORT_DYLIB_PATH={IMAGE_ORT_DYLIB_PATH}" in config["Env"]
-        assert set(config["ExposedPorts"]) == {"8001/tcp", "8002/tcp"}
+        assert set(config["ExposedPorts"]) == {"8000/tcp", "8001/tcp", "8002/tcp"}
         layers = json.loads(info["Manifest"])["layers"]
         assert int(match.group(2)) == sum(layer["size"] for layer in layers)
     finally:

@@ -151,9 +151,7 @@ async fn ready(State(state): Shared) -> Response {
     health(state.server.is_ready())
 }
 
-async fn server_metadata(
-    State(state): Shared,
-    Extension(caller): Extension<HttpCaller>) -> Answer {
+async fn server_metadata(State(state): Shared, Extension(caller): Extension<HttpCaller>) -> Answer {
     let r = service(&state)
         .server_metadata(caller.grpc_request(ServerMetadataRequest {}))
         .await?;
@@ -164,7 +162,9 @@ async fn server_metadata(
 
 async fn model_metadata(
     State(state): Shared,
-    Extension(caller): Extension<HttpCaller>, params: Params) -> Answer {
+    Extension(caller): Extension<HttpCaller>,
+    params: Params,
+) -> Answer {
     let (name, version) = target(&state, params)?;
     let r = service(&state)
         .model_metadata(caller.grpc_request(ModelMetadataRequest { name, version }))
@@ -177,7 +177,9 @@ async fn model_metadata(
 
 async fn model_ready(
     State(state): Shared,
-    Extension(caller): Extension<HttpCaller>, params: Params) -> Answer {
+    Extension(caller): Extension<HttpCaller>,
+    params: Params,
+) -> Answer {
     let (name, version) = target(&state, params)?;
     let r = service(&state)
         .model_ready(caller.grpc_request(ModelReadyRequest { name, version }))
@@ -187,7 +189,9 @@ async fn model_ready(
 
 async fn model_config(
     State(state): Shared,
-    Extension(caller): Extension<HttpCaller>, params: Params) -> Answer {
+    Extension(caller): Extension<HttpCaller>,
+    params: Params,
+) -> Answer {
     let (name, version) = target(&state, params)?;
     let r = service(&state)
         .model_config(caller.grpc_request(ModelConfigRequest { name, version }))
@@ -198,7 +202,9 @@ async fn model_config(
 
 async fn statistics(
     State(state): Shared,
-    Extension(caller): Extension<HttpCaller>, params: Params) -> Answer {
+    Extension(caller): Extension<HttpCaller>,
+    params: Params,
+) -> Answer {
     let (name, version) = target(&state, params)?;
     let r = service(&state)
         .model_statistics(caller.grpc_request(ModelStatisticsRequest { name, version }))
@@ -211,7 +217,11 @@ async fn statistics(
 
 async fn infer(
     State(state): Shared,
-    Extension(caller): Extension<HttpCaller>, params: Params, headers: HeaderMap, body: Body) -> Answer {
+    Extension(caller): Extension<HttpCaller>,
+    params: Params,
+    headers: HeaderMap,
+    body: Body,
+) -> Answer {
     let (model, version) = target(&state, params)?;
     // Before the body is read: a refused caller reserves nothing and learns nothing.
     let probe = caller.grpc_request(());
@@ -270,7 +280,9 @@ async fn infer(
 
 async fn repository_index(
     State(state): Shared,
-    Extension(caller): Extension<HttpCaller>, body: Body) -> Answer {
+    Extension(caller): Extension<HttpCaller>,
+    body: Body,
+) -> Answer {
     let body = json_object(body)?;
     let ready = match body.get("ready") {
         None => false,
@@ -325,7 +337,10 @@ fn repository_parameters(
 
 async fn load(
     State(state): Shared,
-    Extension(caller): Extension<HttpCaller>, params: Params, body: Body) -> Answer {
+    Extension(caller): Extension<HttpCaller>,
+    params: Params,
+    body: Body,
+) -> Answer {
     let (model_name, _) = target(&state, params)?;
     let parameters = repository_parameters(body)?;
     service(&state)
@@ -340,7 +355,10 @@ async fn load(
 
 async fn unload(
     State(state): Shared,
-    Extension(caller): Extension<HttpCaller>, params: Params, body: Body) -> Answer {
+    Extension(caller): Extension<HttpCaller>,
+    params: Params,
+    body: Body,
+) -> Answer {
     let (model_name, _) = target(&state, params)?;
     let parameters = repository_parameters(body)?;
     service(&state)
@@ -360,7 +378,9 @@ fn region(params: Params) -> Result<String, HttpError> {
 
 async fn shm_status(
     State(state): Shared,
-    Extension(caller): Extension<HttpCaller>, params: Params) -> Answer {
+    Extension(caller): Extension<HttpCaller>,
+    params: Params,
+) -> Answer {
     let name = region(params)?;
     let r = service(&state)
         .system_shared_memory_status(caller.grpc_request(SystemSharedMemoryStatusRequest { name }))
@@ -376,7 +396,10 @@ async fn shm_status(
 
 async fn shm_register(
     State(state): Shared,
-    Extension(caller): Extension<HttpCaller>, params: Params, body: Body) -> Answer {
+    Extension(caller): Extension<HttpCaller>,
+    params: Params,
+    body: Body,
+) -> Answer {
     let name = region(params)?;
     let body = json_object(body)?;
     let key = body
@@ -405,10 +428,14 @@ async fn shm_register(
 
 async fn shm_unregister(
     State(state): Shared,
-    Extension(caller): Extension<HttpCaller>, params: Params) -> Answer {
+    Extension(caller): Extension<HttpCaller>,
+    params: Params,
+) -> Answer {
     let name = region(params)?;
     service(&state)
-        .system_shared_memory_unregister(caller.grpc_request(SystemSharedMemoryUnregisterRequest { name }))
+        .system_shared_memory_unregister(
+            caller.grpc_request(SystemSharedMemoryUnregisterRequest { name }),
+        )
         .await?;
     Ok(StatusCode::OK.into_response())
 }
