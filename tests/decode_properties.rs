@@ -10,7 +10,7 @@ use common::*;
 use onnx_gateway::proto::model_infer_request::InferInputTensor;
 use onnx_gateway::proto::*;
 use proptest::prelude::*;
-use proptest::test_runner::{Config as RunnerConfig, TestRunner};
+use proptest::test_runner::{Config as RunnerConfig, RngAlgorithm, TestRng, TestRunner};
 use tonic::Code;
 
 const CASES: u32 = 192;
@@ -216,11 +216,16 @@ fn decoding_accepts_exactly_the_valid_requests() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let server = runtime.block_on(TestServer::start(&test_models()));
     let client = runtime.block_on(server.client());
-    let mut runner = TestRunner::new(RunnerConfig {
-        cases: CASES,
-        failure_persistence: None,
-        ..RunnerConfig::default()
-    });
+    // A fixed seed: CI runs the same cases every time, so the balance check below cannot flake
+    // (a random seed once drew only 17 valid cases of 192).
+    let mut runner = TestRunner::new_with_rng(
+        RunnerConfig {
+            cases: CASES,
+            failure_persistence: None,
+            ..RunnerConfig::default()
+        },
+        TestRng::deterministic_rng(RngAlgorithm::ChaCha),
+    );
     let (served, refused) = (
         std::sync::atomic::AtomicU32::new(0),
         std::sync::atomic::AtomicU32::new(0),
