@@ -144,13 +144,11 @@ fn check_warmup(config: &ModelConfig) -> Result<(), String> {
     }
     let batch_bound = u32::try_from(config.max_batch_size.max(1)).unwrap_or(1);
     for (index, warmup) in config.model_warmup.iter().enumerate() {
+        // Named by index and by the sample's name, which is what its author knows it by.
+        let sample = format!("model_warmup[{index}] (warm-up sample '{}')", warmup.name);
+        at_most(&format!("{sample}.count"), warmup.count, MAX_WARMUP_COUNT)?;
         at_most(
-            &format!("model_warmup[{index}].count"),
-            warmup.count,
-            MAX_WARMUP_COUNT,
-        )?;
-        at_most(
-            &format!("model_warmup[{index}].batch_size"),
+            &format!("{sample}.batch_size"),
             warmup.batch_size,
             batch_bound,
         )?;
@@ -397,7 +395,10 @@ mod tests {
             }],
             ..Default::default()
         };
-        refused(&warm, &["model_warmup[0].count is 1001"]);
+        refused(
+            &warm,
+            &["model_warmup[0] (warm-up sample '').count is 1001"],
+        );
         let mut threads = ModelConfig::default();
         threads.parameters.insert(
             "intra_op_thread_count".into(),

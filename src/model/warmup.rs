@@ -23,9 +23,9 @@ use crate::tensor::{
     decode_length_prefixed, element_count, DataType, NamedTensor, Tensor, TensorData,
 };
 
-/// Most runs one sample may ask for (`count`): warm-up delays readiness, so a typo such as
-/// `count: 100000` is refused rather than holding the model out of service for minutes.
-pub const MAX_WARMUP_COUNT: u32 = 1000;
+// Most runs one sample may ask for (`count`): warm-up delays readiness, so a typo such as
+// `count: 100000` is refused rather than holding the model out of service for minutes.
+pub use super::bounds::MAX_WARMUP_COUNT;
 
 /// Largest tensor a warm-up input may describe, checked before anything is allocated.
 pub const MAX_WARMUP_INPUT_BYTES: usize = 256 << 20;

@@ -617,7 +617,7 @@ def test_dockerfiles_agree_with_the_manifests():
     versions = set()
     for name in ("Dockerfile", "Dockerfile.gpu"):
         text = (REPO / "deploy" / name).read_text()
-        assert re.search(r"^EXPOSE\s+8001\s+8002\s*$", text, re.M), name
+        assert re.search(r"^EXPOSE\s+8000\s+8001\s+8002\s*$", text, re.M), name
         assert {ports["grpc"], ports["metrics"]} == {8001, 8002}
         assert re.search(r"^USER\s+65532:65532\s*$", text, re.M), name
         assert "ENV ORT_DYLIB_PATH=/opt/onnxruntime/lib/libonnxruntime.so" in text, name

@@ -330,7 +330,8 @@ def test_repository_load_unload_over_http(gateway_factory, repo_copy):
     assert status == 400, body
     assert "error" in json.loads(body)
     status, _, body = raw(gateway, "POST", "/v2/repository/models/add_sub/load", b'{"parameters": {"config": 5}}')
-    assert_json_error(status, body, 400, "config")
+    # As Triton: a load parameter that cannot be read fails at the repository stage, INTERNAL.
+    assert_json_error(status, body, 500, "config")
 
 
 def test_bearer_token_on_http(gateway_factory, repo_copy, tmp_path):

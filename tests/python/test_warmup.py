@@ -89,8 +89,8 @@ def infer_add_sub_named(client, model: str, a, b):
     [
         (sample("no_file", 1, {"INPUT0": "zero_data: true", "INPUT1": 'input_data_file: "absent.bin"'}), "warm-up sample 'no_file': input 'INPUT1': input_data_file 'absent.bin' cannot be read"),
         (sample("stranger", 1, {"INPUT0": "zero_data: true", "INPUT1": "zero_data: true", "INPUT9": "zero_data: true"}), "warm-up sample 'stranger': input 'INPUT9' is not an input of the model"),
-        (sample("too_big", 9, {"INPUT0": "zero_data: true", "INPUT1": "zero_data: true"}), "warm-up sample 'too_big': batch_size 9 exceeds max_batch_size 8"),
-        (sample("many", 1, {"INPUT0": "zero_data: true", "INPUT1": "zero_data: true"}, count=100000), "warm-up sample 'many': count 100000 exceeds the limit of 1000"),
+        (sample("too_big", 9, {"INPUT0": "zero_data: true", "INPUT1": "zero_data: true"}), "model_warmup[0] (warm-up sample 'too_big').batch_size is 9, above the bound 8"),
+        (sample("many", 1, {"INPUT0": "zero_data: true", "INPUT1": "zero_data: true"}, count=100000), "model_warmup[0] (warm-up sample 'many').count is 100000, above the bound 1000"),
     ],
     ids=["missing_file", "unknown_input", "batch_size", "count_bound"],
 )
