@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -17,6 +18,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
 
 use crate::config::HttpArgs;
 
@@ -73,7 +75,13 @@ impl HttpListener {
             };
             // Without it a small response can wait behind Nagle's algorithm for a delayed ACK.
             let _ = stream.set_nodelay(true);
-            let service = TowerToHyperService::new(router.clone());
+            // The peer address for the audit log, as axum's `ConnectInfo` (read by authentication).
+            let service = TowerToHyperService::new(router.clone().map_request(
+                move |mut request: http::Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(ConnectInfo(peer));
+                    request
+                },
+            ));
             let (builder, watcher, tls) =
                 (Arc::clone(&builder), graceful.watcher(), self.tls.clone());
             tokio::spawn(async move {

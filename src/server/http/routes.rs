@@ -440,19 +440,39 @@ async fn shm_unregister(
     Ok(StatusCode::OK.into_response())
 }
 
-async fn cuda_shm() -> HttpError {
+/// Admin-only, as on gRPC: a refused caller learns nothing, not even that the endpoint is
+/// unimplemented.
+fn require_admin(state: &HttpState, caller: &HttpCaller) -> Result<(), HttpError> {
+    let probe = caller.grpc_request(());
+    crate::server::auth::authorize(&state.server.access, &probe, Access::Admin)?;
+    Ok(())
+}
+
+async fn cuda_shm(State(state): Shared, Extension(caller): Extension<HttpCaller>) -> HttpError {
+    if let Err(refused) = require_admin(&state, &caller) {
+        return refused;
+    }
     HttpError::unimplemented(
         "CUDA shared memory is not supported by this server; use system shared memory or inline tensors",
     )
 }
 
-async fn trace_setting() -> HttpError {
+async fn trace_setting(
+    State(state): Shared,
+    Extension(caller): Extension<HttpCaller>,
+) -> HttpError {
+    if let Err(refused) = require_admin(&state, &caller) {
+        return refused;
+    }
     HttpError::unimplemented(
         "trace settings are not implemented by this server (tracing is configured with OTEL_* variables and --trace-* flags at startup)",
     )
 }
 
-async fn log_settings() -> HttpError {
+async fn log_settings(State(state): Shared, Extension(caller): Extension<HttpCaller>) -> HttpError {
+    if let Err(refused) = require_admin(&state, &caller) {
+        return refused;
+    }
     HttpError::unimplemented(
         "log settings are not implemented by this server (logging is configured with RUST_LOG / --log-verbose at startup)",
     )
