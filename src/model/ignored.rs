@@ -33,10 +33,6 @@ pub fn ignored_fields(config: &ModelConfig) -> Vec<&'static str> {
         );
     }
     note(
-        config.output.iter().any(|o| !o.label_filename.is_empty()),
-        "output.label_filename (classification is not supported)",
-    );
-    note(
         config
             .instance_group
             .iter()
@@ -86,12 +82,7 @@ mod tests {
             label_filename: "labels.txt".into(),
             ..Default::default()
         });
-        assert_eq!(
-            ignored_fields(&c),
-            vec![
-                "model_metrics",
-                "output.label_filename (classification is not supported)"
-            ]
-        );
+        // label_filename feeds the classification extension, so it is not ignored.
+        assert_eq!(ignored_fields(&c), vec!["model_metrics"]);
     }
 }

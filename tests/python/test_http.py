@@ -329,9 +329,9 @@ def test_repository_load_unload_over_http(gateway_factory, repo_copy):
     status, _, body = raw(gateway, "POST", "/v2/repository/models/..%2F..%2Fetc/load", b"")
     assert status == 400, body
     assert "error" in json.loads(body)
+    # Triton's answer for a config override that is not a string: a repository poll failure (INTERNAL).
     status, _, body = raw(gateway, "POST", "/v2/repository/models/add_sub/load", b'{"parameters": {"config": 5}}')
-    # As Triton: a load parameter that cannot be read fails at the repository stage, INTERNAL.
-    assert_json_error(status, body, 500, "config")
+    assert_json_error(status, body, 500, "Config parameter 'config' must have string type")
 
 
 def test_bearer_token_on_http(gateway_factory, repo_copy, tmp_path):

@@ -206,12 +206,8 @@ fn output_tensor(
         let binary = as_bool(&format!("output '{}' {BINARY_DATA}", output.name), &binary)?;
         encoding.per_output.insert(output.name.clone(), binary);
     }
-    if params.contains_key("classification") {
-        return Err(HttpError::unimplemented(format!(
-            "output '{}': the classification extension is not implemented by this server; request the raw output",
-            output.name
-        )));
-    }
+    // `classification: N` travels on as an int64 parameter; the shared decode path
+    // (server::classification) finds it there, as it does for gRPC.
     Ok(InferRequestedOutputTensor {
         parameters: parameters_of(&format!("output '{}'", output.name), params)?,
         name: output.name,
@@ -532,6 +528,22 @@ mod tests {
             .unwrap()
             .message
             .contains("Inference-Header-Content-Length"));
+    }
+
+    #[test]
+    fn classification_reaches_the_requested_output() {
+        let parsed = parse(
+            r#"{"inputs":[{"name":"X","shape":[1],"datatype":"FP32","data":[1]}],"outputs":[{"name":"Y","parameters":{"classification":3,"binary_data":false}}]}"#,
+        )
+        .unwrap();
+        let output = &parsed.request.outputs[0];
+        assert_eq!(output.name, "Y");
+        assert_eq!(
+            output.parameters["classification"].parameter_choice,
+            Some(ParameterChoice::Int64Param(3))
+        );
+        assert!(!output.parameters.contains_key(BINARY_DATA));
+        assert!(!parsed.encoding.is_binary("Y"));
     }
 
     #[test]

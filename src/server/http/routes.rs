@@ -56,6 +56,20 @@ pub fn routes() -> Router<Arc<HttpState>> {
             "/v2/systemsharedmemory/region/{region}/unregister",
             post(shm_unregister),
         )
+        .route("/v2/cudasharedmemory/status", get(cuda_shm_status))
+        .route(
+            "/v2/cudasharedmemory/region/{region}/status",
+            get(cuda_shm_status),
+        )
+        .route(
+            "/v2/cudasharedmemory/region/{region}/register",
+            post(cuda_shm_register),
+        )
+        .route("/v2/cudasharedmemory/unregister", post(cuda_shm_unregister))
+        .route(
+            "/v2/cudasharedmemory/region/{region}/unregister",
+            post(cuda_shm_unregister),
+        )
         .route("/v2/cudasharedmemory/{*rest}", any(cuda_shm))
         .route("/v2/trace/setting", any(trace_setting))
         .route("/v2/models/{model}/trace/setting", any(trace_setting))
@@ -446,6 +460,49 @@ fn require_admin(state: &HttpState, caller: &HttpCaller) -> Result<(), HttpError
     let probe = caller.grpc_request(());
     crate::server::auth::authorize(&state.server.access, &probe, Access::Admin)?;
     Ok(())
+}
+
+/// CUDA shared memory as a CPU-only Triton answers it (the gRPC door's answers): status lists no
+/// regions, unregistering is a no-op that succeeds, registering is refused.
+async fn cuda_shm_status(
+    State(state): Shared,
+    Extension(caller): Extension<HttpCaller>,
+    params: Params,
+) -> Answer {
+    let name = region(params)?;
+    service(&state)
+        .cuda_shared_memory_status(caller.grpc_request(CudaSharedMemoryStatusRequest { name }))
+        .await?;
+    Ok(json(&Value::Array(Vec::new())))
+}
+
+async fn cuda_shm_register(
+    State(state): Shared,
+    Extension(caller): Extension<HttpCaller>,
+    params: Params,
+) -> Answer {
+    let name = region(params)?;
+    service(&state)
+        .cuda_shared_memory_register(caller.grpc_request(CudaSharedMemoryRegisterRequest {
+            name,
+            ..Default::default()
+        }))
+        .await?;
+    Ok(StatusCode::OK.into_response())
+}
+
+async fn cuda_shm_unregister(
+    State(state): Shared,
+    Extension(caller): Extension<HttpCaller>,
+    params: Params,
+) -> Answer {
+    let name = region(params)?;
+    service(&state)
+        .cuda_shared_memory_unregister(
+            caller.grpc_request(CudaSharedMemoryUnregisterRequest { name }),
+        )
+        .await?;
+    Ok(StatusCode::OK.into_response())
 }
 
 async fn cuda_shm(State(state): Shared, Extension(caller): Extension<HttpCaller>) -> HttpError {
