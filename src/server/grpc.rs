@@ -81,10 +81,10 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelReadyRequest>,
     ) -> Result<Response<ModelReadyResponse>, Status> {
-        self.allow(&request, Access::Model(&request.get_ref().name))?;
+        let name = self.allow_model(&request, &request.get_ref().name)?;
         let r = request.into_inner();
         let ready =
-            !self.state.readiness.is_draining() && self.state.models.is_ready(&r.name, &r.version);
+            !self.state.readiness.is_draining() && self.state.models.is_ready(&name, &r.version);
         Ok(Response::new(ModelReadyResponse { ready }))
     }
 
@@ -107,7 +107,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
-        self.allow(&request, Access::Model(&request.get_ref().name))?;
+        self.allow_model(&request, &request.get_ref().name)?;
         let r = request.into_inner();
         let model = self.lookup(&r.name, &r.version)?;
         let versions = self
@@ -140,7 +140,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        self.allow(&request, Access::Model(&request.get_ref().model_name))?;
+        self.allow_model(&request, &request.get_ref().model_name)?;
         let parent = parent_context_from_headers(request.metadata().as_ref());
         // The budget layer put the body's reservation here; without the layer (a test harness
         // serving the bare service) the request is still counted, from its decoded size.
@@ -270,7 +270,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelConfigRequest>,
     ) -> Result<Response<ModelConfigResponse>, Status> {
-        self.allow(&request, Access::Model(&request.get_ref().name))?;
+        self.allow_model(&request, &request.get_ref().name)?;
         let r = request.into_inner();
         let model = self.lookup(&r.name, &r.version)?;
         Ok(Response::new(ModelConfigResponse {
@@ -282,24 +282,25 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelStatisticsRequest>,
     ) -> Result<Response<ModelStatisticsResponse>, Status> {
-        if !request.get_ref().name.is_empty() {
-            self.allow(&request, Access::Model(&request.get_ref().name))?;
-        }
+        let name = match request.get_ref().name.as_str() {
+            "" => String::new(),
+            name => self.allow_model(&request, name)?,
+        };
         let mut visible = self.state.models.loaded();
         visible.retain(|m| may_see(&request, &m.name));
         let r = request.into_inner();
-        let models = if r.name.is_empty() {
+        let models = if name.is_empty() {
             visible
         } else if r.version.is_empty() {
-            self.state.models.get(&r.name, "").map_err(Error::from)?;
+            self.state.models.get(&name, "").map_err(Error::from)?;
             self.state
                 .models
                 .loaded()
                 .into_iter()
-                .filter(|m| m.name == r.name)
+                .filter(|m| m.name == name)
                 .collect()
         } else {
-            vec![self.lookup(&r.name, &r.version)?]
+            vec![self.lookup(&name, &r.version)?]
         };
         Ok(Response::new(ModelStatisticsResponse {
             model_stats: models.iter().map(model_statistics).collect(),
@@ -527,6 +528,14 @@ impl InferenceService {
         Ok(self.state.models.get(&name, version).map_err(Error::from)?)
     }
 
+    /// The per-model check: `name` with `--model-alias` resolved (as the HTTP door resolves it),
+    /// authorized for the caller, so a policy names models by their repository names on both doors.
+    fn allow_model<T>(&self, request: &Request<T>, name: &str) -> Result<String, Status> {
+        let name = self.state.resolve_model_name(name).into_owned();
+        self.allow(request, Access::Model(&name))?;
+        Ok(name)
+    }
+
     /// The per-call authorization check (the layer already authenticated the token).
     fn allow<T>(&self, request: &Request<T>, access: Access<'_>) -> Result<(), Status> {
         authorize(&self.state.access, request, access)
@@ -584,8 +593,9 @@ fn stream_message_allowed(
             let call = caller.context();
             // Resolved again per message: a policy reload applies to streams already open.
             let principal = state.access.principal_of(caller.credential.as_ref(), &call);
+            let model = state.resolve_model_name(model);
             principal
-                .and_then(|p| state.access.authorize(&p, Access::Model(model), &call))
+                .and_then(|p| state.access.authorize(&p, Access::Model(&model), &call))
                 .map_err(|e| e.to_string())
         }
         None if !state.access.is_enabled() => Ok(()),

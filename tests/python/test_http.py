@@ -389,6 +389,13 @@ def test_model_alias_answers_for_the_only_model(gateway_factory, repo_copy):
     g_inputs[0].set_data_from_numpy(a)
     g_inputs[1].set_data_from_numpy(b)
     assert np.array_equal(grpc.infer("my-isvc", g_inputs).as_numpy("OUTPUT0"), a + b)
+    # The alias answers on every per-model RPC of both doors, not only inference.
+    assert grpc.is_model_ready("my-isvc")
+    assert grpc.get_model_metadata("my-isvc").name == "add_sub"
+    stats = grpc.get_inference_statistics("my-isvc").model_stats
+    assert [s.name for s in stats] == ["add_sub"] and stats[0].inference_stats.success.count == 2
+    assert client.get_inference_statistics("my-isvc")["model_stats"][0]["name"] == "add_sub"
+    assert not grpc.is_model_ready("not-the-alias")
     grpc.close()
 
 
