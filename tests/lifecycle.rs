@@ -21,28 +21,6 @@ use onnx_gateway::Config;
 use tokio_stream::StreamExt;
 use tonic::Code;
 
-/// A temporary repository holding copies of the named example models.
-fn repo_with(models: &[&str]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for model in models {
-        copy_dir(&example_models().join(model), &dir.path().join(model));
-    }
-    dir
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 /// add_sub whose single requests wait a second in the queue for a batch that never fills, so a test
 /// knows a request is still in flight when it acts.
 fn slow_add_sub(repo: &Path) -> PathBuf {

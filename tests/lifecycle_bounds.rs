@@ -14,27 +14,6 @@ use onnx_gateway::model::manager::{ManagerSettings, ModelManager, ModelState};
 use onnx_gateway::model::ModelError;
 use onnx_gateway::runtime::init_onnxruntime;
 
-fn repo_with(models: &[&str]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for model in models {
-        copy_dir(&example_models().join(model), &dir.path().join(model));
-    }
-    dir
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 fn manager_with(repo: &Path, settings: ManagerSettings) -> Arc<ModelManager> {
     init_onnxruntime(None).expect("ONNX Runtime (run scripts/setup)");
     Arc::new(ModelManager::new(ManagerSettings {

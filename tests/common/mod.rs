@@ -28,6 +28,28 @@ pub fn test_models() -> PathBuf {
     project_dir().join("tests/models")
 }
 
+/// A temporary repository holding copies of the named example models.
+pub fn repo_with(models: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for model in models {
+        copy_dir(&example_models().join(model), &dir.path().join(model));
+    }
+    dir
+}
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
 /// A running gateway; dropping it without `stop` aborts the server task.
 pub struct TestServer {
     pub grpc_addr: SocketAddr,
