@@ -82,6 +82,26 @@ for _ in $(seq 1 600); do
     sleep 0.1
 done
 [[ -n "$url" ]] || { echo "gateway did not listen"; cat "$work/gateway.log"; exit 1; }
+# The listeners are bound before the models load: wait for readiness, not only for the port.
+admin=""
+for _ in $(seq 1 100); do
+    admin="$(grep -o 'admin HTTP listening addr=[^ ]*' "$work/gateway.log" | head -1 | cut -d= -f2 || true)"
+    [[ -n "$admin" ]] && break
+    sleep 0.1
+done
+"$PYTHON" - "$admin" <<'EOF'
+import sys, time, urllib.error, urllib.request
+deadline = time.monotonic() + 120
+while True:
+    try:
+        if urllib.request.urlopen(f"http://{sys.argv[1]}/v2/health/ready", timeout=2).status == 200:
+            break
+    except (urllib.error.URLError, OSError):
+        pass
+    if time.monotonic() > deadline:
+        sys.exit("gateway did not become ready within 120 s")
+    time.sleep(0.1)
+EOF
 echo "gateway: $url"
 
 results="$work/results.jsonl"
