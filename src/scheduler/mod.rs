@@ -37,16 +37,7 @@ pub struct InferResponse {
     pub timings: RequestTimings,
 }
 
-/// Durations measured at the hand-offs of the request path (see DESIGN.md).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RequestTimings {
-    pub queue: Duration,
-    pub compute_input: Duration,
-    pub compute_infer: Duration,
-    pub compute_output: Duration,
-    /// Rows in the execution this request was part of; 0 when it ran in none (a response-cache hit).
-    pub batch_size: usize,
-}
+pub use crate::telemetry::stats::RequestTimings;
 
 /// Runs one already-assembled batch on one model instance. Each implementation is owned by exactly
 /// one worker thread, so it needs no lock around its session.
@@ -56,6 +47,34 @@ pub trait ModelExecutor: Send + 'static {
         inputs: Vec<NamedTensor>,
         outputs: &[String],
     ) -> Result<Vec<NamedTensor>, ExecuteError>;
+
+    /// Runs the requests of one batch (each a list of inputs with the same names, datatypes and
+    /// non-batch dims): assembles them along dim 0 and runs the result. This default concatenates
+    /// with `concat_rows` and calls `execute`; a runtime that can assemble straight into its own
+    /// input buffers overrides it to save the intermediate copy.
+    fn execute_batch(
+        &mut self,
+        requests: Vec<Vec<NamedTensor>>,
+        outputs: &[String],
+    ) -> Result<BatchRun, ExecuteError> {
+        let started = std::time::Instant::now();
+        let assembled = crate::tensor::batch::concat_rows(requests)
+            .map_err(|e| ExecuteError(format!("failed to assemble the batch: {e}")))?;
+        let assembly = started.elapsed();
+        Ok(BatchRun {
+            outputs: self.execute(assembled, outputs)?,
+            assembly,
+        })
+    }
+}
+
+/// What one batch's run produced.
+#[derive(Debug)]
+pub struct BatchRun {
+    /// The batch's outputs, not yet split per request.
+    pub outputs: Vec<NamedTensor>,
+    /// Time spent assembling the inputs (the `compute_input` part of the run).
+    pub assembly: Duration,
 }
 
 /// An execution failed inside ONNX Runtime.

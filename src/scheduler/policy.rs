@@ -150,6 +150,34 @@ pub enum Next<T> {
     Idle,
 }
 
+/// Why the policy formed the batch it last dispatched: a bounded, stable label for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DispatchReason {
+    /// The batch reached the largest size it can have (max or preferred size, or nothing fits).
+    #[default]
+    Full,
+    /// The delay window of its oldest request ran out.
+    WindowExpired,
+    /// No delay window is configured (or the model does not batch).
+    NoDelay,
+    /// Draining at shutdown: dispatched without waiting.
+    Draining,
+    /// The adaptive strategy judged that waiting would cost more than it could gain.
+    AdaptiveEarly,
+}
+
+impl DispatchReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            DispatchReason::Full => "full",
+            DispatchReason::WindowExpired => "window_expired",
+            DispatchReason::NoDelay => "no_delay",
+            DispatchReason::Draining => "draining",
+            DispatchReason::AdaptiveEarly => "adaptive_early",
+        }
+    }
+}
+
 /// The queue was full; the request comes back to be answered.
 #[derive(Debug, PartialEq, Eq)]
 pub struct QueueFull<T>(pub T);
@@ -375,6 +403,17 @@ impl<T: Batchable> BatchPolicy<T> {
         self.drop_empty_levels();
         removed
     }
+
+    /// Why the last `Dispatch` this policy answered was formed.
+    // INTERFACE PLACEHOLDER for the adaptive-batching branch, which fills it in before landing.
+    pub fn last_dispatch_reason(&self) -> DispatchReason {
+        DispatchReason::default()
+    }
+
+    /// Tells the policy what one execution cost: `rows` rows took `took` on one instance. The
+    /// adaptive strategy learns the batch cost from this; Triton's strategy ignores it.
+    // INTERFACE PLACEHOLDER for the adaptive-batching branch, which fills it in before landing.
+    pub fn observe_execution(&mut self, _rows: usize, _took: Duration) {}
 
     /// Empties every queue, in the order the requests would have run.
     pub fn drain(&mut self) -> Vec<T> {

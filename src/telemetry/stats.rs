@@ -7,7 +7,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 
-use crate::scheduler::RequestTimings;
+/// Durations measured at the hand-offs of the request path (see DESIGN.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestTimings {
+    pub queue: Duration,
+    pub compute_input: Duration,
+    pub compute_infer: Duration,
+    pub compute_output: Duration,
+    /// Rows in the execution this request was part of; 0 when it ran in none (a response-cache hit).
+    pub batch_size: usize,
+}
 
 /// Upper bounds (seconds) of the latency histograms: 100 µs to 10 s, fine enough for p99 of
 /// sub-millisecond models and wide enough for slow ones.
@@ -235,6 +244,11 @@ impl ModelStats {
     }
 
     /// One execution of `batch_rows` rows ran with these compute durations.
+    /// A batch was formed and dispatched: its rows, how long its oldest request waited in the
+    /// queue, and why it was dispatched then (a `DispatchReason` label).
+    // INTERFACE PLACEHOLDER for the adaptive-batching branch, which fills it in before landing.
+    pub fn record_batch_formed(&self, _rows: usize, _waited: Duration, _reason: &'static str) {}
+
     pub fn record_execution(
         &self,
         batch_rows: usize,

@@ -3,7 +3,7 @@ use std::io::Write as _;
 use std::process::{Command, Stdio};
 
 use super::*;
-use crate::scheduler::RequestTimings;
+use crate::telemetry::stats::RequestTimings;
 
 /// One parsed sample line: metric name, labels, value.
 #[derive(Debug, Clone, PartialEq)]
