@@ -19,6 +19,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .skip_protoc_run()
         .bytes(".inference.ModelInferRequest.raw_input_contents")
         .bytes(".inference.ModelInferResponse.raw_output_contents")
+        // Walks a ModelInferRequest on the wire before prost decodes it (src/server/codec.rs).
+        .codec_path("crate::server::codec::InferenceCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -16,6 +16,17 @@ use super::budget::{BudgetExceeded, CountingBody, Framing, Hold, HoldingBody, Me
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+tokio::task_local! {
+    /// The budget of the call being served, for the codec: it reserves what decoding a message
+    /// will allocate before prost decodes it (see `codec.rs`).
+    static CALL_BUDGET: Arc<MemoryBudget>;
+}
+
+/// The budget of the gRPC call this task is serving, when it passed [`GrpcBudgetLayer`].
+pub fn current_call_budget() -> Option<Arc<MemoryBudget>> {
+    CALL_BUDGET.try_with(Arc::clone).ok()
+}
+
 /// The gRPC status for a refused request.
 pub fn budget_status(exceeded: &BudgetExceeded) -> tonic::Status {
     tonic::Status::resource_exhausted(exceeded.to_string())
@@ -97,10 +108,11 @@ where
         // The clone that was polled ready is the one to call; keep a fresh clone for next time.
         let fresh = self.inner.clone();
         let mut ready = std::mem::replace(&mut self.inner, fresh);
-        Box::pin(async move {
+        let budget = Arc::clone(&self.budget);
+        Box::pin(CALL_BUDGET.scope(budget, async move {
             let response = ready.call(request).await?;
             Ok(response.map(|body| HoldingBody::new(body, reservation)))
-        })
+        }))
     }
 }
 

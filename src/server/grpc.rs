@@ -184,9 +184,14 @@ impl GrpcInferenceService for InferenceService {
                 let request = match message {
                     Ok(r) => r,
                     // A message that does not fit the memory budget cannot be skipped (its bytes
-                    // were never read): answers already taken finish, then the stream ends with the
-                    // budget's status.
-                    Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                    // were never read), nor one the codec refused before decoding it: answers
+                    // already taken finish, then the stream ends with that status.
+                    Err(status)
+                        if matches!(
+                            status.code(),
+                            tonic::Code::ResourceExhausted | tonic::Code::InvalidArgument
+                        ) =>
+                    {
                         let _ = slots.acquire_many(STREAM_IN_FLIGHT as u32).await;
                         let _ = tx.send(Err(status)).await;
                         break;

@@ -5,6 +5,8 @@ pub mod auth;
 pub mod budget;
 pub mod budget_grpc;
 pub mod classification;
+pub mod codec;
+pub mod codec_prescan;
 pub mod cuda_shm;
 pub mod decode;
 pub mod encode;

@@ -1,0 +1,189 @@
+//! The gRPC codec of the inference service (build.rs names it in `codec_path`): prost encoding and
+//! decoding as tonic's own codec, except that a ModelInferRequest (unary ModelInfer and every
+//! ModelStreamInfer message) is first walked on the wire (`codec_prescan.rs`). A request whose
+//! typed contents cannot match its shapes, or that holds more than any request could use, is
+//! refused with INVALID_ARGUMENT before prost allocates one object per element; what prost will
+//! allocate for the rest is reserved from the memory budget before it decodes.
+//!
+//! tonic applies everything else as before: the message size limit, decompression (the codec sees
+//! the decompressed message), and a decoding error becomes the call's status.
+use std::any::TypeId;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use bytes::Buf;
+use prost::Message;
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
+use tonic::Status;
+use tonic_prost::ProstEncoder;
+
+use super::budget::{MemoryBudget, Reservation};
+use super::budget_grpc::{budget_status, current_call_budget};
+use super::codec_prescan::{scan_request, RequestScan, ScanError};
+use crate::proto::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
+use crate::proto::{InferParameter, ModelInferRequest};
+
+/// prost's codec with the ModelInferRequest pre-scan; generic like `tonic_prost::ProstCodec`,
+/// since the generated code uses one codec type for every method (and for the client too).
+#[derive(Debug)]
+pub struct InferenceCodec<T, U>(PhantomData<(T, U)>);
+
+impl<T, U> Default for InferenceCodec<T, U> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<T, U> Codec for InferenceCodec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = ProstEncoder<T>;
+    type Decoder = InferenceDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstEncoder::new(BufferSettings::default())
+    }
+
+    /// Called while the budget layer's call is being served (for a stream too: tonic makes the
+    /// decoder before the handler runs), so the decoder can keep the call's budget.
+    fn decoder(&mut self) -> Self::Decoder {
+        InferenceDecoder {
+            budget: current_call_budget(),
+            held: None,
+            _message: PhantomData,
+        }
+    }
+}
+
+/// Decodes `U`; for a ModelInferRequest, walks it first.
+#[derive(Debug)]
+pub struct InferenceDecoder<U> {
+    /// None outside the budget layer (a test harness serving the bare service).
+    budget: Option<Arc<MemoryBudget>>,
+    /// What the last decoded message's objects were charged; given back at the next message (the
+    /// handler has reserved that message on its own by then) or when the call's decoder is dropped.
+    held: Option<Reservation>,
+    _message: PhantomData<U>,
+}
+
+impl<U: Message + Default + 'static> Decoder for InferenceDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        self.held = None;
+        if TypeId::of::<U>() != TypeId::of::<ModelInferRequest>() {
+            return U::decode(buf).map(Some).map_err(decode_status);
+        }
+        // tonic's buffer is one contiguous BytesMut: this takes it without copying, and prost's
+        // `bytes::Bytes` fields (raw_input_contents) keep pointing into it as before.
+        let message = buf.copy_to_bytes(buf.remaining());
+        let checked = match scan_request(&message) {
+            Ok(scan) => {
+                self.reserve(&scan)?;
+                true
+            }
+            Err(ScanError::Refused(text)) => return Err(Status::invalid_argument(text)),
+            Err(ScanError::Malformed) => false,
+        };
+        let decoded = U::decode(message).map_err(decode_status)?;
+        if !checked {
+            // The walk refuses only what prost refuses; prost accepting it is a bug in the walk.
+            tracing::error!("a ModelInferRequest prost accepts was malformed for the pre-scan");
+            return Err(Status::invalid_argument(
+                "the request could not be checked before decoding; please report this",
+            ));
+        }
+        Ok(Some(decoded))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::default()
+    }
+}
+
+impl<U> InferenceDecoder<U> {
+    fn reserve(&mut self, scan: &RequestScan) -> Result<(), Status> {
+        let Some(budget) = &self.budget else {
+            return Ok(());
+        };
+        let reservation = budget.reservation();
+        reservation
+            .grow(prost_overhead(scan))
+            .map_err(|exceeded| budget_status(&exceeded))?;
+        self.held = Some(reservation);
+        Ok(())
+    }
+}
+
+/// As tonic's prost codec maps a decoding error (INTERNAL, per gRPC's status code guide).
+fn decode_status(error: prost::DecodeError) -> Status {
+    Status::internal(error.to_string())
+}
+
+/// What one typed BYTES element costs prost beyond its payload: a `Vec<u8>` (24 bytes, twice over
+/// while the element list doubles) and the allocator's minimum block for a non-empty payload.
+pub const PROST_BYTES_ELEMENT: u64 = 64;
+
+/// The bytes prost allocates for a request beyond its wire bytes, from the walk's counts: each
+/// repeated field's `Vec` may hold up to twice its elements while it grows.
+pub fn prost_overhead(scan: &RequestScan) -> u64 {
+    const WIDTHS: [u64; 7] = [1, 4, 8, 4, 8, 4, 8];
+    let doubled = |count: u64, size: usize| count.saturating_mul(2 * size as u64);
+    let numbers = scan.typed[..7]
+        .iter()
+        .zip(WIDTHS)
+        .fold(0u64, |sum, (&count, width)| {
+            sum.saturating_add(count.saturating_mul(2 * width))
+        });
+    [
+        numbers,
+        scan.typed[7].saturating_mul(PROST_BYTES_ELEMENT),
+        doubled(scan.inputs, std::mem::size_of::<InferInputTensor>()),
+        doubled(
+            scan.outputs,
+            std::mem::size_of::<InferRequestedOutputTensor>(),
+        ),
+        doubled(scan.raw_contents, std::mem::size_of::<bytes::Bytes>()),
+        doubled(scan.dims, std::mem::size_of::<i64>()),
+        // A map entry: its key, its value and the hash table's slot.
+        doubled(
+            scan.parameters,
+            8 + std::mem::size_of::<(String, InferParameter)>(),
+        ),
+    ]
+    .iter()
+    .fold(0u64, |sum, &cost| sum.saturating_add(cost))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_overhead_counts_every_object_prost_allocates() {
+        let empty = RequestScan::default();
+        assert_eq!(prost_overhead(&empty), 0);
+        let bytes = RequestScan {
+            typed: [0, 0, 0, 0, 0, 0, 0, 1000],
+            ..RequestScan::default()
+        };
+        assert_eq!(prost_overhead(&bytes), 1000 * PROST_BYTES_ELEMENT);
+        let int64 = RequestScan {
+            typed: [0, 0, 1000, 0, 0, 0, 0, 0],
+            inputs: 1,
+            ..RequestScan::default()
+        };
+        let tensor = std::mem::size_of::<InferInputTensor>() as u64;
+        assert_eq!(prost_overhead(&int64), 16_000 + 2 * tensor);
+        let huge = RequestScan {
+            typed: [u64::MAX; 8],
+            ..RequestScan::default()
+        };
+        assert_eq!(prost_overhead(&huge), u64::MAX);
+    }
+}
