@@ -13,6 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use tower::{Layer, Service};
 
 use super::budget::{BudgetExceeded, CountingBody, Framing, Hold, HoldingBody, MemoryBudget};
+use super::budget_gunzip::{Compression, Gunzip, DEFAULT_MAX_DECOMPRESSED_BYTES};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -36,11 +37,22 @@ pub fn budget_status(exceeded: &BudgetExceeded) -> tonic::Status {
 #[derive(Debug, Clone)]
 pub struct GrpcBudgetLayer {
     budget: Arc<MemoryBudget>,
+    max_decompressed: u64,
 }
 
 impl GrpcBudgetLayer {
     pub fn new(budget: Arc<MemoryBudget>) -> Self {
-        Self { budget }
+        Self {
+            budget,
+            max_decompressed: DEFAULT_MAX_DECOMPRESSED_BYTES,
+        }
+    }
+
+    /// The most bytes a compressed message may decompress to (the server's largest message,
+    /// `--max-message-bytes`); larger ones are refused before they are decompressed.
+    pub fn max_decompressed_bytes(mut self, bytes: u64) -> Self {
+        self.max_decompressed = bytes;
+        self
     }
 }
 
@@ -51,6 +63,7 @@ impl<S> Layer<S> for GrpcBudgetLayer {
         GrpcBudget {
             inner,
             budget: Arc::clone(&self.budget),
+            max_decompressed: self.max_decompressed,
         }
     }
 }
@@ -60,6 +73,7 @@ impl<S> Layer<S> for GrpcBudgetLayer {
 pub struct GrpcBudget<S> {
     inner: S,
     budget: Arc<MemoryBudget>,
+    max_decompressed: u64,
 }
 
 /// Streaming calls live as long as the client likes: their messages are reserved while they arrive
@@ -98,12 +112,22 @@ where
         let hold = hold_for(request.uri().path());
         let (mut parts, body) = request.into_parts();
         parts.extensions.insert(Arc::clone(&reservation));
-        let body = GrpcCountingBody(CountingBody::new(
-            body,
-            Arc::clone(&reservation),
-            Framing::Grpc,
-            hold,
-        ));
+        // A compressed request is decompressed here, where its decompressed size can be reserved
+        // before it is allocated; tonic then sees it uncompressed.
+        let compression = parts
+            .headers
+            .get("grpc-encoding")
+            .and_then(|v| Compression::from_header(v.as_bytes()));
+        if compression.is_some() {
+            parts.headers.remove("grpc-encoding");
+        }
+        let gunzip = compression
+            .map(|c| Gunzip::new(c, Arc::clone(&reservation), hold, self.max_decompressed));
+        let body = GrpcCountingBody {
+            counting: CountingBody::new(body, Arc::clone(&reservation), Framing::Grpc, hold),
+            gunzip,
+            failed: false,
+        };
         let request = http::Request::from_parts(parts, body);
         // The clone that was polled ready is the one to call; keep a fresh clone for next time.
         let fresh = self.inner.clone();
@@ -117,8 +141,34 @@ where
 }
 
 /// A [`CountingBody`] whose refusal is a `tonic::Status`, which tonic's decoder passes on as the
-/// call's status (any other body error would become UNKNOWN).
-pub struct GrpcCountingBody<B>(CountingBody<B>);
+/// call's status (any other body error would become UNKNOWN); it decompresses a compressed request.
+pub struct GrpcCountingBody<B> {
+    counting: CountingBody<B>,
+    gunzip: Option<Gunzip>,
+    failed: bool,
+}
+
+impl<B> GrpcCountingBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    fn poll_counted(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.counting).poll_frame(cx) {
+            Poll::Ready(Some(Err(error))) => {
+                let error = match error.downcast::<BudgetExceeded>() {
+                    Ok(exceeded) => Box::new(budget_status(&exceeded)) as BoxError,
+                    Err(other) => other,
+                };
+                Poll::Ready(Some(Err(error)))
+            }
+            other => other,
+        }
+    }
+}
 
 impl<B> Body for GrpcCountingBody<B>
 where
@@ -132,23 +182,49 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        match Pin::new(&mut self.0).poll_frame(cx) {
-            Poll::Ready(Some(Err(error))) => {
-                let error = match error.downcast::<BudgetExceeded>() {
-                    Ok(exceeded) => Box::new(budget_status(&exceeded)) as BoxError,
-                    Err(other) => other,
-                };
-                Poll::Ready(Some(Err(error)))
+        let this = &mut *self;
+        if this.failed {
+            return Poll::Ready(None);
+        }
+        loop {
+            let Some(gunzip) = &mut this.gunzip else {
+                return this.poll_counted(cx);
+            };
+            match gunzip.next_frame() {
+                Ok(Some(plain)) => return Poll::Ready(Some(Ok(Frame::data(plain)))),
+                Ok(None) => {}
+                Err(error) => {
+                    this.failed = true;
+                    return Poll::Ready(Some(Err(error)));
+                }
             }
-            other => other,
+            let frame = match this.poll_counted(cx) {
+                Poll::Ready(Some(Ok(frame))) => frame,
+                other => return other,
+            };
+            match frame.into_data() {
+                Ok(data) => gunzip_feed(&mut this.gunzip, data),
+                Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.0.is_end_stream()
+        self.failed
+            || (self.gunzip.as_ref().is_none_or(Gunzip::is_idle) && self.counting.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.0.size_hint()
+        match self.gunzip {
+            // Decompressing changes the size.
+            Some(_) => SizeHint::default(),
+            None => self.counting.size_hint(),
+        }
+    }
+}
+
+fn gunzip_feed(gunzip: &mut Option<Gunzip>, data: Bytes) {
+    if let Some(gunzip) = gunzip {
+        gunzip.feed(data);
     }
 }

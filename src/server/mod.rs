@@ -4,6 +4,7 @@ pub mod admin;
 pub mod auth;
 pub mod budget;
 pub mod budget_grpc;
+pub mod budget_gunzip;
 pub mod classification;
 pub mod codec;
 pub mod codec_prescan;
