@@ -8,6 +8,7 @@ hanging the test.
 """
 from __future__ import annotations
 
+import gzip
 import re
 import struct
 import time
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from harness import TEST_MODELS
@@ -247,4 +249,123 @@ def test_long_names_are_cut_in_error_texts(test_models_gateway):
     assert code == grpc.StatusCode.INVALID_ARGUMENT, text
     assert len(text) < 1024 and "...(10000 bytes)" in text, text
     small_fp32_serves(stub)
+    channel.close()
+
+
+# 16 MiB of empty typed BYTES elements (8 Mi elements of 2 wire bytes each).
+TYPED_ELEMENTS = 8 * MIB
+TYPED_WIRE = 2 * TYPED_ELEMENTS
+# The codec walks the message before prost decodes it: a refused request costs its own buffer and
+# little more. Measured: 22 MiB (before the walk: 313 MiB refused by count, 361 MiB by the budget).
+TYPED_REFUSED_GROWTH_BOUND_KIB = (2 * TYPED_WIRE + 8 * MIB) // 1024
+
+
+def typed_bytes_request(elements: int, shape: list[int]) -> service_pb2.ModelInferRequest:
+    request = service_pb2.ModelInferRequest(model_name="identity_bytes")
+    tensor = request.inputs.add(name="INPUT0", datatype="BYTES")
+    tensor.shape.extend(shape)
+    tensor.contents.bytes_contents.extend([b""] * elements)
+    return request
+
+
+def test_typed_bytes_beyond_the_shape_are_refused_before_prost_allocates_them(gateway_factory):
+    gateway = gateway_factory(TEST_MODELS, "--max-inflight-bytes", "0")
+    channel, stub = open_stub(gateway)
+    pid = gateway.process.pid
+    baseline = vm_kib(pid, "VmHWM")
+    code, text = call(stub, typed_bytes_request(TYPED_ELEMENTS, [1, 2]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, text
+    assert text == "input 'INPUT0' has 8388608 elements in its typed contents but its shape needs 2", text
+    growth = vm_kib(pid, "VmHWM") - baseline
+    assert growth < TYPED_REFUSED_GROWTH_BOUND_KIB, f"peak RSS grew {growth} KiB for a refused 16 MiB request"
+    # Elements in a field the datatype does not read are refused too (prost would build them).
+    request = raw_request("identity_fp32", "FP32", [1, 1], b"\0\0\0\0")
+    request.inputs[0].contents.bytes_contents.extend([b""] * 1000)
+    del request.raw_input_contents[:]
+    request.inputs[0].contents.fp32_contents.append(1.0)
+    code, text = call(stub, request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "1000 elements in bytes_contents" in text, text
+    small_fp32_serves(stub)
+    channel.close()
+
+
+def test_typed_bytes_are_charged_to_the_budget_before_prost_decodes_them(gateway_factory):
+    gateway = gateway_factory(TEST_MODELS, "--max-inflight-bytes", str(256 * MIB))
+    channel, stub = open_stub(gateway)
+    pid = gateway.process.pid
+    baseline = vm_kib(pid, "VmHWM")
+    code, text = call(stub, typed_bytes_request(TYPED_ELEMENTS, [1, TYPED_ELEMENTS]))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, text
+    assert "--max-inflight-bytes 268435456" in text, text
+    growth = vm_kib(pid, "VmHWM") - baseline
+    assert growth < TYPED_REFUSED_GROWTH_BOUND_KIB, f"peak RSS grew {growth} KiB for a refused 16 MiB request"
+    # A small typed BYTES request is served, also on a stream.
+    request = typed_bytes_request(0, [1, 3])
+    request.inputs[0].contents.bytes_contents.extend([b"a", b"", b"xyz"])
+    response = stub.ModelInfer(request, timeout=CALL_TIMEOUT_S)
+    assert response.raw_output_contents[0] == b"".join(struct.pack("<I", len(i)) + i for i in (b"a", b"", b"xyz"))
+    wait_for_metric(gateway.admin_url, "onnx_gateway_inflight_request_bytes", 0)
+    channel.close()
+
+
+def test_a_stream_message_whose_contents_miss_its_shape_ends_the_stream_with_the_reason(test_models_gateway):
+    channel, stub = open_stub(test_models_gateway)
+    good = raw_request("identity_fp32", "FP32", [1, 4], np.arange(4, dtype=np.float32).tobytes())
+    bad = typed_bytes_request(5, [1, 2])
+    answers = []
+    with pytest.raises(grpc.RpcError) as info:
+        for answer in stub.ModelStreamInfer(iter([good, bad]), timeout=CALL_TIMEOUT_S):
+            answers.append(answer)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+    assert "has 5 elements in its typed contents but its shape needs 2" in info.value.details()
+    assert [a.error_message for a in answers] == [""]
+    channel.close()
+
+
+def gzip_stub(gateway):
+    channel = grpc.insecure_channel(
+        gateway.url,
+        compression=grpc.Compression.Gzip,
+        options=[("grpc.max_send_message_length", GRPC_MAX), ("grpc.max_receive_message_length", GRPC_MAX)],
+    )
+    return channel, service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+def test_gzip_requests_are_served(test_models_gateway):
+    client = test_models_gateway.client()
+    values = np.arange(8, dtype=np.float32).reshape(1, 8)
+    tensor = grpcclient.InferInput("INPUT0", [1, 8], "FP32")
+    tensor.set_data_from_numpy(values)
+    for algorithm in ("gzip", "deflate"):
+        result = client.infer("identity_fp32", [tensor], compression_algorithm=algorithm)
+        assert result.as_numpy("OUTPUT0").tolist() == values.tolist()
+    channel, stub = gzip_stub(test_models_gateway)
+    small_fp32_serves(stub)
+    channel.close()
+
+
+# 48 MiB of zeros compress to about 48 KiB: what they decompress to is reserved before it exists.
+GZIP_PLAIN_BYTES = 48 * MIB
+
+
+def test_a_compressed_request_is_reserved_at_its_decompressed_size(gateway_factory):
+    gateway = gateway_factory(TEST_MODELS, "--max-inflight-bytes", str(16 * MIB))
+    channel, stub = gzip_stub(gateway)
+    pid = gateway.process.pid
+    elements = GZIP_PLAIN_BYTES // 4
+    request = raw_request("identity_fp32", "FP32", [1, elements], bytes(GZIP_PLAIN_BYTES))
+    assert len(gzip.compress(request.SerializeToString())) < MIB
+    baseline = vm_kib(pid, "VmHWM")
+    code, text = call(stub, request)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, text
+    assert "--max-inflight-bytes 16777216" in text, text
+    # Past the message size limit (64 MiB), a compressed message is refused while being sized.
+    big = raw_request("identity_fp32", "FP32", [1, 20 * MIB], bytes(80 * MIB))
+    code, text = call(stub, big)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "size limit" in text, text
+    growth = vm_kib(pid, "VmHWM") - baseline
+    # Neither was decompressed into memory (48 and 80 MiB); what the client sent is small.
+    assert growth < 16 * MIB // 1024, f"peak RSS grew {growth} KiB"
+    small_fp32_serves(stub)
+    wait_for_metric(gateway.admin_url, "onnx_gateway_inflight_request_bytes", 0)
     channel.close()
