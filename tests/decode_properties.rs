@@ -1,8 +1,9 @@
 //! A property test over ModelInferRequest through the real server: requests built from a strategy
 //! that knows, case by case, whether what it built is valid. The server must answer every valid one
 //! OK with its data echoed (the identity models), refuse every other one with INVALID_ARGUMENT or
-//! NOT_FOUND (never INTERNAL, never a panic), and keep serving. The case count is bounded so it runs
-//! in seconds.
+//! NOT_FOUND (never INTERNAL, never a panic), and keep serving. The requests pass the codec's wire
+//! walk first (typed counts against shapes, see `src/server/codec_prescan.rs`), so this covers it
+//! too; `tests/codec.rs` sends mutated wire bytes. The case count is bounded so it runs in seconds.
 mod common;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -34,6 +35,9 @@ enum Data {
     Typed { delta: i64, values: Vec<i64> },
     /// No data at all.
     Missing,
+    /// Typed contents the shape needs, plus `extra` elements in a field the datatype does not read
+    /// (the codec refuses them before prost builds them).
+    OtherField { extra: usize },
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +73,7 @@ fn case() -> impl Strategy<Value = Case> {
         4 => ((-1i64..=1), prop::collection::vec(-300i64..70_000, 16))
             .prop_map(|(delta, values)| Data::Typed { delta, values }),
         1 => Just(Data::Missing),
+        1 => (1usize..2000).prop_map(|extra| Data::OtherField { extra }),
     ];
     (
         0..MODELS.len(),
@@ -138,6 +143,17 @@ fn build(case: &Case) -> (ModelInferRequest, Option<Bytes>) {
             let contents = typed_contents(datatype, values);
             valid &= values.len() == count && in_range(datatype, values);
             echo = Some(raw_of_typed(datatype, values));
+            input.contents = Some(contents);
+        }
+        Data::OtherField { extra } => {
+            let values: Vec<i64> = (0..count as i64).collect();
+            let mut contents = typed_contents(datatype, &values);
+            if datatype == "BYTES" {
+                contents.int64_contents = vec![0; *extra];
+            } else {
+                contents.bytes_contents = vec![Vec::new(); *extra];
+            }
+            valid = false;
             input.contents = Some(contents);
         }
         // No data is right only for a shape of no elements.
