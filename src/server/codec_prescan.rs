@@ -227,7 +227,7 @@ fn count_varints(buf: &[u8]) -> Result<u64, ScanError> {
 }
 
 fn fixed_count(buf: &[u8], width: usize) -> Result<u64, ScanError> {
-    if buf.len() % width != 0 {
+    if !buf.len().is_multiple_of(width) {
         return Err(Malformed);
     }
     Ok((buf.len() / width) as u64)
