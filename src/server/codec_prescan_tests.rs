@@ -281,6 +281,45 @@ fn agree(wire: &[u8]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// The request with every repeated number encoded unpacked (one field per value), as other
+/// protobuf encoders may send it; prost reads both forms.
+fn encode_unpacked(r: &ModelInferRequest) -> Vec<u8> {
+    use prost::encoding::{self as enc, encode_key, encode_varint, WireType};
+    fn delimited(tag: u32, inner: &[u8], out: &mut Vec<u8>) {
+        encode_key(tag, WireType::LengthDelimited, out);
+        encode_varint(inner.len() as u64, out);
+        out.extend_from_slice(inner);
+    }
+    let mut out = ModelInferRequest {
+        inputs: Vec::new(),
+        ..r.clone()
+    }
+    .encode_to_vec();
+    for input in &r.inputs {
+        let mut tensor = InferInputTensor {
+            shape: Vec::new(),
+            contents: None,
+            ..input.clone()
+        }
+        .encode_to_vec();
+        enc::int64::encode_repeated(3, &input.shape, &mut tensor);
+        if let Some(c) = &input.contents {
+            let mut contents = Vec::new();
+            enc::bool::encode_repeated(1, &c.bool_contents, &mut contents);
+            enc::int32::encode_repeated(2, &c.int_contents, &mut contents);
+            enc::int64::encode_repeated(3, &c.int64_contents, &mut contents);
+            enc::uint32::encode_repeated(4, &c.uint_contents, &mut contents);
+            enc::uint64::encode_repeated(5, &c.uint64_contents, &mut contents);
+            enc::float::encode_repeated(6, &c.fp32_contents, &mut contents);
+            enc::double::encode_repeated(7, &c.fp64_contents, &mut contents);
+            enc::bytes::encode_repeated(8, &c.bytes_contents, &mut contents);
+            delimited(5, &contents, &mut tensor);
+        }
+        delimited(5, &tensor, &mut out);
+    }
+    out
+}
+
 /// Mutations of an encoded message: a flipped byte, an inserted byte, a cut.
 #[derive(Debug, Clone)]
 enum Mutation {
@@ -324,12 +363,23 @@ proptest! {
         }
     }
 
+    /// Unpacked numbers: read as prost reads them, to the same counts as the packed form.
+    #[test]
+    fn the_walk_reads_unpacked_numbers_as_prost_does(r in any_request()) {
+        let unpacked = encode_unpacked(&r);
+        prop_assert_eq!(&ModelInferRequest::decode(&unpacked[..]).expect("prost reads it"), &r);
+        agree(&unpacked)?;
+        prop_assert_eq!(scan_request(&unpacked), scan_request(&r.encode_to_vec()));
+    }
+
     #[test]
     fn the_walk_agrees_with_prost_on_mutated_requests(
         r in any_request(),
+        unpacked in any::<bool>(),
         mutations in prop::collection::vec(mutation(), 1..4),
     ) {
-        agree(&mutate(r.encode_to_vec(), &mutations))?;
+        let wire = if unpacked { encode_unpacked(&r) } else { r.encode_to_vec() };
+        agree(&mutate(wire, &mutations))?;
     }
 
     #[test]
