@@ -83,6 +83,66 @@ async fn contents_that_miss_the_shape_are_refused_naming_the_input() {
     server.stop().await.expect("clean stop");
 }
 
+fn typed_bytes(elements: usize) -> ModelInferRequest {
+    ModelInferRequest {
+        model_name: "identity_bytes".into(),
+        inputs: vec![InferInputTensor {
+            name: "INPUT0".into(),
+            datatype: "BYTES".into(),
+            shape: vec![1, elements as i64],
+            contents: Some(InferTensorContents {
+                bytes_contents: vec![Vec::new(); elements],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The bytes a budget refusal says were asked for: prost's 64 per element (and the input's struct),
+/// not yet the engine's 128 per element that decode_request would add.
+fn charged(text: &str) -> u64 {
+    let asked = text
+        .strip_prefix("memory budget exceeded: ")
+        .and_then(|rest| rest.split(' ').next());
+    asked.and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn what_prost_would_allocate_is_charged_before_it_decodes() {
+    let mut config = onnx_gateway::Config::for_repository(test_models());
+    config.memory.max_inflight_bytes = Some(1 << 20);
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    // 100,000 empty elements are 200 KB on the wire but 6.4 MB of prost's objects.
+    let status = client
+        .model_infer(typed_bytes(100_000))
+        .await
+        .expect_err("does not fit 1 MiB");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(charged(status.message()) / 10_000, 640, "{status:?}");
+    // On a stream the codec charges it too (the stream ends), before any handler saw it.
+    let mut answers = client
+        .model_stream_infer(tokio_stream::iter(vec![
+            typed_bytes(2),
+            typed_bytes(100_000),
+        ]))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    let first = answers.message().await.expect("first answer").expect("one");
+    assert_eq!(first.error_message, "");
+    let end = answers.message().await.expect_err("the stream ends");
+    assert_eq!(end.code(), Code::ResourceExhausted, "{end:?}");
+    assert_eq!(charged(end.message()) / 10_000, 640, "{end:?}");
+    client
+        .model_infer(typed_bytes(3))
+        .await
+        .expect("small ones are served");
+    server.stop().await.expect("clean stop");
+}
+
 #[tokio::test]
 async fn compressed_requests_are_served() {
     let server = TestServer::start(&test_models()).await;
