@@ -163,6 +163,23 @@ async fn compressed_requests_are_served() {
             .await
             .expect_err("refused after decompression");
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        // A stream of compressed messages: each answered, in order.
+        let messages: Vec<_> = (1..=3)
+            .map(|n| typed_fp32(vec![1, n], vec![n as f32; n as usize]))
+            .collect();
+        let mut answers = client
+            .model_stream_infer(tokio_stream::iter(messages))
+            .await
+            .expect("stream opens")
+            .into_inner();
+        let mut sizes = Vec::new();
+        while let Some(answer) = answers.message().await.expect("answers") {
+            assert_eq!(answer.error_message, "");
+            let response = answer.infer_response.expect("response");
+            sizes.push(f32_from(&response.raw_output_contents[0]).len());
+        }
+        sizes.sort();
+        assert_eq!(sizes, [1, 2, 3]);
     }
     server.stop().await.expect("clean stop");
 }
