@@ -19,6 +19,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .skip_protoc_run()
         .bytes(".inference.ModelInferRequest.raw_input_contents")
         .bytes(".inference.ModelInferResponse.raw_output_contents")
+        // Typed BYTES elements point into the request's buffer: no heap block per element, and
+        // they move into the tensor as they are.
+        .bytes(".inference.InferTensorContents.bytes_contents")
         // Walks a ModelInferRequest on the wire before prost decodes it (src/server/codec.rs).
         .codec_path("crate::server::codec::InferenceCodec")
         .compile_fds(descriptors)?;

@@ -91,7 +91,7 @@ fn typed_bytes(elements: usize) -> ModelInferRequest {
             datatype: "BYTES".into(),
             shape: vec![1, elements as i64],
             contents: Some(InferTensorContents {
-                bytes_contents: vec![Vec::new(); elements],
+                bytes_contents: vec![Bytes::new(); elements],
                 ..Default::default()
             }),
             ..Default::default()

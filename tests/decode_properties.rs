@@ -151,7 +151,7 @@ fn build(case: &Case) -> (ModelInferRequest, Option<Bytes>) {
             if datatype == "BYTES" {
                 contents.int64_contents = vec![0; *extra];
             } else {
-                contents.bytes_contents = vec![Vec::new(); *extra];
+                contents.bytes_contents = vec![Bytes::new(); *extra];
             }
             valid = false;
             input.contents = Some(contents);
@@ -196,7 +196,7 @@ fn typed_contents(datatype: &str, values: &[i64]) -> InferTensorContents {
         "FP32" => c.fp32_contents = values.iter().map(|&v| v as f32).collect(),
         "INT8" => c.int_contents = values.iter().map(|&v| v as i32).collect(),
         "UINT16" => c.uint_contents = values.iter().map(|&v| v.max(0) as u32).collect(),
-        _ => c.bytes_contents = values.iter().map(|v| v.to_string().into_bytes()).collect(),
+        _ => c.bytes_contents = values.iter().map(|v| Bytes::from(v.to_string())).collect(),
     }
     c
 }

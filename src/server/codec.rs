@@ -125,8 +125,8 @@ fn decode_status(error: prost::DecodeError) -> Status {
     Status::internal(error.to_string())
 }
 
-/// What one typed BYTES element costs prost beyond its payload: a `Vec<u8>` (24 bytes, twice over
-/// while the element list doubles) and the allocator's minimum block for a non-empty payload.
+/// What one typed BYTES element costs prost beyond its payload: a `Bytes` handle into the request's
+/// buffer (32 bytes), twice over while the element list doubles.
 pub const PROST_BYTES_ELEMENT: u64 = 64;
 
 /// The bytes prost allocates for a request beyond its wire bytes, from the walk's counts: each

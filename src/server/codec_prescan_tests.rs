@@ -71,7 +71,7 @@ fn prost_counts(r: &ModelInferRequest) -> RequestScan {
 fn typed_bytes_beyond_the_shape_are_refused_with_decode_requests_text() {
     let mut tensor = input("INPUT0", "BYTES", &[1, 2]);
     tensor.contents = Some(InferTensorContents {
-        bytes_contents: vec![Vec::new(); 3],
+        bytes_contents: vec![bytes::Bytes::new(); 3],
         ..Default::default()
     });
     assert_eq!(
@@ -100,7 +100,7 @@ fn elements_in_a_field_the_datatype_does_not_read_are_refused() {
     let mut tensor = input("INPUT0", "FP32", &[1, 1]);
     tensor.contents = Some(InferTensorContents {
         fp32_contents: vec![1.0],
-        bytes_contents: vec![Vec::new(); 5],
+        bytes_contents: vec![bytes::Bytes::new(); 5],
         ..Default::default()
     });
     let text = refused(&request(vec![tensor]));
@@ -217,7 +217,7 @@ fn contents() -> impl Strategy<Value = InferTensorContents> {
             uint64_contents: u64s,
             fp32_contents: f,
             fp64_contents: d,
-            bytes_contents: s,
+            bytes_contents: s.into_iter().map(bytes::Bytes::from).collect(),
         })
 }
 

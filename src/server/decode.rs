@@ -469,13 +469,8 @@ fn from_typed(
             true
         }),
         DataType::Fp16 | DataType::Bf16 => Err(wrong_count(0)),
-        // The decoded elements move into the tensor: no second copy of their bytes.
-        DataType::Bytes => Ok(TensorData::Strings(
-            std::mem::take(&mut c.bytes_contents)
-                .into_iter()
-                .map(Bytes::from)
-                .collect(),
-        )),
+        // The decoded elements (slices of the request's buffer) move into the tensor as they are.
+        DataType::Bytes => Ok(TensorData::Strings(std::mem::take(&mut c.bytes_contents))),
     }
 }
 
