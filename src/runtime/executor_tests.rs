@@ -85,6 +85,9 @@ fn fixed_ptr(tensor: &Tensor) -> usize {
     }
 }
 
+type Batch = Vec<Vec<NamedTensor>>;
+type MakeBatch = fn(usize) -> Batch;
+
 /// `count` add_sub requests of `rows_of(i)` rows each.
 fn add_sub_requests(count: usize, rows_of: impl Fn(usize) -> usize) -> Vec<Vec<NamedTensor>> {
     (0..count)
@@ -158,7 +161,7 @@ fn old_path(
 
 #[test]
 fn execute_batch_is_bit_identical_to_the_old_path() {
-    let cases: [(&str, fn(usize) -> Vec<Vec<NamedTensor>>); 2] = [
+    let cases: [(&str, MakeBatch); 2] = [
         (ADD_SUB, |n| add_sub_requests(n, |i| 1 + i % 3)),
         (MLP_BENCH, mlp_requests),
     ];
@@ -270,7 +273,7 @@ fn one_aligned_request_is_lent_to_ort_and_an_unaligned_one_copied_once() {
         assert_eq!(shape.iter().copied().collect::<Vec<i64>>(), vec![2, 16]);
         assert_eq!(data, numbers.as_slice());
         let lent = data.as_ptr() as usize == request_ptr;
-        assert_eq!(lent, request_ptr % 4 == 0, "misalign {misalign}");
+        assert_eq!(lent, request_ptr.is_multiple_of(4), "misalign {misalign}");
     }
 }
 
@@ -280,7 +283,10 @@ fn an_output_never_aliases_a_lent_input() {
     let numbers = values(9, 6);
     let requests = vec![vec![fp32_input("INPUT0", vec![2, 3], &numbers, 0)]];
     let input_ptr = fixed_ptr(&requests[0][0].tensor);
-    assert_eq!(input_ptr % 4, 0, "the request's bytes are lent to ORT");
+    assert!(
+        input_ptr.is_multiple_of(4),
+        "the request's bytes are lent to ORT"
+    );
     let outputs = executor.execute_batch(requests, &[]).unwrap().outputs;
     assert_ne!(fixed_ptr(&outputs[0].tensor), input_ptr);
     assert_eq!(fp32_values(&outputs[0].tensor), numbers);

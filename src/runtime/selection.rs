@@ -41,6 +41,7 @@ impl OutputSubsets {
         }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.kept.len()
     }
