@@ -445,9 +445,6 @@ fn kept_subset_options_are_bounded() {
 }
 
 fn microseconds_per_call(mut call: impl FnMut(), iterations: u32) -> f64 {
-    for _ in 0..iterations / 10 {
-        call();
-    }
     let started = Instant::now();
     for _ in 0..iterations {
         call();
@@ -455,39 +452,87 @@ fn microseconds_per_call(mut call: impl FnMut(), iterations: u32) -> f64 {
     started.elapsed().as_secs_f64() * 1e6 / f64::from(iterations)
 }
 
-/// Not a test of anything: prints µs per batch for mlp_bench, old path against `execute_batch`.
-/// `cargo test --lib runtime::executor -- --ignored --nocapture measure` (release for real figures).
+/// The batch's inputs as plain FP32 arrays, prepared once for the ORT-alone floor.
+type Prepared = Vec<(String, Vec<i64>, Vec<f32>)>;
+
+fn prepare(requests: &Batch) -> Prepared {
+    concat_rows(requests.clone())
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let values = fp32_values(&t.tensor);
+            (t.name.clone(), t.tensor.shape.clone(), values)
+        })
+        .collect()
+}
+
+/// ORT alone on inputs prepared beforehand (viewed in place, options reused, outputs not read):
+/// the floor both paths are measured against.
+fn ort_floor(executor: &mut OrtExecutor, prepared: &Prepared) {
+    let inputs: Vec<(&str, ort::session::SessionInputValue<'_>)> = prepared
+        .iter()
+        .map(|(name, shape, values)| {
+            let view = ort::value::TensorRef::from_array_view((shape.clone(), values.as_slice()));
+            (name.as_str(), view.unwrap().into())
+        })
+        .collect();
+    drop(
+        executor
+            .session
+            .run_with_options(inputs, &executor.all_outputs)
+            .unwrap(),
+    );
+}
+
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// Not a test of anything: prints µs per batch, ORT alone (inputs prepared beforehand) against
+/// the old path and `execute_batch`, interleaved in rounds. Run with
+/// `cargo test --lib runtime::executor::tests::measure -- --ignored --nocapture` (add --release for
+/// figures that mean something: in a debug build the Rust side is unoptimised).
 #[test]
 #[ignore]
 fn measure_execute_batch_against_the_old_path() {
-    let mut executor = executor(MLP_BENCH);
-    let budget = Duration::from_millis(1500);
-    for batch in [1usize, 16, 64] {
-        let requests = mlp_requests(batch);
-        let mut old_us = Vec::new();
-        let mut new_us = Vec::new();
-        for _round in 0..5 {
-            let started = Instant::now();
+    let cases: [(&str, &str, MakeBatch); 2] = [
+        ("add_sub", ADD_SUB, |n| add_sub_requests(n, |_| 1)),
+        ("mlp_bench", MLP_BENCH, mlp_requests),
+    ];
+    for (label, model, make) in cases {
+        let mut executor = executor(model);
+        for batch in [1usize, 16, 64] {
+            let requests = make(batch);
+            let prepared = prepare(&requests);
+            let calibrate = Instant::now();
             let mut iterations = 0u32;
-            while started.elapsed() < budget / 20 {
+            while calibrate.elapsed() < Duration::from_millis(30) {
                 old_path(&mut executor, requests.clone(), &[]);
                 iterations += 1;
             }
-            let iterations = iterations.max(20);
-            old_us.push(microseconds_per_call(
-                || drop(old_path(&mut executor, requests.clone(), &[])),
-                iterations,
-            ));
-            new_us.push(microseconds_per_call(
-                || drop(executor.execute_batch(requests.clone(), &[]).unwrap()),
-                iterations,
-            ));
+            let (mut floor, mut old, mut new) = (Vec::new(), Vec::new(), Vec::new());
+            for _round in 0..11 {
+                floor.push(microseconds_per_call(
+                    || ort_floor(&mut executor, &prepared),
+                    iterations,
+                ));
+                old.push(microseconds_per_call(
+                    || drop(old_path(&mut executor, requests.clone(), &[])),
+                    iterations,
+                ));
+                new.push(microseconds_per_call(
+                    || drop(executor.execute_batch(requests.clone(), &[]).unwrap()),
+                    iterations,
+                ));
+            }
+            let (floor, old, new) = (median(floor), median(old), median(new));
+            println!(
+                "{label:>9} batch {batch:>2}: ORT alone {floor:>8.1} us | old path {old:>8.1} us \
+                 (+{:>6.1}) | execute_batch {new:>8.1} us (+{:>6.1})   median of 11 rounds",
+                old - floor,
+                new - floor
+            );
         }
-        old_us.sort_by(f64::total_cmp);
-        new_us.sort_by(f64::total_cmp);
-        println!(
-            "mlp_bench batch {batch:>2}: old path {:>8.1} us, execute_batch {:>8.1} us (median of 5 rounds)",
-            old_us[2], new_us[2]
-        );
     }
 }
