@@ -371,6 +371,21 @@ fn bytes_batches_keep_every_byte_of_every_element() {
     assert_eq!(one[0].tensor, requests[0][0].tensor);
 }
 
+#[test]
+fn a_string_tensor_needs_exactly_its_shape_s_element_count() {
+    init_onnxruntime(None).expect("ONNX Runtime (run scripts/setup)");
+    let items = [Bytes::from_static(b"a"), Bytes::from_static(b"b")];
+    let built = super::super::strings::string_tensor(&[1, 2], &items).unwrap();
+    assert_eq!(
+        super::super::strings::read_strings(&built, 2).unwrap(),
+        items
+    );
+    let error = super::super::strings::string_tensor(&[1, 1], &items).unwrap_err();
+    assert!(error.contains("more BYTES elements"), "{error}");
+    let error = super::super::strings::string_tensor(&[1, 3], &items).unwrap_err();
+    assert!(error.contains("needs 3"), "{error}");
+}
+
 fn bool_input(shape: Vec<i64>, raw: &[u8]) -> Vec<NamedTensor> {
     let data = TensorData::Fixed(Bytes::copy_from_slice(raw));
     vec![NamedTensor {

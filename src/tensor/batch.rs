@@ -409,6 +409,21 @@ mod tests {
     }
 
     #[test]
+    fn batch_inputs_sum_rows_and_lend_every_request_tensor() {
+        let a = vec![fp32("x", vec![1, 2], &[1.0, 2.0])];
+        let b = vec![fp32("x", vec![2, 2], &[3.0, 4.0, 5.0, 6.0])];
+        let requests = vec![a, b];
+        let inputs = batch_inputs(&requests).unwrap();
+        assert_eq!(inputs.len(), 1);
+        assert_eq!((inputs[0].name, inputs[0].dtype), ("x", DataType::Fp32));
+        assert_eq!(inputs[0].shape, vec![3, 2]);
+        assert!(std::ptr::eq(inputs[0].parts[1], &requests[1][0].tensor));
+        // One request is taken as it is, even without a batch dimension.
+        let scalar = vec![vec![fp32("s", vec![], &[1.0])]];
+        assert_eq!(batch_inputs(&scalar).unwrap()[0].shape, Vec::<i64>::new());
+    }
+
+    #[test]
     fn mismatched_inner_dims_are_refused() {
         let a = vec![fp32("x", vec![1, 2], &[1.0, 2.0])];
         let b = vec![fp32("x", vec![1, 3], &[1.0, 2.0, 3.0])];
