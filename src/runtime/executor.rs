@@ -4,8 +4,8 @@ use ort::session::{OutputSelector, RunOptions, Session};
 use super::convert::{from_ort, to_ort};
 use super::session::{graph_signature, load_session, SessionPlan};
 use super::RuntimeError;
-use crate::model::GraphSignature;
 use crate::scheduler::{ExecuteError, ModelExecutor};
+use crate::tensor::signature::GraphSignature;
 use crate::tensor::NamedTensor;
 
 /// Runs batches on one ORT session.
