@@ -12,9 +12,9 @@ use super::convert::from_ort;
 use super::selection::OutputSubsets;
 use super::session::{graph_signature, load_session, SessionPlan};
 use super::RuntimeError;
-use crate::model::GraphSignature;
 use crate::scheduler::{BatchRun, ExecuteError, ModelExecutor};
 use crate::tensor::batch::batch_inputs;
+use crate::tensor::signature::GraphSignature;
 use crate::tensor::NamedTensor;
 
 /// Runs batches on one ORT session.
