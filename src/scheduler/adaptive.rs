@@ -18,7 +18,9 @@
 //!   ([`ArrivalRate`]). Not the plain inter-arrival rate: clients are closed-loop, and a client
 //!   whose request waits sends nothing, so only arrivals observed during waits say whether waiting
 //!   brings anything. A wait that ends with no arrival counts its whole span with none, so the
-//!   estimate falls as soon as waiting stops paying.
+//!   estimate falls as soon as waiting stops paying. Once the strategy has waited, what its own
+//!   waits brought ([`WaitYield`]) takes over from that rate: it is exactly "what arrives if I
+//!   wait", which closed-loop clients make lower than what arrives while an instance is busy.
 //! - `fixed`: the intercept of a least-squares line through (rows, compute time) of past executions,
 //!   with exponential forgetting ([`CostModel`]). Until executions of different sizes were seen the
 //!   fixed part is unknown.
@@ -84,6 +86,9 @@ pub const GAP_FACTOR: f64 = 2.0;
 /// 10 and 20 of them count.
 const ARRIVAL_DECAY: f64 = 0.9;
 const COST_DECAY: f64 = 0.95;
+/// Weight kept by the evidence of past waits at each dispatch: slower, so that after waits that
+/// brought nothing a probe comes only every hundred dispatches or so.
+const WAIT_DECAY: f64 = 0.99;
 /// Executions seen before the cost line is trusted.
 const MIN_COST_SAMPLES: u32 = 4;
 /// Variance of the rows of past executions (decayed) below which sizes count as all the same: the
@@ -133,6 +138,56 @@ impl ArrivalRate {
     /// Rows per second; None before any wait was observed.
     pub fn per_second(&self) -> Option<f64> {
         (self.waited > 0.0).then(|| self.rows / self.waited)
+    }
+}
+
+/// What the strategy's own waits brought: rows that arrived while it chose to wait with an
+/// instance free, over the time it waited. This is the rate that matters (closed-loop clients may
+/// all be queued or in flight already, whatever the rate seen while the instance was busy), so it
+/// replaces the general rate as evidence accumulates. The evidence fades at each dispatch, so after
+/// waits that brought nothing the strategy still probes again now and then, at the cost of one
+/// short wait, and notices when the load has changed.
+#[derive(Debug, Clone, Default)]
+pub struct WaitYield {
+    /// Decayed rows that arrived during waits, and the decayed seconds waited.
+    rows: f64,
+    waited: f64,
+    /// The wait in progress: when it started and the rows that arrived since.
+    current: Option<(Instant, f64)>,
+}
+
+impl WaitYield {
+    /// The strategy chose to wait at `now` (a wait already in progress goes on).
+    pub fn on_wait(&mut self, now: Instant) {
+        self.current.get_or_insert((now, 0.0));
+    }
+
+    pub fn on_arrival(&mut self, rows: usize, queued_before: usize) {
+        if queued_before == 0 {
+            // The queue emptied (timeouts, cancellations) without a dispatch: that wait is over.
+            self.current = None;
+        } else if let Some((_, arrived)) = &mut self.current {
+            *arrived += rows as f64;
+        }
+    }
+
+    /// A batch left the queue at `now`, ending any wait.
+    pub fn on_dispatch(&mut self, now: Instant) {
+        self.rows *= WAIT_DECAY;
+        self.waited *= WAIT_DECAY;
+        if let Some((started, arrived)) = self.current.take() {
+            self.waited += seconds(now.saturating_duration_since(started));
+            self.rows += arrived;
+        }
+    }
+
+    /// Rows per second during waits, with `prior` (rows per second) counting as one arrival
+    /// expected at that rate.
+    pub fn rate(&self, prior: f64) -> Option<f64> {
+        if prior <= 0.0 {
+            return (self.waited > 0.0).then(|| self.rows / self.waited);
+        }
+        Some((self.rows + 1.0) / (self.waited + 1.0 / prior))
     }
 }
 
@@ -186,6 +241,7 @@ impl CostModel {
 #[derive(Debug, Clone, Default)]
 pub struct Adaptive {
     pub arrivals: ArrivalRate,
+    pub waits: WaitYield,
     pub cost: CostModel,
     /// When the last request arrived.
     last_arrival: Option<Instant>,
@@ -194,11 +250,20 @@ pub struct Adaptive {
 impl Adaptive {
     pub fn on_arrival(&mut self, now: Instant, rows: usize, queued_before: usize) {
         self.arrivals.on_arrival(now, rows, queued_before);
+        self.waits.on_arrival(rows, queued_before);
         self.last_arrival = Some(self.last_arrival.map_or(now, |last| last.max(now)));
     }
 
     pub fn on_dispatch(&mut self, now: Instant, queued_after: usize) {
         self.arrivals.on_dispatch(now, queued_after);
+        self.waits.on_dispatch(now);
+    }
+
+    /// Rows per second expected to arrive if the batcher waits now: what its own past waits
+    /// brought, starting from (and, as their evidence fades, returning to) the rate seen while
+    /// requests waited for any reason.
+    pub fn expected_rate(&self) -> Option<f64> {
+        self.waits.rate(self.arrivals.per_second()?)
     }
 
     pub fn observe_execution(&mut self, rows: usize, took: Duration) {
@@ -208,8 +273,14 @@ impl Adaptive {
     /// With `rows` rows queued and an instance free at `now`: the instant until which waiting for
     /// more is expected to pay (the caller caps it by the window and timeouts), or None to
     /// dispatch now.
-    pub fn wait_until(&self, rows: usize, now: Instant) -> Option<Instant> {
-        let rate = self.arrivals.per_second()?;
+    pub fn wait_until(&mut self, rows: usize, now: Instant) -> Option<Instant> {
+        let give_up = self.worth_waiting_until(rows, now)?;
+        self.waits.on_wait(now);
+        Some(give_up)
+    }
+
+    fn worth_waiting_until(&self, rows: usize, now: Instant) -> Option<Instant> {
+        let rate = self.expected_rate()?;
         let fixed = self.cost.fixed_seconds()?;
         if rate * fixed <= rows as f64 {
             return None;
@@ -400,6 +471,44 @@ mod tests {
             a.on_dispatch(t, 0);
             t += US * 500;
         }
+    }
+
+    #[test]
+    fn waits_that_bring_nothing_lower_the_expected_rate_and_fade() {
+        let t0 = Instant::now();
+        let mut waits = WaitYield::default();
+        let prior = 100_000.0; // a row every 10 µs
+        let close =
+            |rate: Option<f64>, want: f64| rate.is_some_and(|r| (r - want).abs() < 1e-6 * want);
+        assert!(close(waits.rate(prior), prior), "no evidence: the prior");
+        waits.on_wait(t0);
+        waits.on_dispatch(t0 + US * 20);
+        // 20 µs with nothing against one arrival expected in 10 µs: a third of the prior.
+        let after_one = waits.rate(prior).unwrap();
+        assert!((after_one - prior / 3.0).abs() < 1.0, "{after_one}");
+        // Without more waits the evidence fades and the rate climbs back toward the prior.
+        for _ in 0..400 {
+            waits.on_dispatch(t0 + US * 20);
+        }
+        assert!(waits.rate(prior).unwrap() > 0.9 * prior);
+        // Waits that do bring rows are believed: 5 rows in 10 µs, twice the prior's rate.
+        let mut busy = WaitYield::default();
+        for i in 0..50u32 {
+            let start = t0 + US * 100 * i;
+            busy.on_wait(start);
+            for queued in 1..=5 {
+                busy.on_arrival(1, queued);
+            }
+            busy.on_dispatch(start + US * 10);
+        }
+        let rate = busy.rate(prior).unwrap();
+        assert!((rate - 500_000.0).abs() / 500_000.0 < 0.05, "{rate}");
+        // A queue emptied by timeouts ends the wait without evidence.
+        let mut expired = WaitYield::default();
+        expired.on_wait(t0);
+        expired.on_arrival(1, 0);
+        expired.on_dispatch(t0 + Duration::from_secs(1));
+        assert!(close(expired.rate(prior), prior));
     }
 
     #[test]

@@ -471,7 +471,7 @@ impl<T: Batchable> BatchPolicy<T> {
                     Some(t) => t.min(window_end),
                     None => window_end,
                 };
-                let Some(adaptive) = &self.adaptive else {
+                let Some(adaptive) = &mut self.adaptive else {
                     return Next::WaitUntil(wake);
                 };
                 match adaptive.wait_until(scan.rows, now) {
@@ -1336,5 +1336,41 @@ mod tests {
         // As under Triton's strategy, the expired request is rejected, not run.
         assert_eq!(p.expire(t1 + US * 100), vec![req(0)]);
         assert_eq!(p.len(), 6);
+    }
+
+    #[test]
+    fn adaptive_stops_waiting_when_its_waits_bring_nothing_but_probes_again() {
+        // Bursts arrive while the instance is busy (so the general rate stays high), but a request
+        // that finds the instance free never gets company: closed-loop clients are all queued or
+        // in flight. Waiting is tried, found useless, and only retried now and then.
+        let t0 = Instant::now();
+        let mut p = BatchPolicy::new(adaptive(64, &[], 500));
+        teach_cost(&mut p, 400, 5);
+        let mut waits = Vec::new();
+        for i in 0..300u32 {
+            let t = t0 + Duration::from_millis(10) * i;
+            teach_burst(&mut p, t, 4, US * 10, 1000);
+            let lone = t + Duration::from_millis(1);
+            p.push(req(i), 0, None, lone).unwrap();
+            let at = match p.next_batch(lone) {
+                Next::WaitUntil(at) => {
+                    waits.push(i);
+                    at
+                }
+                Next::Dispatch(_) => continue,
+                Next::Idle => panic!("a request is queued"),
+            };
+            assert!(at <= lone + US * 500, "never beyond the cap");
+            let next = p.next_batch(at);
+            let (batch, reason) = reason_of(&p, next);
+            assert_eq!(batch, vec![i]);
+            assert!(matches!(
+                reason,
+                DispatchReason::AdaptiveEarly | DispatchReason::WindowExpired
+            ));
+        }
+        assert_eq!(waits.first(), Some(&0), "the first one tries");
+        assert!(waits.len() >= 2, "probes again later: {waits:?}");
+        assert!(waits.len() <= 15, "but rarely: {waits:?}");
     }
 }
