@@ -64,6 +64,7 @@ impl Gateway {
                 },
                 load_timeout: Duration::from_secs(config.models.model_load_timeout_secs),
                 auto_warmup: config.models.model_auto_warmup,
+                default_batching_strategy: config.models.default_batching_strategy,
             })
             .with_model_keys(security::setup::model_keys(&config.security)?),
         );
