@@ -491,7 +491,12 @@ impl Batcher {
     fn instance_notice(&mut self, notice: WorkerNotice) {
         self.busy = self.busy.saturating_sub(1);
         match notice {
-            WorkerNotice::Free(instance) => self.idle.push(instance),
+            WorkerNotice::Free(instance, executed) => {
+                self.idle.push(instance);
+                if let Some((rows, took)) = executed {
+                    self.policy.observe_execution(rows, took);
+                }
+            }
             WorkerNotice::Lost { instance, reason } => {
                 // Never given a batch again; once no instance is left, dispatch fails what waits.
                 if let Some(worker) = self.workers.get_mut(instance) {
@@ -560,6 +565,12 @@ impl Batcher {
         let seq = self.next_seq;
         self.next_seq += 1;
         let rows = jobs.iter().map(|j| j.rows).sum();
+        let oldest = jobs.iter().map(|j| j.enqueued).min().unwrap_or(now);
+        self.shared.stats.record_batch_formed(
+            rows,
+            now.saturating_duration_since(oldest),
+            self.policy.last_dispatch_reason().label(),
+        );
         let batch = Batch {
             seq,
             rows,

@@ -152,8 +152,9 @@ impl WorkerContext {
 /// What an instance thread tells the batcher after each batch.
 #[derive(Debug)]
 pub(crate) enum WorkerNotice {
-    /// The instance is free for the next batch.
-    Free(usize),
+    /// The instance is free for the next batch; with the rows and compute time of the batch it
+    /// ran, when that batch succeeded (the batching policy learns execution costs from it).
+    Free(usize, Option<(usize, Duration)>),
     /// The instance hit a panic outside the runtime and has stopped: its state can no longer be
     /// trusted. The model is marked UNAVAILABLE with `reason`.
     Lost { instance: usize, reason: String },
@@ -176,6 +177,7 @@ pub(crate) fn worker_loop(
         let ran = catch_unwind(AssertUnwindSafe(|| {
             run_batch(executor.as_mut(), &ctx, instance, batch)
         }));
+        let executed = ran.as_ref().ok().copied().flatten();
         if let Err(panic) = ran {
             let reason = format!(
                 "model instance {instance} stopped after a panic while running a batch: {}",
@@ -191,7 +193,7 @@ pub(crate) fn worker_loop(
         }
         // Capacity covers every instance, and each has at most one notice outstanding, so this
         // never waits; an error means the batcher is gone and the next recv ends the loop.
-        let _ = free.blocking_send(WorkerNotice::Free(instance));
+        let _ = free.blocking_send(WorkerNotice::Free(instance, executed));
     }
 }
 
@@ -215,7 +217,13 @@ struct Waiting {
     responder: Responder,
 }
 
-fn run_batch(executor: &mut dyn ModelExecutor, ctx: &WorkerContext, instance: usize, batch: Batch) {
+/// Runs one batch and answers its callers; returns its rows and compute time when it succeeded.
+fn run_batch(
+    executor: &mut dyn ModelExecutor,
+    ctx: &WorkerContext,
+    instance: usize,
+    batch: Batch,
+) -> Option<(usize, Duration)> {
     let span = tracing::debug_span!(
         "execute_batch",
         model = %ctx.model,
@@ -249,10 +257,12 @@ fn run_batch(executor: &mut dyn ModelExecutor, ctx: &WorkerContext, instance: us
     let output_names = union_of_outputs(&waiting);
     let row_counts: Vec<usize> = waiting.iter().map(|w| w.rows).collect();
 
+    let mut executed = None;
     let replies = match execute(executor, inputs, &output_names, &row_counts, ctx.batched) {
         Ok((per_request, input_time, infer_time, output_time)) => {
             ctx.stats
                 .record_execution(batch.rows, input_time, infer_time, output_time);
+            executed = Some((batch.rows, input_time + infer_time + output_time));
             waiting
                 .into_iter()
                 .zip(per_request)
@@ -278,6 +288,7 @@ fn run_batch(executor: &mut dyn ModelExecutor, ctx: &WorkerContext, instance: us
         }
     };
     ctx.deliver(batch.seq, replies);
+    executed
 }
 
 type Executed = (Vec<Vec<NamedTensor>>, Duration, Duration, Duration);
