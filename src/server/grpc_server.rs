@@ -208,7 +208,10 @@ fn grpc_router(
         // Before the services, so an unauthenticated call is refused before any decoding.
         .layer(auth)
         // After authentication (a refused caller reserves nothing), before the services decode.
-        .layer(GrpcBudgetLayer::new(Arc::clone(&state.budget)))
+        .layer(
+            GrpcBudgetLayer::new(Arc::clone(&state.budget))
+                .max_decompressed_bytes(args.max_message_bytes as u64),
+        )
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
