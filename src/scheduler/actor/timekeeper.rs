@@ -25,7 +25,9 @@ pub(super) async fn run(
     threads: Vec<JoinHandle<()>>,
     finished: watch::Sender<bool>,
 ) {
-    let timer = PreciseTimer::start(format!("{}-timer", shared.settings.model));
+    // Started the first time a deadline needs it: a model whose deadlines are all a few
+    // milliseconds away or more (or that has none) runs no timer thread.
+    let mut timer: Option<PreciseTimer> = None;
     loop {
         let (wake, done) = look(&shared);
         if done {
@@ -33,11 +35,17 @@ pub(super) async fn run(
         }
         let precise =
             wake.filter(|at| at.saturating_duration_since(Instant::now()) < PRECISE_BELOW);
-        timer.set(precise.map(Instant::into_std));
+        if precise.is_some() || timer.is_some() {
+            timer
+                .get_or_insert_with(|| {
+                    PreciseTimer::start(format!("{}-timer", shared.settings.model))
+                })
+                .set(precise.map(Instant::into_std));
+        }
         tokio::select! {
             biased;
             _ = shared.timekeeper.notified() => {}
-            _ = timer.fired() => {}
+            _ = precise_fired(timer.as_ref()) => {}
             _ = sleep_until_or_forever(wake) => {}
         }
     }
@@ -86,6 +94,13 @@ async fn stop_instances(shared: &Shared, threads: Vec<JoinHandle<()>>) {
     .await;
     if joined.is_err() {
         tracing::error!("failed to join the model instance threads");
+    }
+}
+
+async fn precise_fired(timer: Option<&PreciseTimer>) {
+    match timer {
+        Some(timer) => timer.fired().await,
+        None => std::future::pending().await,
     }
 }
 
