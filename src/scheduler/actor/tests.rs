@@ -891,3 +891,84 @@ async fn a_full_queue_takes_back_the_place_of_a_caller_that_left() {
     assert_eq!(h.stats.failure(FailureReason::Canceled).count(), 1);
     h.scheduler.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_lost_instance_leaves_the_others_serving_what_waits() {
+    let settings =
+        SchedulerSettings::from_config(&batching_config(4, ModelDynamicBatching::default(), 2), 10)
+            .unwrap();
+    // Instance 0 panics outside execute on its first batch; instance 1 has had its first run.
+    let executors: Vec<Box<dyn ModelExecutor>> = vec![
+        Box::new(Panicking {
+            outside_execute: true,
+            runs: 0,
+        }),
+        Box::new(Panicking {
+            outside_execute: true,
+            runs: 1,
+        }),
+    ];
+    let s = Scheduler::start(settings, executors, Arc::new(ModelStats::new("fake", "1")));
+    let lost = s.infer(request(0.0, 1)).await;
+    assert!(matches!(lost, Err(SchedulerError::Execute(_))), "{lost:?}");
+    for first in [1.0, 2.0, 3.0] {
+        let served = s.infer(request(first, 1)).await;
+        assert!(served.is_ok(), "{served:?}");
+    }
+    // The last answer goes out before its instance takes the lock to mark itself idle.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = {
+            let core = s.shared.core.lock();
+            (core.alive, core.busy, core.idle.clone())
+        };
+        if state == (1, 0, vec![1]) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{state:?}");
+        tokio::task::yield_now().await;
+    }
+    // Marked before its instance was counted out.
+    assert!(s.failure().is_some_and(|r| r.contains("instance 0")));
+    tokio::time::timeout(Duration::from_secs(30), s.shutdown())
+        .await
+        .expect("shutdown finishes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_callers_on_a_multi_threaded_runtime_each_get_their_own_answer() {
+    // A sub-millisecond window, so the precise timer's path takes part too.
+    let db = ModelDynamicBatching {
+        max_queue_delay_microseconds: 100,
+        ..Default::default()
+    };
+    let h = start(batching_config(8, db, 2), Gate::Open);
+    // Fewer callers than the harness's queue bound (100), so none is refused.
+    let callers: Vec<_> = (0..90u16)
+        .map(|i| {
+            let scheduler = h.scheduler.clone();
+            let rows = usize::from(i % 3) + 1;
+            let first = f32::from(i) * 10.0;
+            tokio::spawn(async move {
+                let resp = scheduler.infer(request(first, rows)).await;
+                let resp = resp.unwrap_or_else(|e| panic!("caller {i}: {e}"));
+                let expected: Vec<f32> = (0..rows * 2).map(|v| first + v as f32 + 1.0).collect();
+                assert_eq!(out_values(&resp, "OUT"), expected);
+                rows
+            })
+        })
+        .collect();
+    let mut rows_sent = 0;
+    for caller in callers {
+        rows_sent += tokio::time::timeout(Duration::from_secs(60), caller)
+            .await
+            .expect("answered")
+            .unwrap();
+    }
+    let rows_run: usize = h.executions.lock().iter().map(|e| e.len() / 2).sum();
+    assert_eq!(rows_run, rows_sent, "every row ran exactly once");
+    h.scheduler.shutdown().await;
+    let core = h.scheduler.shared.core.lock();
+    assert_eq!((core.busy, core.policy.len()), (0, 0));
+    assert_eq!(h.stats.pending.load(Relaxed), 0);
+}
