@@ -1,19 +1,26 @@
 //! The scheduler of one model: admission, batch forming and the instance threads, with as few
 //! thread hops as the work allows.
 //!
-//! Everything the parties share sits in one [`queue::Core`] under one lock. A request arriving in
+//! Everything the parties share sits in one `queue::Core` under one lock. A request arriving in
 //! `infer` (on its caller's task) takes the lock once: it is admitted into the policy's queues
 //! (whose bounds are the queue bounds), and if an instance is idle and the policy says run, the
 //! batch goes straight into that instance's mailbox, the only wake on the arrival path. An
 //! instance that finishes a batch answers its callers, then takes the lock and asks the policy for
 //! its next batch itself: what formed while it ran starts at once on the same thread. The
-//! [`timekeeper`] task is woken only when a deadline moves earlier (a delay window while an
+//! `timekeeper` task is woken only when a deadline moves earlier (a delay window while an
 //! instance idles, a queue timeout), a caller left, or the model shuts down; with no traffic
 //! nothing wakes at all. The instance threads never touch the reactor and the timekeeper never
 //! runs a model, so inference cannot stall the runtime.
 //!
 //! Per request, at one in flight with an idle instance and no window: one lock of the core, one
 //! wake of the instance thread, one oneshot answer (a wake of the caller's task).
+//!
+//! Threads of one model: one per instance (`<model>-inst-<i>`), plus `<model>-timer` only once a
+//! deadline closer than 2 ms was armed (sub-millisecond windows, which tokio's timer rounds up to
+//! the next millisecond), plus the timekeeper task on the runtime. Idle, none of them wakes: the
+//! instances block on their mailbox without a timeout, the timer thread waits untimed while
+//! disarmed, and the timekeeper has no deadline once the queue is empty (a stale deadline costs it
+//! at most one look, after which it disarms).
 mod instance;
 mod queue;
 mod timekeeper;
