@@ -96,6 +96,12 @@ pub struct ModelArgs {
     /// request at a new shape does not stall. A config parameter `auto_warmup` overrides it per model.
     #[arg(long, env = "ONNX_GATEWAY_MODEL_AUTO_WARMUP", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub model_auto_warmup: bool,
+    /// How dynamic batchers use `max_queue_delay_microseconds` in models whose config sets no
+    /// `batching_strategy` parameter: triton (wait for the whole window unless the batch fills, as
+    /// Triton) or adaptive (the window is a cap: dispatch at once unless waiting is expected to
+    /// raise throughput, learned from arrivals and execution costs).
+    #[arg(long, env = "ONNX_GATEWAY_DEFAULT_BATCHING_STRATEGY", value_enum, default_value_t = crate::scheduler::BatchingStrategy::Triton)]
+    pub default_batching_strategy: crate::scheduler::BatchingStrategy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -411,6 +417,39 @@ mod tests {
         let plain = Config::parse_from(["g", "--model-repository", "m"]);
         assert!(
             plain.security.model_key_files.is_empty() && plain.security.auth_policy_file.is_none()
+        );
+    }
+
+    #[test]
+    fn default_batching_strategy_is_triton_unless_asked() {
+        use crate::scheduler::BatchingStrategy;
+        let plain = Config::parse_from(["g", "--model-repository", "m"]);
+        assert_eq!(
+            plain.models.default_batching_strategy,
+            BatchingStrategy::Triton
+        );
+        let adaptive = Config::parse_from([
+            "g",
+            "--model-repository",
+            "m",
+            "--default-batching-strategy",
+            "adaptive",
+        ]);
+        assert_eq!(
+            adaptive.models.default_batching_strategy,
+            BatchingStrategy::Adaptive
+        );
+        let refused = Config::try_parse_from([
+            "g",
+            "--model-repository",
+            "m",
+            "--default-batching-strategy=eager",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            refused.contains("triton") && refused.contains("adaptive"),
+            "{refused}"
         );
     }
 }

@@ -1,9 +1,9 @@
 //! The engine's error as the transport sees it: every failure a request can meet, from each layer.
-//! The one mapping to gRPC status codes lives in server/status.rs.
+//! The one mapping to gRPC status codes lives in server/status.rs, the one to HTTP in
+//! server/http/error.rs; nothing here knows a protocol.
 use crate::model::manager::LookupError;
 use crate::model::ModelError;
 use crate::scheduler::SchedulerError;
-use crate::server::decode::RequestError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -23,7 +23,7 @@ pub enum Error {
     ShuttingDown,
     /// The request does not fit the memory budget (--max-inflight-bytes).
     #[error(transparent)]
-    Budget(#[from] crate::server::budget::BudgetExceeded),
+    Budget(#[from] BudgetExceeded),
 }
 
 impl Error {
@@ -44,4 +44,22 @@ impl Error {
             Error::Budget(_) => "memory_budget",
         }
     }
+}
+
+/// A request that failed validation (names, datatypes, shapes, sizes, parameters), with a message
+/// naming what was wrong; INVALID_ARGUMENT in gRPC, 400 in HTTP.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct RequestError(pub String);
+
+/// A request that does not fit the budget (RESOURCE_EXHAUSTED in gRPC, 503 in HTTP).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "memory budget exceeded: {requested} more bytes do not fit --max-inflight-bytes {limit} \
+     ({in_flight} bytes of requests already in flight); retry later or send smaller requests"
+)]
+pub struct BudgetExceeded {
+    pub requested: u64,
+    pub limit: u64,
+    pub in_flight: u64,
 }

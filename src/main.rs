@@ -25,7 +25,10 @@ fn main() -> std::process::ExitCode {
         };
     }
     let config = Config::parse();
+    // As many reactor threads as CPUs the pod may use (the affinity mask bounded by the cgroup
+    // quota): tokio's default counts the node's cores, 64 threads in a 1-CPU sidecar.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(onnx_gateway::runtime::cpu_budget())
         .enable_all()
         .build()
     {

@@ -68,7 +68,13 @@ fn check_all(config: &ModelConfig, limits: &ConfigLimits) -> Result<(), String> 
     check_instances(config, limits)?;
     check_warmup(config)?;
     check_thread_parameters(config)?;
+    check_batching_strategy(config)?;
     check_paths(config)
+}
+
+/// `parameters.batching_strategy` must name a strategy the scheduler has.
+fn check_batching_strategy(config: &ModelConfig) -> Result<(), String> {
+    crate::scheduler::BatchingStrategy::from_parameters(&config.parameters).map(|_| ())
 }
 
 fn check_dynamic_batching(db: &ModelDynamicBatching) -> Result<(), String> {
@@ -407,6 +413,28 @@ mod tests {
             },
         );
         refused(&threads, &["parameters.intra_op_thread_count is 100000"]);
+        let mut strategy = ModelConfig::default();
+        strategy.parameters.insert(
+            "batching_strategy".into(),
+            ModelParameter {
+                string_value: "greedy".into(),
+            },
+        );
+        refused(
+            &strategy,
+            &[
+                "parameters.batching_strategy is \"greedy\"",
+                "allowed values: \"triton\", \"adaptive\"",
+            ],
+        );
+        for fine in ["triton", "adaptive"] {
+            strategy
+                .parameters
+                .get_mut("batching_strategy")
+                .unwrap()
+                .string_value = fine.into();
+            check("m", &strategy, &LIMITS).unwrap();
+        }
     }
 
     #[test]

@@ -122,6 +122,8 @@ pub struct ManagerSettings {
     pub load_timeout: Duration,
     /// Warm up models whose config lists no `model_warmup` over their batch sizes (`--model-auto-warmup`).
     pub auto_warmup: bool,
+    /// Batching strategy of models whose config sets none (`--default-batching-strategy`).
+    pub default_batching_strategy: crate::scheduler::BatchingStrategy,
 }
 
 /// `--model-load-timeout-secs` when not set.
@@ -135,6 +137,7 @@ impl Default for ManagerSettings {
             limits: ConfigLimits::default(),
             load_timeout: DEFAULT_LOAD_TIMEOUT,
             auto_warmup: false,
+            default_batching_strategy: crate::scheduler::BatchingStrategy::Triton,
         }
     }
 }
@@ -598,11 +601,14 @@ impl ModelManager {
         let config = autocomplete::autocomplete(name, config.clone(), &graph)?;
         validate::validate(name, &config, &graph)?;
         bounds::check(name, &config, &self.settings.limits)?;
-        let settings = SchedulerSettings::from_config(
+        let settings = SchedulerSettings::from_config_with_strategy(
             &without_sequence_batching(&config),
             self.settings.default_max_queue_size,
+            self.settings.default_batching_strategy,
         )
         .map_err(invalid)?;
+        let mut config = config;
+        crate::scheduler::settings::report_strategy(&mut config, &settings);
         // Completion only names groups (and adds one CPU group when there was none), so the plan
         // keeps its devices; the first session is rebuilt should that ever change.
         let mut executors: Vec<Box<dyn ModelExecutor>> =

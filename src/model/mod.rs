@@ -22,21 +22,7 @@ use crate::tensor::DataType;
 pub use crate::proto::ModelConfig;
 pub use validate::TensorSpec;
 
-/// One input or output of an ONNX graph as ONNX Runtime reports it: full dims including any batch
-/// dimension, with -1 for a symbolic or unknown dimension.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GraphTensor {
-    pub name: String,
-    pub dtype: DataType,
-    pub dims: Vec<i64>,
-}
-
-/// The inputs and outputs of an ONNX graph.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct GraphSignature {
-    pub inputs: Vec<GraphTensor>,
-    pub outputs: Vec<GraphTensor>,
-}
+pub use crate::tensor::signature::{GraphSignature, GraphTensor};
 
 /// Errors of the model domain: unreadable or invalid configs, repository problems.
 #[derive(Debug, thiserror::Error)]

@@ -1,9 +1,14 @@
-//! Engine tensors to ONNX Runtime values and back. Fixed-size data is reinterpreted from its
-//! little-endian bytes with one copy into an aligned buffer; BYTES become ORT string tensors.
+//! ONNX Runtime output values to engine tensors. Fixed-size outputs are not copied: the engine
+//! tensor's `Bytes` owns the ORT value and reads its buffer in place, so splitting a batch and
+//! encoding the response read ONNX Runtime's memory directly. BYTES outputs are read element by
+//! element (ORT keeps them as its own strings).
+use std::marker::PhantomData;
+
 use bytes::Bytes;
 use half::{bf16, f16};
+use ort::value::DynValue;
+use ort::value::PrimitiveTensorElementType;
 use ort::value::TensorElementType as Ort;
-use ort::value::{DynValue, Tensor as OrtTensor};
 
 use crate::tensor::{DataType, Tensor, TensorData};
 
@@ -28,58 +33,37 @@ pub fn datatype_of(ty: Ort) -> Option<DataType> {
     })
 }
 
-fn typed<T: bytemuck::Pod + ort::value::PrimitiveTensorElementType + std::fmt::Debug>(
-    shape: &[i64],
-    raw: &[u8],
-) -> ort::Result<DynValue> {
-    let data: Vec<T> = bytemuck::pod_collect_to_vec(raw);
-    Ok(OrtTensor::from_array((shape.to_vec(), data))?.into_dyn())
+/// An ORT output tensor as the owner of a `Bytes`: the value is moved in and never handed out, so
+/// nothing can write to its buffer while the `Bytes` (and every slice of it) reads it.
+struct OrtOutputBuffer<T> {
+    value: DynValue,
+    element: PhantomData<fn() -> T>,
 }
 
-/// Builds an ORT value from an engine tensor.
-pub fn to_ort(name: &str, tensor: &Tensor) -> Result<DynValue, String> {
-    let shape = &tensor.shape;
-    let result = match (&tensor.data, tensor.dtype) {
-        (TensorData::Strings(items), _) => {
-            return super::strings::string_tensor(shape, items)
-                .map_err(|e| format!("input '{name}': {e}"))
-        }
-        (TensorData::Fixed(raw), dtype) => match dtype {
-            DataType::Bool => {
-                let data: Vec<bool> = raw.iter().map(|&b| b != 0).collect();
-                OrtTensor::from_array((shape.to_vec(), data)).map(|t| t.into_dyn())
-            }
-            DataType::Uint8 => typed::<u8>(shape, raw),
-            DataType::Uint16 => typed::<u16>(shape, raw),
-            DataType::Uint32 => typed::<u32>(shape, raw),
-            DataType::Uint64 => typed::<u64>(shape, raw),
-            DataType::Int8 => typed::<i8>(shape, raw),
-            DataType::Int16 => typed::<i16>(shape, raw),
-            DataType::Int32 => typed::<i32>(shape, raw),
-            DataType::Int64 => typed::<i64>(shape, raw),
-            DataType::Fp16 => typed::<f16>(shape, raw),
-            DataType::Bf16 => typed::<bf16>(shape, raw),
-            DataType::Fp32 => typed::<f32>(shape, raw),
-            DataType::Fp64 => typed::<f64>(shape, raw),
-            DataType::Bytes => {
-                return Err(format!(
-                    "input '{name}': BYTES data must be a list of elements"
-                ))
-            }
-        },
-    };
-    result.map_err(|e| format!("input '{name}': {e}"))
+impl<T: PrimitiveTensorElementType + bytemuck::NoUninit> AsRef<[u8]> for OrtOutputBuffer<T> {
+    fn as_ref(&self) -> &[u8] {
+        // The element type was checked before the owner was built, so the empty fallback is never
+        // taken (and would be refused by the caller's size check if it were).
+        self.value
+            .try_extract_tensor::<T>()
+            .map(|(_, data)| bytemuck::cast_slice(data))
+            .unwrap_or_default()
+    }
 }
 
-fn bytes_of<T: bytemuck::Pod + ort::value::PrimitiveTensorElementType>(
-    value: &DynValue,
-) -> ort::Result<Bytes> {
-    let (_, data) = value.try_extract_tensor::<T>()?;
-    Ok(Bytes::copy_from_slice(bytemuck::cast_slice(data)))
+fn output_bytes<T>(value: DynValue) -> ort::Result<Bytes>
+where
+    T: PrimitiveTensorElementType + bytemuck::NoUninit + 'static,
+{
+    value.try_extract_tensor::<T>()?;
+    Ok(Bytes::from_owner(OrtOutputBuffer::<T> {
+        value,
+        element: PhantomData,
+    }))
 }
 
-/// Copies an ORT output value into an engine tensor.
-pub fn from_ort(name: &str, value: &DynValue) -> Result<Tensor, String> {
+/// Turns an ORT output value into an engine tensor; fixed-size data stays in ORT's buffer.
+pub fn from_ort(name: &str, value: DynValue) -> Result<Tensor, String> {
     let fail = |e: ort::Error| format!("output '{name}': {e}");
     let ty = *value.data_type();
     let dtype = datatype_of(ty).ok_or_else(|| {
@@ -91,26 +75,23 @@ pub fn from_ort(name: &str, value: &DynValue) -> Result<Tensor, String> {
             let count = crate::tensor::element_count(&shape)
                 .map_err(|e| format!("output '{name}': {e}"))?;
             TensorData::Strings(
-                super::strings::read_strings(value, count)
+                super::strings::read_strings(&value, count)
                     .map_err(|e| format!("output '{name}': {e}"))?,
             )
         }
-        DataType::Bool => {
-            let (_, data) = value.try_extract_tensor::<bool>().map_err(fail)?;
-            TensorData::Fixed(data.iter().map(|&b| b as u8).collect::<Vec<u8>>().into())
-        }
-        DataType::Uint8 => TensorData::Fixed(bytes_of::<u8>(value).map_err(fail)?),
-        DataType::Uint16 => TensorData::Fixed(bytes_of::<u16>(value).map_err(fail)?),
-        DataType::Uint32 => TensorData::Fixed(bytes_of::<u32>(value).map_err(fail)?),
-        DataType::Uint64 => TensorData::Fixed(bytes_of::<u64>(value).map_err(fail)?),
-        DataType::Int8 => TensorData::Fixed(bytes_of::<i8>(value).map_err(fail)?),
-        DataType::Int16 => TensorData::Fixed(bytes_of::<i16>(value).map_err(fail)?),
-        DataType::Int32 => TensorData::Fixed(bytes_of::<i32>(value).map_err(fail)?),
-        DataType::Int64 => TensorData::Fixed(bytes_of::<i64>(value).map_err(fail)?),
-        DataType::Fp16 => TensorData::Fixed(bytes_of::<f16>(value).map_err(fail)?),
-        DataType::Bf16 => TensorData::Fixed(bytes_of::<bf16>(value).map_err(fail)?),
-        DataType::Fp32 => TensorData::Fixed(bytes_of::<f32>(value).map_err(fail)?),
-        DataType::Fp64 => TensorData::Fixed(bytes_of::<f64>(value).map_err(fail)?),
+        DataType::Bool => TensorData::Fixed(output_bytes::<bool>(value).map_err(fail)?),
+        DataType::Uint8 => TensorData::Fixed(output_bytes::<u8>(value).map_err(fail)?),
+        DataType::Uint16 => TensorData::Fixed(output_bytes::<u16>(value).map_err(fail)?),
+        DataType::Uint32 => TensorData::Fixed(output_bytes::<u32>(value).map_err(fail)?),
+        DataType::Uint64 => TensorData::Fixed(output_bytes::<u64>(value).map_err(fail)?),
+        DataType::Int8 => TensorData::Fixed(output_bytes::<i8>(value).map_err(fail)?),
+        DataType::Int16 => TensorData::Fixed(output_bytes::<i16>(value).map_err(fail)?),
+        DataType::Int32 => TensorData::Fixed(output_bytes::<i32>(value).map_err(fail)?),
+        DataType::Int64 => TensorData::Fixed(output_bytes::<i64>(value).map_err(fail)?),
+        DataType::Fp16 => TensorData::Fixed(output_bytes::<f16>(value).map_err(fail)?),
+        DataType::Bf16 => TensorData::Fixed(output_bytes::<bf16>(value).map_err(fail)?),
+        DataType::Fp32 => TensorData::Fixed(output_bytes::<f32>(value).map_err(fail)?),
+        DataType::Fp64 => TensorData::Fixed(output_bytes::<f64>(value).map_err(fail)?),
     };
     Tensor::new(name, dtype, shape, data).map_err(|e| e.to_string())
 }

@@ -1,8 +1,10 @@
 //! ONNX Runtime: library discovery and the process environment, session building with execution
 //! providers, and running one batch. The only module that touches `ort`.
+mod assemble;
 mod convert;
 mod executor;
 mod library;
+mod selection;
 mod session;
 mod strings;
 mod threads;

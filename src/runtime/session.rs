@@ -9,9 +9,9 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 
 use super::{library, RuntimeError};
-use crate::model::{GraphSignature, GraphTensor};
 use crate::proto::{model_instance_group, ModelConfig};
 use crate::security::PlaintextModel;
+use crate::tensor::signature::{GraphSignature, GraphTensor};
 
 /// Which execution provider an instance runs on.
 #[derive(Debug, Clone, PartialEq)]

@@ -29,8 +29,13 @@ fn check(status: OrtStatusPtr, what: &str) -> Result<(), String> {
     Err(format!("{what}: {message}"))
 }
 
-/// Builds a string tensor of `shape` whose elements are exactly `items` (any bytes, NUL included).
-pub fn string_tensor(shape: &[i64], items: &[Bytes]) -> Result<DynValue, String> {
+/// Builds a string tensor of `shape` whose elements are exactly `items` in order (any bytes, NUL
+/// included): one request's list or a batch's lists one after another.
+pub fn string_tensor<'a>(
+    shape: &[i64],
+    items: impl IntoIterator<Item = &'a Bytes>,
+) -> Result<DynValue, String> {
+    let count = crate::tensor::element_count(shape).map_err(|e| e.to_string())?;
     let api = ort::api();
     let allocator = Allocator::default();
     let mut value: *mut ort::sys::OrtValue = ptr::null_mut();
@@ -50,11 +55,16 @@ pub fn string_tensor(shape: &[i64], items: &[Bytes]) -> Result<DynValue, String>
     // SAFETY: `value` is a freshly created, owned OrtValue; from_ptr takes ownership and releases it
     // on drop (also on the error paths below).
     let mut tensor: DynValue = unsafe { Value::from_ptr(value, Some(&allocator)) };
-    for (index, item) in items.iter().enumerate() {
+    let mut written = 0usize;
+    for (index, item) in items.into_iter().enumerate() {
+        if index >= count {
+            return Err(format!(
+                "more BYTES elements than shape {shape:?} holds ({count})"
+            ));
+        }
         let mut buffer: *mut std::ffi::c_char = ptr::null_mut();
-        // SAFETY: `index` is within the element count (the caller's shape holds `items.len()`
-        // elements, checked when the engine tensor was built); ORT returns a buffer of exactly
-        // `item.len()` bytes owned by the tensor, which we fill completely.
+        // SAFETY: `index` is within the tensor's element count (checked above); ORT returns a
+        // buffer of exactly `item.len()` bytes owned by the tensor, which we fill completely.
         let status = unsafe {
             (api.GetResizedStringTensorElementBuffer)(
                 tensor.ptr_mut(),
@@ -68,6 +78,12 @@ pub fn string_tensor(shape: &[i64], items: &[Bytes]) -> Result<DynValue, String>
             // SAFETY: see above; the regions cannot overlap (ORT's buffer is fresh).
             unsafe { ptr::copy_nonoverlapping(item.as_ptr(), buffer.cast::<u8>(), item.len()) };
         }
+        written = index + 1;
+    }
+    if written != count {
+        return Err(format!(
+            "{written} BYTES elements but shape {shape:?} needs {count}"
+        ));
     }
     Ok(tensor)
 }

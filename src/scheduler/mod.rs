@@ -1,6 +1,7 @@
 //! Per-model scheduling: admission into a bounded queue, batch forming, and the instance workers that
 //! own ONNX Runtime sessions. The contract with the rest of the engine is `Scheduler::infer`.
 pub mod actor;
+pub mod adaptive;
 pub mod policy;
 pub mod sequence;
 pub mod settings;
@@ -8,6 +9,7 @@ mod timer;
 mod worker;
 
 pub use actor::Scheduler;
+pub use adaptive::BatchingStrategy;
 pub use settings::{InstanceKind, InstanceSpec, SchedulerSettings, DEFAULT_MAX_QUEUE};
 
 use std::time::Duration;

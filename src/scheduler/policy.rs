@@ -16,10 +16,16 @@
 //! - Each level has a queue policy: a size limit (a full level refuses at once), a default timeout,
 //!   whether a request may shorten it, and what an expired request suffers: REJECT (removed, answered
 //!   "Request timeout expired") or DELAY (moved behind the level's other requests, no longer timed).
+//!
+//! With `strategy: Adaptive` only the last rule changes: the window becomes a cap, and a batch that
+//! Triton would hold is dispatched as soon as waiting is not expected to pay (see `adaptive.rs`).
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use super::adaptive::Adaptive;
+pub use super::adaptive::BatchingStrategy;
 
 /// What the policy needs to know about a queued payload.
 pub trait Batchable {
@@ -89,6 +95,8 @@ pub struct PolicyConfig {
     /// Most requests queued for the model across all levels: memory stays bounded even when no
     /// level sets `max_queue_size` (Triton's "no limit").
     pub max_total_queue: usize,
+    /// How the delay window is used (config parameter `batching_strategy`).
+    pub strategy: BatchingStrategy,
 }
 
 impl PolicyConfig {
@@ -103,6 +111,7 @@ impl PolicyConfig {
             default_queue_policy: QueuePolicy::default(),
             level_policies: BTreeMap::new(),
             max_total_queue: max_total_queue.max(1),
+            strategy: BatchingStrategy::Triton,
         }
     }
 
@@ -244,10 +253,15 @@ pub struct BatchPolicy<T> {
     next_seq: u64,
     /// Requests found cancelled while forming batches, waiting for `take_cancelled`.
     cancelled: Vec<T>,
+    /// Why the last `Dispatch` was formed.
+    last_reason: DispatchReason,
+    /// What the adaptive strategy learns; None under Triton's strategy, which learns nothing.
+    adaptive: Option<Adaptive>,
 }
 
 impl<T: Batchable> BatchPolicy<T> {
     pub fn new(config: PolicyConfig) -> Self {
+        let adaptive = (config.strategy == BatchingStrategy::Adaptive).then(Adaptive::default);
         Self {
             config,
             levels: BTreeMap::new(),
@@ -255,6 +269,8 @@ impl<T: Batchable> BatchPolicy<T> {
             len: 0,
             next_seq: 0,
             cancelled: Vec::new(),
+            last_reason: DispatchReason::default(),
+            adaptive,
         }
     }
 
@@ -298,6 +314,9 @@ impl<T: Batchable> BatchPolicy<T> {
             .map(|t| deadline_after(now, t));
         let seq = self.next_seq;
         self.next_seq += 1;
+        if let Some(adaptive) = &mut self.adaptive {
+            adaptive.on_arrival(now, item.rows().max(1), self.len);
+        }
         if let Some(d) = deadline {
             self.deadlines.insert((d, seq, level));
         }
@@ -405,15 +424,17 @@ impl<T: Batchable> BatchPolicy<T> {
     }
 
     /// Why the last `Dispatch` this policy answered was formed.
-    // INTERFACE PLACEHOLDER for the adaptive-batching branch, which fills it in before landing.
     pub fn last_dispatch_reason(&self) -> DispatchReason {
-        DispatchReason::default()
+        self.last_reason
     }
 
     /// Tells the policy what one execution cost: `rows` rows took `took` on one instance. The
     /// adaptive strategy learns the batch cost from this; Triton's strategy ignores it.
-    // INTERFACE PLACEHOLDER for the adaptive-batching branch, which fills it in before landing.
-    pub fn observe_execution(&mut self, _rows: usize, _took: Duration) {}
+    pub fn observe_execution(&mut self, rows: usize, took: Duration) {
+        if let Some(adaptive) = &mut self.adaptive {
+            adaptive.observe_execution(rows, took);
+        }
+    }
 
     /// Empties every queue, in the order the requests would have run.
     pub fn drain(&mut self) -> Vec<T> {
@@ -437,15 +458,12 @@ impl<T: Batchable> BatchPolicy<T> {
         let delay = self.config.max_queue_delay;
         let waited = now.saturating_duration_since(scan.oldest);
         let delay_exceeded = ignore_delay || (!delay.is_zero() && waited >= delay);
+        let full = scan.cannot_grow || scan.rows >= self.config.largest_preferred();
 
-        let take = match scan.best_preferred {
-            Some(count) if !delay_exceeded => count,
-            _ if scan.cannot_grow
-                || scan.rows >= self.config.largest_preferred()
-                || delay_exceeded
-                || delay.is_zero() =>
-            {
-                scan.count
+        let (take, reason) = match scan.best_preferred {
+            Some(count) if !delay_exceeded => (count, self.reason(ignore_delay, true, false)),
+            _ if full || delay_exceeded || delay.is_zero() => {
+                (scan.count, self.reason(ignore_delay, full, delay_exceeded))
             }
             _ => {
                 let window_end = deadline_after(scan.oldest, delay);
@@ -453,10 +471,36 @@ impl<T: Batchable> BatchPolicy<T> {
                     Some(t) => t.min(window_end),
                     None => window_end,
                 };
-                return Next::WaitUntil(wake);
+                let Some(adaptive) = &mut self.adaptive else {
+                    return Next::WaitUntil(wake);
+                };
+                match adaptive.wait_until(scan.rows, now) {
+                    Some(give_up) => return Next::WaitUntil(wake.min(give_up)),
+                    None => (scan.count, DispatchReason::AdaptiveEarly),
+                }
             }
         };
-        Next::Dispatch(self.pop_front(take))
+        let batch = self.pop_front(take);
+        self.last_reason = reason;
+        if let Some(adaptive) = &mut self.adaptive {
+            adaptive.on_dispatch(now, self.len);
+        }
+        Next::Dispatch(batch)
+    }
+
+    /// Why a batch that did not wait (any longer) goes now.
+    fn reason(&self, draining: bool, full: bool, window_expired: bool) -> DispatchReason {
+        if draining {
+            DispatchReason::Draining
+        } else if self.config.max_batch_rows <= 1 {
+            DispatchReason::NoDelay
+        } else if full {
+            DispatchReason::Full
+        } else if window_expired {
+            DispatchReason::WindowExpired
+        } else {
+            DispatchReason::NoDelay
+        }
     }
 
     /// Walks the queue from its head as a batch would be filled, removing cancelled requests met.
@@ -626,6 +670,7 @@ mod tests {
             default_queue_policy: QueuePolicy::default(),
             level_policies: BTreeMap::new(),
             max_total_queue: 1000,
+            strategy: BatchingStrategy::Triton,
         }
     }
 
@@ -1033,5 +1078,299 @@ mod tests {
         p.push(rows(3, 4), 3, None, Instant::now()).unwrap();
         assert_eq!(ids(p.next_batch(Instant::now())), vec![2, 1]);
         assert_eq!(ids(p.next_batch(Instant::now())), vec![3]);
+    }
+
+    // --- Dispatch reasons (both strategies) and the adaptive strategy's decisions. ---
+
+    const US: Duration = Duration::from_micros(1);
+
+    fn reason_of(p: &BatchPolicy<Req>, next: Next<Req>) -> (Vec<u32>, DispatchReason) {
+        (ids(next), p.last_dispatch_reason())
+    }
+
+    #[test]
+    fn triton_records_why_each_batch_went() {
+        let t0 = Instant::now();
+        let mut p = BatchPolicy::new(config(4, &[], 500));
+        p.push(req(1), 0, None, t0).unwrap();
+        assert_eq!(p.next_batch(t0), Next::WaitUntil(t0 + US * 500));
+        let next = p.next_batch(t0 + US * 500);
+        assert_eq!(
+            reason_of(&p, next),
+            (vec![1], DispatchReason::WindowExpired)
+        );
+        for id in 2..=5 {
+            p.push(req(id), 0, None, t0).unwrap();
+        }
+        let next = p.next_batch(t0);
+        assert_eq!(
+            reason_of(&p, next),
+            (vec![2, 3, 4, 5], DispatchReason::Full)
+        );
+        p.push(req(6), 0, None, t0).unwrap();
+        let next = p.next_batch_without_delay(t0);
+        assert_eq!(reason_of(&p, next), (vec![6], DispatchReason::Draining));
+
+        let mut no_window = BatchPolicy::new(config(4, &[], 0));
+        no_window.push(req(7), 0, None, t0).unwrap();
+        let next = no_window.next_batch(t0);
+        assert_eq!(
+            reason_of(&no_window, next),
+            (vec![7], DispatchReason::NoDelay)
+        );
+        let mut unbatched = BatchPolicy::new(PolicyConfig::unbatched(4));
+        unbatched.push(req(8), 0, None, t0).unwrap();
+        let next = unbatched.next_batch(t0);
+        assert_eq!(
+            reason_of(&unbatched, next),
+            (vec![8], DispatchReason::NoDelay)
+        );
+    }
+
+    #[test]
+    fn every_reason_label_is_one_the_metrics_know() {
+        use crate::telemetry::stats::BATCH_FORMED_REASONS;
+        for reason in [
+            DispatchReason::Full,
+            DispatchReason::WindowExpired,
+            DispatchReason::NoDelay,
+            DispatchReason::Draining,
+            DispatchReason::AdaptiveEarly,
+        ] {
+            assert!(BATCH_FORMED_REASONS.contains(&reason.label()), "{reason:?}");
+        }
+    }
+
+    #[test]
+    fn triton_ignores_what_executions_cost() {
+        // Whatever is learned, a lone request under Triton's strategy waits for its whole window.
+        let t0 = Instant::now();
+        let mut p = BatchPolicy::new(config(64, &[], 500));
+        teach_cost(&mut p, 400, 5);
+        teach_burst(&mut p, t0, 16, US * 10, 1000);
+        let t1 = t0 + Duration::from_secs(1);
+        p.push(req(1), 0, None, t1).unwrap();
+        assert_eq!(p.next_batch(t1), Next::WaitUntil(t1 + US * 500));
+        assert_eq!(p.next_batch(t1 + US * 499), Next::WaitUntil(t1 + US * 500));
+    }
+
+    fn adaptive(max_batch_rows: usize, preferred: &[usize], delay_us: u64) -> PolicyConfig {
+        PolicyConfig {
+            strategy: BatchingStrategy::Adaptive,
+            ..config(max_batch_rows, preferred, delay_us)
+        }
+    }
+
+    /// Executions of 1..=8 rows costing `fixed_us + per_row_us · rows`.
+    fn teach_cost(p: &mut BatchPolicy<Req>, fixed_us: u32, per_row_us: u32) {
+        for i in 0..32u32 {
+            let rows = 1 + i % 8;
+            p.observe_execution(rows as usize, US * (fixed_us + per_row_us * rows));
+        }
+    }
+
+    /// `count` requests arriving `every` apart while the instance is busy (no batch is asked for),
+    /// then one batch of all of them. Ids start at `first_id`.
+    fn teach_burst(
+        p: &mut BatchPolicy<Req>,
+        t0: Instant,
+        count: u32,
+        every: Duration,
+        first_id: u32,
+    ) {
+        for i in 0..count {
+            p.push(req(first_id + i), 0, None, t0 + every * i).unwrap();
+        }
+        let last = t0 + every * (count - 1);
+        assert!(matches!(
+            p.next_batch_without_delay(last),
+            Next::Dispatch(_)
+        ));
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn adaptive_dispatches_a_lone_request_at_once() {
+        let t0 = Instant::now();
+        let mut p = BatchPolicy::new(adaptive(64, &[], 500));
+        p.push(req(1), 0, None, t0).unwrap();
+        let next = p.next_batch(t0);
+        assert_eq!(
+            reason_of(&p, next),
+            (vec![1], DispatchReason::AdaptiveEarly)
+        );
+        // A costly fixed part alone is no reason to wait: with one request in flight nothing
+        // arrives while it waits.
+        teach_cost(&mut p, 400, 5);
+        let mut t = t0;
+        for id in 2..50 {
+            t += US * 300;
+            p.push(req(id), 0, None, t).unwrap();
+            let next = p.next_batch(t + US * 3);
+            assert_eq!(
+                reason_of(&p, next),
+                (vec![id], DispatchReason::AdaptiveEarly)
+            );
+        }
+    }
+
+    #[test]
+    fn adaptive_waits_for_bursty_arrivals_up_to_the_cap() {
+        let t0 = Instant::now();
+        let mut p = BatchPolicy::new(adaptive(64, &[], 500));
+        teach_cost(&mut p, 400, 5);
+        // A row every 10 µs while requests waited: 40 rows per fixed cost.
+        teach_burst(&mut p, t0, 16, US * 10, 1000);
+        let t1 = t0 + Duration::from_secs(1);
+        let window_end = t1 + US * 500;
+        // A row every 15 µs keeps the wait alive (given up 20 µs after the last arrival), and 34
+        // rows stay below what one fixed cost brings, so only the window ends it.
+        for k in 0..34u32 {
+            let t = t1 + US * 15 * k;
+            p.push(req(k), 0, None, t).unwrap();
+            match p.next_batch(t) {
+                Next::WaitUntil(at) => {
+                    assert!(at <= window_end, "never beyond the cap");
+                    assert_eq!(at, (t + US * 20).min(window_end));
+                }
+                other => panic!("expected a wait at {k}, got {other:?}"),
+            }
+        }
+        let next = p.next_batch(window_end);
+        let (batch, reason) = reason_of(&p, next);
+        assert_eq!(batch, (0..34).collect::<Vec<_>>());
+        assert_eq!(reason, DispatchReason::WindowExpired);
+    }
+
+    #[test]
+    fn adaptive_gives_up_when_arrivals_stop() {
+        let t0 = Instant::now();
+        let mut p = BatchPolicy::new(adaptive(64, &[], 500));
+        teach_cost(&mut p, 400, 5);
+        teach_burst(&mut p, t0, 16, US * 10, 1000);
+        let t1 = t0 + Duration::from_secs(1);
+        p.push(req(1), 0, None, t1).unwrap();
+        p.push(req(2), 0, None, t1 + US * 5).unwrap();
+        assert_eq!(p.next_batch(t1 + US * 5), Next::WaitUntil(t1 + US * 25));
+        let next = p.next_batch(t1 + US * 25);
+        assert_eq!(
+            reason_of(&p, next),
+            (vec![1, 2], DispatchReason::AdaptiveEarly)
+        );
+    }
+
+    #[test]
+    fn adaptive_dispatches_when_cost_grows_with_rows() {
+        // A CPU MLP: the fixed part is small, so waiting for rows never pays, however many arrive.
+        let t0 = Instant::now();
+        let mut p = BatchPolicy::new(adaptive(64, &[], 500));
+        teach_cost(&mut p, 2, 50);
+        teach_burst(&mut p, t0, 16, US * 10, 1000);
+        let t1 = t0 + Duration::from_secs(1);
+        p.push(req(1), 0, None, t1).unwrap();
+        let next = p.next_batch(t1);
+        assert_eq!(
+            reason_of(&p, next),
+            (vec![1], DispatchReason::AdaptiveEarly)
+        );
+    }
+
+    #[test]
+    fn adaptive_dispatches_when_enough_rows_are_queued() {
+        let t0 = Instant::now();
+        let mut p = BatchPolicy::new(adaptive(64, &[], 500));
+        teach_cost(&mut p, 400, 5);
+        teach_burst(&mut p, t0, 16, US * 10, 1000);
+        let t1 = t0 + Duration::from_secs(1);
+        // 41 rows at once: more than the 40 one fixed cost brings.
+        p.push(rows(1, 41), 0, None, t1).unwrap();
+        let next = p.next_batch(t1);
+        assert_eq!(
+            reason_of(&p, next),
+            (vec![1], DispatchReason::AdaptiveEarly)
+        );
+    }
+
+    #[test]
+    fn adaptive_keeps_preferred_sizes_and_priorities() {
+        let t0 = Instant::now();
+        let mut c = adaptive(64, &[4], 500);
+        c.priority_levels = 2;
+        c.default_priority_level = 2;
+        let mut p = BatchPolicy::new(c);
+        teach_cost(&mut p, 400, 5);
+        teach_burst(&mut p, t0, 16, US * 10, 1000);
+        let t1 = t0 + Duration::from_secs(1);
+        for (id, priority) in [(1, 2), (2, 2), (3, 1)] {
+            p.push(req(id), priority, None, t1).unwrap();
+            assert!(matches!(p.next_batch(t1), Next::WaitUntil(_)));
+        }
+        // A preferred size formed goes at once, higher priority first.
+        p.push(req(4), 2, None, t1).unwrap();
+        let next = p.next_batch(t1);
+        assert_eq!(
+            reason_of(&p, next),
+            (vec![3, 1, 2, 4], DispatchReason::Full)
+        );
+    }
+
+    #[test]
+    fn adaptive_waits_never_pass_a_queue_timeout() {
+        let t0 = Instant::now();
+        let mut c = adaptive(64, &[], 500);
+        c.default_queue_policy.default_timeout = Some(US * 100);
+        let mut p = BatchPolicy::new(c);
+        teach_cost(&mut p, 400, 5);
+        teach_burst(&mut p, t0, 16, US * 10, 1000);
+        let t1 = t0 + Duration::from_secs(1);
+        // Arrivals every 15 µs keep the wait going; the first request's timeout ends it.
+        for k in 0..7u32 {
+            let t = t1 + US * 15 * k;
+            p.push(req(k), 0, None, t).unwrap();
+            assert!(p.expire(t).is_empty());
+            match p.next_batch(t) {
+                Next::WaitUntil(at) => assert_eq!(at, (t + US * 20).min(t1 + US * 100)),
+                other => panic!("expected a wait, got {other:?}"),
+            }
+        }
+        // As under Triton's strategy, the expired request is rejected, not run.
+        assert_eq!(p.expire(t1 + US * 100), vec![req(0)]);
+        assert_eq!(p.len(), 6);
+    }
+
+    #[test]
+    fn adaptive_stops_waiting_when_its_waits_bring_nothing_but_probes_again() {
+        // Bursts arrive while the instance is busy (so the general rate stays high), but a request
+        // that finds the instance free never gets company: closed-loop clients are all queued or
+        // in flight. Waiting is tried, found useless, and only retried now and then.
+        let t0 = Instant::now();
+        let mut p = BatchPolicy::new(adaptive(64, &[], 500));
+        teach_cost(&mut p, 400, 5);
+        let mut waits = Vec::new();
+        for i in 0..300u32 {
+            let t = t0 + Duration::from_millis(10) * i;
+            teach_burst(&mut p, t, 4, US * 10, 1000);
+            let lone = t + Duration::from_millis(1);
+            p.push(req(i), 0, None, lone).unwrap();
+            let at = match p.next_batch(lone) {
+                Next::WaitUntil(at) => {
+                    waits.push(i);
+                    at
+                }
+                Next::Dispatch(_) => continue,
+                Next::Idle => panic!("a request is queued"),
+            };
+            assert!(at <= lone + US * 500, "never beyond the cap");
+            let next = p.next_batch(at);
+            let (batch, reason) = reason_of(&p, next);
+            assert_eq!(batch, vec![i]);
+            assert!(matches!(
+                reason,
+                DispatchReason::AdaptiveEarly | DispatchReason::WindowExpired
+            ));
+        }
+        assert_eq!(waits.first(), Some(&0), "the first one tries");
+        assert!(waits.len() >= 2, "probes again later: {waits:?}");
+        assert!(waits.len() <= 15, "but rarely: {waits:?}");
     }
 }

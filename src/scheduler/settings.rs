@@ -6,7 +6,7 @@ use crate::proto::model_config::SchedulingChoice;
 use crate::proto::model_queue_policy::TimeoutAction as ProtoTimeoutAction;
 use crate::proto::{ModelConfig, ModelDynamicBatching, ModelQueuePolicy};
 
-use super::policy::{PolicyConfig, QueuePolicy, TimeoutAction};
+use super::policy::{BatchingStrategy, PolicyConfig, QueuePolicy, TimeoutAction};
 
 /// Requests a model may hold queued when its config sets no `max_queue_size` (Triton's "no limit"):
 /// the server-wide default, so memory stays bounded under any load.
@@ -50,6 +50,18 @@ impl SchedulerSettings {
         config: &ModelConfig,
         default_max_queue: usize,
     ) -> Result<SchedulerSettings, String> {
+        Self::from_config_with_strategy(config, default_max_queue, BatchingStrategy::Triton)
+    }
+
+    /// As [`Self::from_config`], with `default_strategy` (`--default-batching-strategy`) for a
+    /// model whose config sets no `batching_strategy` parameter.
+    pub fn from_config_with_strategy(
+        config: &ModelConfig,
+        default_max_queue: usize,
+        default_strategy: BatchingStrategy,
+    ) -> Result<SchedulerSettings, String> {
+        let strategy =
+            BatchingStrategy::from_parameters(&config.parameters)?.unwrap_or(default_strategy);
         let max_batch_size = usize::try_from(config.max_batch_size)
             .map_err(|_| format!("max_batch_size {} is negative", config.max_batch_size))?;
         // Capped like a config's own max_queue_size, so the queue channel can always be built.
@@ -58,7 +70,7 @@ impl SchedulerSettings {
         let (policy, preserve_ordering) = match &config.scheduling_choice {
             None => (PolicyConfig::unbatched(default_max_queue), false),
             Some(SchedulingChoice::DynamicBatching(db)) => (
-                dynamic_policy(db, max_batch_size, default_max_queue)?,
+                dynamic_policy(db, max_batch_size, default_max_queue, strategy)?,
                 db.preserve_ordering,
             ),
             Some(SchedulingChoice::SequenceBatching(_)) => {
@@ -88,6 +100,7 @@ fn dynamic_policy(
     db: &ModelDynamicBatching,
     max_batch_size: usize,
     default_max_queue: usize,
+    strategy: BatchingStrategy,
 ) -> Result<PolicyConfig, String> {
     // A model without a batch dimension still gets queue policies and priorities, one request
     // per execution (Triton treats its batch limit as 1).
@@ -162,7 +175,26 @@ fn dynamic_policy(
         default_queue_policy,
         level_policies,
         max_total_queue,
+        strategy,
     })
+}
+
+/// Shows the strategy a model runs with in the config it reports (ModelConfig), as auto-completion
+/// shows what it filled in: a model that batches with the adaptive strategy through the server's
+/// default gets the `batching_strategy` parameter that says so. Configs that set the parameter, and
+/// models batched with Triton's strategy (every config before this parameter existed), are left as
+/// they were.
+pub fn report_strategy(config: &mut ModelConfig, settings: &SchedulerSettings) {
+    let strategy = settings.policy.strategy;
+    if !settings.dynamic_batching || strategy == BatchingStrategy::Triton {
+        return;
+    }
+    config
+        .parameters
+        .entry(BatchingStrategy::PARAMETER.to_string())
+        .or_insert_with(|| crate::proto::ModelParameter {
+            string_value: strategy.as_str().to_string(),
+        });
 }
 
 fn queue_policy(p: &ModelQueuePolicy, what: &str) -> Result<QueuePolicy, String> {
@@ -307,6 +339,93 @@ mod tests {
             ..Default::default()
         };
         assert!(SchedulerSettings::from_config(&negative, 10).is_err());
+    }
+
+    fn with_strategy(mut config: ModelConfig, value: &str) -> ModelConfig {
+        config.parameters.insert(
+            BatchingStrategy::PARAMETER.into(),
+            crate::proto::ModelParameter {
+                string_value: value.into(),
+            },
+        );
+        config
+    }
+
+    #[test]
+    fn batching_strategy_comes_from_the_parameter_then_the_server_default() {
+        let plain = batching(Default::default(), 8);
+        let from = |config: &ModelConfig, default| {
+            SchedulerSettings::from_config_with_strategy(config, 10, default)
+                .map(|s| s.policy.strategy)
+        };
+        assert_eq!(
+            SchedulerSettings::from_config(&plain, 10)
+                .unwrap()
+                .policy
+                .strategy,
+            BatchingStrategy::Triton,
+            "Triton's semantics unless asked otherwise"
+        );
+        assert_eq!(
+            from(&plain, BatchingStrategy::Adaptive),
+            Ok(BatchingStrategy::Adaptive)
+        );
+        let adaptive = with_strategy(plain.clone(), "adaptive");
+        assert_eq!(
+            from(&adaptive, BatchingStrategy::Triton),
+            Ok(BatchingStrategy::Adaptive)
+        );
+        let triton = with_strategy(plain.clone(), "triton");
+        assert_eq!(
+            from(&triton, BatchingStrategy::Adaptive),
+            Ok(BatchingStrategy::Triton),
+            "the model's own choice wins over the server default"
+        );
+        let bad = with_strategy(plain, "fastest");
+        let err = from(&bad, BatchingStrategy::Triton).unwrap_err();
+        assert!(
+            err.contains("parameters.batching_strategy")
+                && err.contains("\"triton\", \"adaptive\""),
+            "{err}"
+        );
+        // A model without dynamic batching has no window to use; the value is still checked.
+        let unbatched = ModelConfig {
+            name: "m".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            from(&unbatched, BatchingStrategy::Adaptive),
+            Ok(BatchingStrategy::Triton)
+        );
+        assert!(from(&with_strategy(unbatched, "x"), BatchingStrategy::Triton).is_err());
+    }
+
+    #[test]
+    fn the_reported_config_shows_a_defaulted_adaptive_strategy() {
+        let plain = batching(Default::default(), 8);
+        let settings =
+            |c: &ModelConfig, d| SchedulerSettings::from_config_with_strategy(c, 10, d).unwrap();
+        let mut reported = plain.clone();
+        report_strategy(&mut reported, &settings(&plain, BatchingStrategy::Adaptive));
+        assert_eq!(
+            reported.parameters[BatchingStrategy::PARAMETER].string_value,
+            "adaptive"
+        );
+        // Triton's strategy leaves the config exactly as it was.
+        let mut untouched = plain.clone();
+        report_strategy(&mut untouched, &settings(&plain, BatchingStrategy::Triton));
+        assert_eq!(untouched, plain);
+        // So does a model without dynamic batching, whatever the default.
+        let unbatched = ModelConfig {
+            name: "m".into(),
+            ..Default::default()
+        };
+        let mut reported = unbatched.clone();
+        report_strategy(
+            &mut reported,
+            &settings(&unbatched, BatchingStrategy::Adaptive),
+        );
+        assert_eq!(reported, unbatched);
     }
 
     #[test]

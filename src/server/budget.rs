@@ -20,17 +20,7 @@ pub const DEFAULT_BUDGET_BYTES: u64 = 2 << 30;
 /// sessions, ONNX Runtime's arenas and the outputs.
 const CGROUP_SHARE_DIVISOR: u64 = 2;
 
-/// A request that does not fit the budget (RESOURCE_EXHAUSTED in gRPC, 503 in HTTP).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "memory budget exceeded: {requested} more bytes do not fit --max-inflight-bytes {limit} \
-     ({in_flight} bytes of requests already in flight); retry later or send smaller requests"
-)]
-pub struct BudgetExceeded {
-    pub requested: u64,
-    pub limit: u64,
-    pub in_flight: u64,
-}
+pub use crate::error::BudgetExceeded;
 
 /// The shared budget: one atomic counter of bytes in flight, compared against the limit.
 #[derive(Debug)]

@@ -19,10 +19,7 @@ use crate::tensor::{
     TensorData,
 };
 
-/// A request that failed validation; always INVALID_ARGUMENT.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-#[error("{0}")]
-pub struct RequestError(pub String);
+pub use crate::error::RequestError;
 
 fn invalid(msg: impl Into<String>) -> RequestError {
     RequestError(msg.into())

@@ -52,7 +52,9 @@ pub async fn infer_admitted(
             .record_failure(arrived.elapsed(), FailureReason::Rejected);
         return Err(Error::from(exceeded));
     }
-    let span = tracing::info_span!("infer", request_id = %request.id, model = %model.name, version = model.version);
+    // Debug level: at the default log level (and without a trace exporter, whose filter takes debug
+    // spans) this is Span::none() and costs nothing per request; --log-verbose or OTLP turn it on.
+    let span = tracing::debug_span!("infer", request_id = %request.id, model = %model.name, version = model.version);
     // Continue the caller's trace when it sent a W3C traceparent.
     let _ = span.set_parent(trace_parent.clone());
     decode_run_encode(state, &model, request, admitted, arrived)

@@ -10,6 +10,7 @@ pub mod decode;
 pub mod encode;
 pub mod grpc;
 pub mod grpc_metrics_layer;
+pub mod grpc_server;
 pub mod http;
 pub mod infer;
 pub mod listeners;

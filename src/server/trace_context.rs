@@ -8,6 +8,10 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 /// `span.set_parent(parent_context_from_headers(request.metadata().as_ref()))` with
 /// `tracing_opentelemetry::OpenTelemetrySpanExt`.
 pub fn parent_context_from_headers(headers: &http::HeaderMap) -> opentelemetry::Context {
+    // Most requests carry no trace: skip the propagator's parsing (once per request).
+    if !headers.contains_key("traceparent") {
+        return opentelemetry::Context::current();
+    }
     TraceContextPropagator::new().extract(&HeaderExtractor(headers))
 }
 

@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::telemetry::stats::{FailureReason, Histogram, ModelStats, LATENCY_BUCKETS_SECONDS};
+use crate::telemetry::stats::{
+    FailureReason, Histogram, ModelStats, BATCH_FORMED_REASONS, LATENCY_BUCKETS_SECONDS,
+};
 
 /// The Prometheus type of a metric family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +124,24 @@ pub const COMPUTE_DURATION_SECONDS: MetricDef = def(
     "Compute time (input, infer, output) of successful inference requests, in seconds",
 );
 pub const BATCH_SIZE: MetricDef = def("onnx_gateway_batch_size", Hist, "Rows per model execution");
+
+// --- What the dynamic batcher decides (rows per batch: onnx_gateway_batch_size above) ---
+pub const BATCH_FORMED_TOTAL: MetricDef = def(
+    "onnx_gateway_batch_formed_total",
+    Counter,
+    "Batches the dynamic batcher formed, by why it dispatched them then \
+     (full, window_expired, no_delay, draining, adaptive_early)",
+);
+pub const BATCH_FORMED_ROWS_TOTAL: MetricDef = def(
+    "onnx_gateway_batch_formed_rows_total",
+    Counter,
+    "Rows in the batches the dynamic batcher formed, by why it dispatched them then",
+);
+pub const BATCH_WAIT_SECONDS: MetricDef = def(
+    "onnx_gateway_batch_wait_seconds",
+    Hist,
+    "How long the oldest request of each formed batch had waited in the queue, in seconds",
+);
 
 // --- gRPC transport ---
 pub const GRPC_REQUESTS_TOTAL: MetricDef = def(
@@ -288,7 +308,7 @@ pub const TRITON_COMPAT_METRICS: [MetricDef; 15] = [
 ];
 
 /// Every metric family the gateway can expose.
-pub const ALL_METRICS: [MetricDef; 41] = [
+pub const ALL_METRICS: [MetricDef; 44] = [
     INFERENCE_REQUEST_SUCCESS,
     INFERENCE_REQUEST_FAILURE,
     INFERENCE_COUNT,
@@ -330,6 +350,9 @@ pub const ALL_METRICS: [MetricDef; 41] = [
     CACHE_NUM_ENTRIES,
     CACHE_NUM_EVICTIONS,
     CACHE_UTIL,
+    BATCH_FORMED_TOTAL,
+    BATCH_FORMED_ROWS_TOTAL,
+    BATCH_WAIT_SECONDS,
 ];
 
 /// The `Content-Type` of [`render`]'s output.
@@ -477,6 +500,35 @@ fn render_models(out: &mut Exposition, models: &[Arc<ModelStats>]) {
         for m in models {
             out.histogram(d.name, &labels(m), histogram(m));
         }
+    }
+    render_batches_formed(out, models);
+}
+
+/// The batcher's decisions: batches and rows per reason (every reason, zeros included, so rates
+/// can be taken from the first scrape), and the oldest request's wait.
+fn render_batches_formed(out: &mut Exposition, models: &[Arc<ModelStats>]) {
+    type Count = fn(&crate::telemetry::stats::BatchFormed) -> &AtomicU64;
+    let counters: [(&MetricDef, Count); 2] = [
+        (&BATCH_FORMED_TOTAL, |f| &f.batches),
+        (&BATCH_FORMED_ROWS_TOTAL, |f| &f.rows),
+    ];
+    for (d, count) in counters {
+        out.family(d);
+        for m in models {
+            for (reason, formed) in BATCH_FORMED_REASONS.iter().zip(&m.batches_formed) {
+                let labels = [
+                    ("model", m.model.clone()),
+                    ("reason", reason.to_string()),
+                    ("version", m.version.clone()),
+                ];
+                out.sample(d.name, "", &labels, Num::U(count(formed).load(Relaxed)));
+            }
+        }
+    }
+    out.family(&BATCH_WAIT_SECONDS);
+    for m in models {
+        let labels = [("model", m.model.clone()), ("version", m.version.clone())];
+        out.histogram(BATCH_WAIT_SECONDS.name, &labels, &m.batch_wait_seconds);
     }
 }
 

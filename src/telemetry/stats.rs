@@ -29,6 +29,32 @@ pub const LATENCY_BUCKETS_SECONDS: [f64; 16] = [
 pub const BATCH_SIZE_BUCKETS: [f64; 10] =
     [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 
+/// Upper bounds (seconds) of the batch-wait histogram: how long a batch's oldest request waited
+/// before the batch was dispatched. Finer than the latency buckets at the low end, where the
+/// batcher's decisions (dispatch at once, or wait a window of tens to hundreds of µs) show.
+pub const BATCH_WAIT_BUCKETS_SECONDS: [f64; 16] = [
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 1.0, 10.0,
+];
+
+/// The `reason` labels of batches formed: the scheduler's dispatch reasons (kept in step by a test
+/// in scheduler/policy.rs), then `other` for any label not listed, so the label set stays bounded.
+pub const BATCH_FORMED_REASONS: [&str; 6] = [
+    "full",
+    "window_expired",
+    "no_delay",
+    "draining",
+    "adaptive_early",
+    "other",
+];
+
+/// Batches formed for one reason, and the rows they held.
+#[derive(Debug, Default)]
+pub struct BatchFormed {
+    pub batches: AtomicU64,
+    pub rows: AtomicU64,
+}
+
 /// Why a request failed, as a bounded, stable label (Triton's `reason` values).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FailureReason {
@@ -168,6 +194,10 @@ pub struct ModelStats {
     /// Response-cache lookups that hit (lookup time) and successes that missed (lookup + insertion).
     pub cache_hit: DurationStat,
     pub cache_miss: DurationStat,
+    /// Batches the batcher formed, per [`BATCH_FORMED_REASONS`] entry.
+    pub batches_formed: [BatchFormed; BATCH_FORMED_REASONS.len()],
+    /// How long each formed batch's oldest request had waited.
+    pub batch_wait_seconds: Histogram,
 }
 
 impl ModelStats {
@@ -193,6 +223,8 @@ impl ModelStats {
             load_duration_ns: AtomicU64::new(0),
             cache_hit: DurationStat::default(),
             cache_miss: DurationStat::default(),
+            batches_formed: Default::default(),
+            batch_wait_seconds: Histogram::new(&BATCH_WAIT_BUCKETS_SECONDS),
         }
     }
 
@@ -243,12 +275,20 @@ impl ModelStats {
         self.failures[reason as usize].record(total);
     }
 
-    /// One execution of `batch_rows` rows ran with these compute durations.
     /// A batch was formed and dispatched: its rows, how long its oldest request waited in the
     /// queue, and why it was dispatched then (a `DispatchReason` label).
-    // INTERFACE PLACEHOLDER for the adaptive-batching branch, which fills it in before landing.
-    pub fn record_batch_formed(&self, _rows: usize, _waited: Duration, _reason: &'static str) {}
+    pub fn record_batch_formed(&self, rows: usize, waited: Duration, reason: &'static str) {
+        let slot = BATCH_FORMED_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(BATCH_FORMED_REASONS.len() - 1);
+        let formed = &self.batches_formed[slot];
+        formed.batches.fetch_add(1, Relaxed);
+        formed.rows.fetch_add(rows as u64, Relaxed);
+        self.batch_wait_seconds.observe(waited.as_secs_f64());
+    }
 
+    /// One execution of `batch_rows` rows ran with these compute durations.
     pub fn record_execution(
         &self,
         batch_rows: usize,
@@ -299,5 +339,30 @@ mod tests {
         assert_eq!(c[2], 3);
         assert_eq!(*c.last().unwrap(), 4);
         assert_eq!(h.sum(), 1007.0);
+    }
+
+    #[test]
+    fn batches_formed_are_counted_per_reason_with_their_wait() {
+        let stats = ModelStats::new("m", "1");
+        stats.record_batch_formed(4, Duration::from_micros(30), "full");
+        stats.record_batch_formed(1, Duration::from_micros(5), "adaptive_early");
+        stats.record_batch_formed(3, Duration::from_micros(500), "adaptive_early");
+        stats.record_batch_formed(2, Duration::ZERO, "not_a_reason");
+        let formed = |label: &str| {
+            let slot = BATCH_FORMED_REASONS
+                .iter()
+                .position(|r| *r == label)
+                .unwrap();
+            let f = &stats.batches_formed[slot];
+            (f.batches.load(Relaxed), f.rows.load(Relaxed))
+        };
+        assert_eq!(formed("full"), (1, 4));
+        assert_eq!(formed("adaptive_early"), (2, 4));
+        assert_eq!(formed("window_expired"), (0, 0));
+        assert_eq!(formed("other"), (1, 2), "unknown labels stay bounded");
+        let waits = stats.batch_wait_seconds.cumulative();
+        assert_eq!(waits[0], 2, "0 and 5 µs are within 10 µs");
+        assert_eq!(*waits.last().unwrap(), 4);
+        assert!((stats.batch_wait_seconds.sum() - 0.000535).abs() < 1e-9);
     }
 }

@@ -6,19 +6,56 @@
 //! move their element handles).
 use bytes::{Bytes, BytesMut};
 
-use super::{NamedTensor, Tensor, TensorData, TensorError};
+use super::{DataType, NamedTensor, Tensor, TensorData, TensorError};
 
 /// Concatenates the inputs of `requests` along dim 0, one output tensor per input name, in the order
 /// of the first request's inputs. Every request must carry the same input names with the same
 /// datatypes and the same non-batch dims; a single request is passed through untouched.
 pub fn concat_rows(requests: Vec<Vec<NamedTensor>>) -> Result<Vec<NamedTensor>, TensorError> {
-    let mut requests = requests.into_iter();
-    let Some(first) = requests.next() else {
+    if requests.len() <= 1 {
+        return Ok(requests.into_iter().next().unwrap_or_default());
+    }
+    batch_inputs(&requests)?
+        .iter()
+        .map(|input| {
+            concat_one(input).map(|tensor| NamedTensor {
+                name: input.name.to_string(),
+                tensor,
+            })
+        })
+        .collect()
+}
+
+/// One input of a batch before assembly: every request's tensor for it, checked to agree, and the
+/// shape of the assembled tensor. Lets a runtime assemble straight into its own buffers.
+#[derive(Debug)]
+pub struct BatchInput<'a> {
+    pub name: &'a str,
+    pub dtype: DataType,
+    /// The first request's shape with dim 0 the sum of every request's rows (a single request's
+    /// shape as it is, batch dimension or not).
+    pub shape: Vec<i64>,
+    /// Each request's tensor for this input, in request order.
+    pub parts: Vec<&'a Tensor>,
+}
+
+/// The inputs of `requests` as `concat_rows` would assemble them, in the order of the first
+/// request's inputs, with the same checks and errors, but nothing copied. A single request is taken
+/// as it is.
+pub fn batch_inputs(requests: &[Vec<NamedTensor>]) -> Result<Vec<BatchInput<'_>>, TensorError> {
+    let Some((first, rest)) = requests.split_first() else {
         return Ok(Vec::new());
     };
-    let rest: Vec<Vec<NamedTensor>> = requests.collect();
     if rest.is_empty() {
-        return Ok(first);
+        return Ok(first
+            .iter()
+            .map(|input| BatchInput {
+                name: &input.name,
+                dtype: input.tensor.dtype,
+                shape: input.tensor.shape.clone(),
+                parts: vec![&input.tensor],
+            })
+            .collect());
     }
     for (index, other) in rest.iter().enumerate() {
         if other.len() != first.len() {
@@ -36,12 +73,15 @@ pub fn concat_rows(requests: Vec<Vec<NamedTensor>>) -> Result<Vec<NamedTensor>, 
         .map(|(position, head)| {
             let mut parts = Vec::with_capacity(rest.len() + 1);
             parts.push(&head.tensor);
-            for other in &rest {
+            for other in rest {
                 parts.push(find_input(other, position, &head.name)?);
             }
-            concat_one(&head.name, &parts).map(|tensor| NamedTensor {
-                name: head.name.clone(),
-                tensor,
+            let shape = batch_shape(&head.name, &parts)?;
+            Ok(BatchInput {
+                name: &head.name,
+                dtype: head.tensor.dtype,
+                shape,
+                parts,
             })
         })
         .collect()
@@ -103,7 +143,8 @@ fn find_input<'a>(
     }
 }
 
-fn concat_one(name: &str, parts: &[&Tensor]) -> Result<Tensor, TensorError> {
+/// The shape of `parts` stacked along dim 0, after checking they agree on datatype and inner dims.
+fn batch_shape(name: &str, parts: &[&Tensor]) -> Result<Vec<i64>, TensorError> {
     let head = parts[0];
     let Some((_, inner_dims)) = head.shape.split_first() else {
         return Err(TensorError::Invalid(format!(
@@ -124,7 +165,12 @@ fn concat_one(name: &str, parts: &[&Tensor]) -> Result<Tensor, TensorError> {
     }
     let mut shape = head.shape.clone();
     shape[0] = rows;
-    let data = match &head.data {
+    Ok(shape)
+}
+
+fn concat_one(input: &BatchInput<'_>) -> Result<Tensor, TensorError> {
+    let (name, parts) = (input.name, &input.parts);
+    let data = match &parts[0].data {
         TensorData::Fixed(_) => {
             let mut total = 0usize;
             for part in parts {
@@ -148,7 +194,7 @@ fn concat_one(name: &str, parts: &[&Tensor]) -> Result<Tensor, TensorError> {
             TensorData::Strings(items)
         }
     };
-    Tensor::new(name, head.dtype, shape, data)
+    Tensor::new(name, input.dtype, input.shape.clone(), data)
 }
 
 fn fixed_bytes<'a>(name: &str, tensor: &'a Tensor) -> Result<&'a Bytes, TensorError> {
@@ -223,7 +269,6 @@ fn split_one(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::DataType;
 
     #[test]
     fn batch_one_outputs_are_checked_like_batched_ones() {
@@ -361,6 +406,21 @@ mod tests {
             TensorData::Fixed(raw) => assert_eq!(raw.as_ptr() as usize, base + 4),
             TensorData::Strings(_) => panic!("datatype changed"),
         }
+    }
+
+    #[test]
+    fn batch_inputs_sum_rows_and_lend_every_request_tensor() {
+        let a = vec![fp32("x", vec![1, 2], &[1.0, 2.0])];
+        let b = vec![fp32("x", vec![2, 2], &[3.0, 4.0, 5.0, 6.0])];
+        let requests = vec![a, b];
+        let inputs = batch_inputs(&requests).unwrap();
+        assert_eq!(inputs.len(), 1);
+        assert_eq!((inputs[0].name, inputs[0].dtype), ("x", DataType::Fp32));
+        assert_eq!(inputs[0].shape, vec![3, 2]);
+        assert!(std::ptr::eq(inputs[0].parts[1], &requests[1][0].tensor));
+        // One request is taken as it is, even without a batch dimension.
+        let scalar = vec![vec![fp32("s", vec![], &[1.0])]];
+        assert_eq!(batch_inputs(&scalar).unwrap()[0].shape, Vec::<i64>::new());
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod classification;
 mod datatype;
 pub mod names;
 mod shape;
+pub mod signature;
 
 pub use bytes_codec::{
     count_length_prefixed, decode_length_prefixed, decode_length_prefixed_exact,

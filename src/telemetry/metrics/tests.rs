@@ -114,6 +114,9 @@ fn sample_models() -> Vec<Arc<ModelStats>> {
     v1.record_failure(Duration::from_millis(2), FailureReason::Backend);
     v1.pending.store(7, Relaxed);
     v1.record_load_duration(Duration::from_millis(1250));
+    v1.record_batch_formed(4, Duration::from_micros(40), "full");
+    v1.record_batch_formed(2, Duration::from_micros(500), "window_expired");
+    v1.record_batch_formed(1, Duration::from_micros(8), "adaptive_early");
     let v2 = ModelStats::new("simple", "2");
     vec![Arc::new(v1), Arc::new(v2)]
 }
@@ -162,6 +165,7 @@ fn histograms_are_cumulative_and_match_their_count() {
         "onnx_gateway_queue_duration_seconds",
         "onnx_gateway_compute_duration_seconds",
         "onnx_gateway_batch_size",
+        "onnx_gateway_batch_wait_seconds",
     ] {
         let v1: Vec<&Sample> = samples
             .iter()
@@ -504,4 +508,49 @@ fn cache_families_are_declared_and_read_the_model_statistics() {
     assert_eq!(value("nv_cache_num_entries", &[]), 3.0);
     assert_eq!(value("nv_cache_num_evictions", &[]), 2.0);
     assert_eq!(value("nv_cache_util", &[]), 0.25);
+}
+
+#[test]
+fn batches_formed_are_rendered_per_reason_with_the_wait_histogram() {
+    let (types, samples) = parse(&render_model_metrics(&sample_models()));
+    let kind = |name: &str| {
+        types
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, k)| k.as_str())
+    };
+    assert_eq!(kind("onnx_gateway_batch_formed_total"), Some("counter"));
+    assert_eq!(
+        kind("onnx_gateway_batch_formed_rows_total"),
+        Some("counter")
+    );
+    assert_eq!(kind("onnx_gateway_batch_wait_seconds"), Some("histogram"));
+    let formed = |version: &str, reason: &str| {
+        let labels = [
+            ("model", "simple"),
+            ("version", version),
+            ("reason", reason),
+        ];
+        (
+            find(&samples, "onnx_gateway_batch_formed_total", &labels).value,
+            find(&samples, "onnx_gateway_batch_formed_rows_total", &labels).value,
+        )
+    };
+    assert_eq!(formed("1", "full"), (1.0, 4.0));
+    assert_eq!(formed("1", "window_expired"), (1.0, 2.0));
+    assert_eq!(formed("1", "adaptive_early"), (1.0, 1.0));
+    // Every reason is present from the start, zeros included, for every version.
+    for reason in crate::telemetry::stats::BATCH_FORMED_REASONS {
+        assert_eq!(formed("2", reason), (0.0, 0.0));
+    }
+    let v1 = [("model", "simple"), ("version", "1")];
+    let wait_bucket = |le: &str| {
+        let l = [v1[0], v1[1], ("le", le)];
+        find(&samples, "onnx_gateway_batch_wait_seconds_bucket", &l).value
+    };
+    assert_eq!(wait_bucket("0.00001"), 1.0, "8 µs");
+    assert_eq!(wait_bucket("0.00005"), 2.0, "40 µs");
+    assert_eq!(wait_bucket("0.0005"), 3.0, "500 µs");
+    let count = find(&samples, "onnx_gateway_batch_wait_seconds_count", &v1).value;
+    assert_eq!(count, 3.0);
 }
