@@ -1,18 +1,21 @@
-//! Model instance workers: one OS thread per instance owns its executor (no lock around a session),
-//! receives one batch at a time from the batcher, assembles it, runs it, splits the outputs and
-//! answers every caller. Nothing here runs on the tokio reactor.
+//! Running one batch on a model instance: assemble, run, split the outputs, answer every caller.
+//! The instance threads that call this (see `actor::instance`) own their executor, so there is no
+//! lock around a session. Nothing here runs on the tokio reactor.
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
 
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
 use tracing::Span;
 
+use super::policy::Batchable;
 use super::{ExecuteError, InferResponse, ModelExecutor, RequestTimings, SchedulerError};
 use crate::telemetry::stats::ModelStats;
-use crate::tensor::batch::{concat_rows, outputs_per_request};
+use crate::tensor::batch::outputs_per_request;
 use crate::tensor::NamedTensor;
 
 pub(crate) type Outcome = Result<InferResponse, SchedulerError>;
@@ -65,16 +68,41 @@ impl Drop for Responder {
     }
 }
 
-/// A request taken off the queue to run.
+/// A request from admission to its answer: queued in the policy, then carried in a batch.
 #[derive(Debug)]
-pub(crate) struct RunningJob {
+pub(crate) struct Job {
     pub inputs: Vec<NamedTensor>,
     pub requested_outputs: Vec<String>,
     pub rows: usize,
     pub span: Span,
-    /// From admission to the batch leaving the queue.
-    pub queue: Duration,
+    /// The request's `queue` child span, closed when its batch starts.
+    pub queue_span: Span,
+    pub enqueued: Instant,
     pub responder: Responder,
+}
+
+impl Batchable for Job {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn same_shape(&self, other: &Self) -> bool {
+        self.inputs.len() == other.inputs.len()
+            && self.inputs.iter().enumerate().all(|(i, mine)| {
+                let theirs = match other.inputs.get(i) {
+                    Some(t) if t.name == mine.name => Some(t),
+                    _ => other.inputs.iter().find(|t| t.name == mine.name),
+                };
+                theirs.is_some_and(|t| {
+                    t.tensor.dtype == mine.tensor.dtype
+                        && t.tensor.shape.get(1..) == mine.tensor.shape.get(1..)
+                })
+            })
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.responder.is_closed()
+    }
 }
 
 /// One execution's worth of requests, in the order their outputs are split.
@@ -83,7 +111,17 @@ pub(crate) struct Batch {
     /// Dispatch order, used when responses must keep it.
     pub seq: u64,
     pub rows: usize,
-    pub jobs: Vec<RunningJob>,
+    /// When the batch left the queue: each job's `queue` time ends here.
+    pub dispatched: Instant,
+    pub jobs: Vec<Job>,
+}
+
+/// What one successful execution cost its instance, for the policy to learn from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BatchCost {
+    pub rows: usize,
+    /// From the start of assembly to the outputs split per request.
+    pub took: Duration,
 }
 
 /// Holds back answers of batches that finished early until every batch dispatched before them
@@ -136,10 +174,14 @@ pub(crate) struct WorkerContext {
 }
 
 impl WorkerContext {
-    /// Hands each reply to its caller, in dispatch order when the model preserves ordering.
-    pub(crate) fn deliver(&self, seq: u64, replies: Vec<(Responder, Outcome)>) {
+    /// Hands each reply to its caller, in dispatch order when the model preserves ordering. Without
+    /// ordering the replies are sent as they come, never collected.
+    pub(crate) fn deliver<I>(&self, seq: u64, replies: I)
+    where
+        I: IntoIterator<Item = (Responder, Outcome)>,
+    {
         match &self.orderer {
-            Some(orderer) => orderer.deliver(seq, replies),
+            Some(orderer) => orderer.deliver(seq, replies.into_iter().collect()),
             None => {
                 for (responder, outcome) in replies {
                     responder.send(outcome);
@@ -149,56 +191,8 @@ impl WorkerContext {
     }
 }
 
-/// What an instance thread tells the batcher after each batch.
-#[derive(Debug)]
-pub(crate) enum WorkerNotice {
-    /// The instance is free for the next batch; with the rows and compute time of the batch it
-    /// ran, when that batch succeeded (the batching policy learns execution costs from it).
-    Free(usize, Option<(usize, Duration)>),
-    /// The instance hit a panic outside the runtime and has stopped: its state can no longer be
-    /// trusted. The model is marked UNAVAILABLE with `reason`.
-    Lost { instance: usize, reason: String },
-}
-
-/// The body of an instance thread: run batches until the batcher drops the channel, telling the
-/// batcher after each one that this instance is free again. A panic anywhere in a batch (assembly,
-/// splitting, answering) answers that batch's callers with an error, releases its place in the
-/// answer order and stops the instance, which the batcher is told about; it never leaves the
-/// batcher counting a busy instance that will not come back.
-pub(crate) fn worker_loop(
-    instance: usize,
-    mut executor: Box<dyn ModelExecutor>,
-    batches: std::sync::mpsc::Receiver<Batch>,
-    free: mpsc::Sender<WorkerNotice>,
-    ctx: Arc<WorkerContext>,
-) {
-    while let Ok(batch) = batches.recv() {
-        let seq = batch.seq;
-        let ran = catch_unwind(AssertUnwindSafe(|| {
-            run_batch(executor.as_mut(), &ctx, instance, batch)
-        }));
-        let executed = ran.as_ref().ok().copied().flatten();
-        if let Err(panic) = ran {
-            let reason = format!(
-                "model instance {instance} stopped after a panic while running a batch: {}",
-                panic_message(panic.as_ref())
-            );
-            // The payload's own drop must not take the thread down before the batcher is told.
-            let _ = catch_unwind(AssertUnwindSafe(move || drop(panic)));
-            tracing::error!(model = %ctx.model, instance, %reason, "model instance lost");
-            // Its callers were answered as the unwinding dropped their responders.
-            ctx.deliver(seq, Vec::new());
-            let _ = free.blocking_send(WorkerNotice::Lost { instance, reason });
-            return;
-        }
-        // Capacity covers every instance, and each has at most one notice outstanding, so this
-        // never waits; an error means the batcher is gone and the next recv ends the loop.
-        let _ = free.blocking_send(WorkerNotice::Free(instance, executed));
-    }
-}
-
 /// The text of a panic payload (`panic!` gives a &str or a String).
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(text) = payload.downcast_ref::<&str>() {
         (*text).to_string()
     } else if let Some(text) = payload.downcast_ref::<String>() {
@@ -212,18 +206,20 @@ struct Waiting {
     /// The request's `compute` child span, open while its batch is assembled, run and split.
     _compute_span: Span,
     requested_outputs: Vec<String>,
-    rows: usize,
     queue: Duration,
     responder: Responder,
 }
 
-/// Runs one batch and answers its callers; returns its rows and compute time when it succeeded.
-fn run_batch(
+/// Runs one batch and answers its callers; returns its cost when it ran. A panic outside the
+/// executor's own call (assembly and splitting are guarded there too) unwinds out of here: the
+/// callers are answered as their responders drop, and the caller of this function decides the
+/// instance's fate.
+pub(crate) fn run_batch(
     executor: &mut dyn ModelExecutor,
     ctx: &WorkerContext,
     instance: usize,
     batch: Batch,
-) -> Option<(usize, Duration)> {
+) -> Option<BatchCost> {
     let span = tracing::debug_span!(
         "execute_batch",
         model = %ctx.model,
@@ -234,10 +230,12 @@ fn run_batch(
     let _entered = span.enter();
 
     let mut inputs = Vec::with_capacity(batch.jobs.len());
+    let mut row_counts = Vec::with_capacity(batch.jobs.len());
     let mut waiting = Vec::with_capacity(batch.jobs.len());
     for job in batch.jobs {
-        // The batch is linked to each member; each member gets its own `compute` child. Both are
-        // no-ops when no subscriber wants debug spans (tracing off, default log level).
+        // The wait ends as the batch starts. The batch is linked to each member; each member gets
+        // its own `compute` child. All are no-ops when no subscriber wants debug spans.
+        drop(job.queue_span);
         span.follows_from(&job.span);
         let compute_span = tracing::debug_span!(
             parent: &job.span,
@@ -246,54 +244,67 @@ fn run_batch(
             batch_size = batch.rows
         );
         inputs.push(job.inputs);
+        row_counts.push(job.rows);
         waiting.push(Waiting {
             _compute_span: compute_span,
             requested_outputs: job.requested_outputs,
-            rows: job.rows,
-            queue: job.queue,
+            queue: batch.dispatched.saturating_duration_since(job.enqueued),
             responder: job.responder,
         });
     }
-    let output_names = union_of_outputs(&waiting);
-    let row_counts: Vec<usize> = waiting.iter().map(|w| w.rows).collect();
-
-    let mut executed = None;
-    let replies = match execute(executor, inputs, &output_names, &row_counts, ctx.batched) {
-        Ok((per_request, input_time, infer_time, output_time)) => {
+    let executed = {
+        let output_names = outputs_to_compute(&waiting);
+        execute(executor, inputs, &output_names, &row_counts, ctx.batched)
+    };
+    match executed {
+        Ok(done) => {
+            let t = done.timings;
             ctx.stats
-                .record_execution(batch.rows, input_time, infer_time, output_time);
-            executed = Some((batch.rows, input_time + infer_time + output_time));
-            waiting
+                .record_execution(batch.rows, t.input, t.infer, t.output);
+            let replies = waiting
                 .into_iter()
-                .zip(per_request)
+                .zip(done.per_request)
                 .map(|(w, outputs)| {
                     let timings = RequestTimings {
                         queue: w.queue,
-                        compute_input: input_time,
-                        compute_infer: infer_time,
-                        compute_output: output_time,
+                        compute_input: t.input,
+                        compute_infer: t.infer,
+                        compute_output: t.output,
                         batch_size: batch.rows,
                     };
                     let outputs = select_outputs(outputs, &w.requested_outputs);
                     (w.responder, Ok(InferResponse { outputs, timings }))
-                })
-                .collect()
+                });
+            ctx.deliver(batch.seq, replies);
+            Some(BatchCost {
+                rows: batch.rows,
+                took: t.input + t.infer + t.output,
+            })
         }
         Err(error) => {
             tracing::warn!(model = %ctx.model, instance, %error, "batch execution failed");
-            waiting
+            let replies = waiting
                 .into_iter()
-                .map(|w| (w.responder, Err(error.clone())))
-                .collect()
+                .map(|w| (w.responder, Err(error.clone())));
+            ctx.deliver(batch.seq, replies);
+            None
         }
-    };
-    ctx.deliver(batch.seq, replies);
-    executed
+    }
 }
 
-type Executed = (Vec<Vec<NamedTensor>>, Duration, Duration, Duration);
+#[derive(Debug, Clone, Copy)]
+struct PhaseTimes {
+    input: Duration,
+    infer: Duration,
+    output: Duration,
+}
 
-/// Assembles, runs and splits one batch, timing each hand-off.
+struct Executed {
+    per_request: Vec<Vec<NamedTensor>>,
+    timings: PhaseTimes,
+}
+
+/// Assembles and runs one batch through the executor, then splits it, timing each hand-off.
 fn execute(
     executor: &mut dyn ModelExecutor,
     inputs: Vec<Vec<NamedTensor>>,
@@ -302,31 +313,41 @@ fn execute(
     batched: bool,
 ) -> Result<Executed, SchedulerError> {
     let started = StdInstant::now();
-    let assembled = concat_rows(inputs)
-        .map_err(|e| ExecuteError(format!("failed to assemble the batch: {e}")))?;
-    let assembled_at = StdInstant::now();
     // A panic inside the runtime must not take the instance (and every later request) down.
-    let outputs = catch_unwind(AssertUnwindSafe(|| {
-        executor.execute(assembled, output_names)
+    let run = catch_unwind(AssertUnwindSafe(|| {
+        executor.execute_batch(inputs, output_names)
     }))
     .map_err(|_| ExecuteError("the model instance panicked while executing".into()))??;
     let executed_at = StdInstant::now();
-    let per_request = outputs_per_request(outputs, row_counts, batched)
+    let per_request = outputs_per_request(run.outputs, row_counts, batched)
         .map_err(|e| ExecuteError(format!("failed to split the batch outputs: {e}")))?;
     let split_at = StdInstant::now();
-    Ok((
+    let call = executed_at - started;
+    Ok(Executed {
         per_request,
-        assembled_at - started,
-        executed_at - assembled_at,
-        split_at - executed_at,
-    ))
+        timings: PhaseTimes {
+            input: run.assembly.min(call),
+            infer: call.saturating_sub(run.assembly),
+            output: split_at - executed_at,
+        },
+    })
 }
 
-/// The outputs to ask the executor for: every output (empty) as soon as one request wants all,
-/// else the union of what was asked, in first-asked order.
-fn union_of_outputs(waiting: &[Waiting]) -> Vec<String> {
+/// The outputs to ask the executor for: every output (empty) as soon as one request wants all; the
+/// list the requests share when they all ask the same (no copy); else the union of what was asked,
+/// in first-asked order.
+fn outputs_to_compute(waiting: &[Waiting]) -> Cow<'_, [String]> {
+    let Some(first) = waiting.first() else {
+        return Cow::Borrowed(&[]);
+    };
     if waiting.iter().any(|w| w.requested_outputs.is_empty()) {
-        return Vec::new();
+        return Cow::Borrowed(&[]);
+    }
+    if waiting
+        .iter()
+        .all(|w| w.requested_outputs == first.requested_outputs)
+    {
+        return Cow::Borrowed(&first.requested_outputs);
     }
     let mut names: Vec<String> = Vec::new();
     for name in waiting.iter().flat_map(|w| &w.requested_outputs) {
@@ -334,7 +355,7 @@ fn union_of_outputs(waiting: &[Waiting]) -> Vec<String> {
             names.push(name.clone());
         }
     }
-    names
+    Cow::Owned(names)
 }
 
 /// Keeps the outputs one request asked for, in the order it asked; all of them when it named none.
@@ -409,6 +430,26 @@ mod tests {
             other => panic!("expected an execution error, got {other:?}"),
         }
         assert_eq!(stats.pending.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
+
+    fn waiting(stats: &Arc<ModelStats>, requested: &[&str]) -> Waiting {
+        Waiting {
+            _compute_span: Span::none(),
+            requested_outputs: requested.iter().map(|s| s.to_string()).collect(),
+            queue: Duration::ZERO,
+            responder: responder(stats).0,
+        }
+    }
+
+    #[test]
+    fn outputs_to_compute_borrows_unless_the_requests_differ() {
+        let stats = Arc::new(ModelStats::new("m", "1"));
+        let all = [waiting(&stats, &["b"]), waiting(&stats, &[])];
+        assert!(matches!(outputs_to_compute(&all), Cow::Borrowed(names) if names.is_empty()));
+        let same = [waiting(&stats, &["b", "a"]), waiting(&stats, &["b", "a"])];
+        assert!(matches!(outputs_to_compute(&same), Cow::Borrowed(names) if names == ["b", "a"]));
+        let differ = [waiting(&stats, &["b"]), waiting(&stats, &["a", "b"])];
+        assert!(matches!(outputs_to_compute(&differ), Cow::Owned(names) if names == ["b", "a"]));
     }
 
     #[test]

@@ -7,11 +7,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::mpsc as tokio_mpsc;
+use tracing::Span;
 
 use super::*;
 use crate::proto::model_config::SchedulingChoice;
 use crate::proto::model_queue_policy::TimeoutAction as ProtoTimeoutAction;
 use crate::proto::{ModelConfig, ModelDynamicBatching, ModelInstanceGroup, ModelQueuePolicy};
+use crate::telemetry::stats::FailureReason;
+use crate::tensor::NamedTensor;
 use crate::tensor::{DataType, Tensor, TensorData};
 
 /// Adds 1 ("OUT") and doubles ("DOUBLE") an FP32 input "IN"; records what each execution saw.
@@ -695,4 +698,277 @@ async fn a_panic_outside_execute_answers_the_batch_marks_the_model_failed_and_dr
             .await
             .expect("shutdown finishes");
     }
+}
+
+/// Times the timekeeper's deadline moved earlier (each one wakes it) and times it looked at the
+/// queue, since the scheduler started.
+fn timekeeper_counts(s: &Scheduler) -> (usize, usize) {
+    let core = s.shared.core.lock();
+    (core.arms, core.timekeeper_passes)
+}
+
+fn no_delay_batching(max_batch_size: i32, instances: i32) -> ModelConfig {
+    batching_config(max_batch_size, ModelDynamicBatching::default(), instances)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_that_forms_while_an_instance_runs_is_taken_by_it_when_it_finishes() {
+    let mut h = start(no_delay_batching(4, 1), Gate::Closed);
+    let running = h.admitted(request(0.0, 1)).await;
+    assert_eq!(h.started.recv().await, Some(1));
+    let a = h.admitted(request(1.0, 1)).await;
+    let b = h.admitted(request(2.0, 1)).await;
+    h.open(2);
+    assert!(running.await.unwrap().is_ok());
+    assert_eq!(
+        out_values(&a.await.unwrap().unwrap(), "OUT"),
+        vec![2.0, 3.0]
+    );
+    assert_eq!(
+        out_values(&b.await.unwrap().unwrap(), "OUT"),
+        vec![3.0, 4.0]
+    );
+    assert_eq!(
+        *h.executions.lock(),
+        vec![vec![0.0, 1.0], vec![1.0, 2.0, 2.0, 3.0]],
+        "the two that waited ran as one batch, right after the first"
+    );
+    let (arms, passes) = timekeeper_counts(&h.scheduler);
+    assert_eq!(arms, 0, "no deadline was ever armed");
+    assert!(passes <= 1, "only the timekeeper's first look: {passes}");
+    h.scheduler.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_arrival_with_an_idle_instance_runs_without_the_timekeeper() {
+    let unbatched = ModelConfig {
+        name: "fake".into(),
+        max_batch_size: 4,
+        ..Default::default()
+    };
+    for config in [unbatched, no_delay_batching(4, 2)] {
+        let h = start(config, Gate::Open);
+        for first in [0.0, 10.0, 20.0] {
+            let r = h.scheduler.infer(request(first, 1)).await;
+            assert_eq!(
+                out_values(&r.unwrap(), "OUT"),
+                vec![first + 1.0, first + 2.0]
+            );
+        }
+        let (arms, passes) = timekeeper_counts(&h.scheduler);
+        assert_eq!(arms, 0);
+        assert!(passes <= 1, "only the timekeeper's first look: {passes}");
+        assert_eq!(h.executions.lock().len(), 3);
+        h.scheduler.shutdown().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_timekeeper_is_armed_once_per_window_not_per_arrival() {
+    let db = ModelDynamicBatching {
+        max_queue_delay_microseconds: 10_000,
+        ..Default::default()
+    };
+    let h = start(batching_config(8, db, 1), Gate::Open);
+    let mut waiting = Vec::new();
+    for first in [0.0, 10.0, 20.0, 30.0] {
+        waiting.push(h.admitted(request(first, 1)).await);
+    }
+    assert_eq!(
+        timekeeper_counts(&h.scheduler).0,
+        1,
+        "one arm for the window"
+    );
+    for task in waiting {
+        assert_eq!(task.await.unwrap().unwrap().timings.batch_size, 4);
+    }
+    assert_eq!(h.executions.lock().len(), 1);
+    // A second window, after the first ran: one more arm.
+    let later = h.admitted(request(40.0, 1)).await;
+    assert!(later.await.unwrap().is_ok());
+    assert_eq!(timekeeper_counts(&h.scheduler).0, 2);
+    h.scheduler.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_timeout_while_every_instance_is_busy_rejects_at_its_deadline() {
+    let db = ModelDynamicBatching {
+        default_queue_policy: Some(ModelQueuePolicy {
+            timeout_action: ProtoTimeoutAction::Reject as i32,
+            default_timeout_microseconds: 50_000,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut h = start(batching_config(1, db, 2), Gate::Closed);
+    let busy_a = h.admitted(request(0.0, 1)).await;
+    let busy_b = h.admitted(request(1.0, 1)).await;
+    assert_eq!(h.started.recv().await, Some(1));
+    assert_eq!(h.started.recv().await, Some(1));
+    let queued_at = tokio::time::Instant::now();
+    let timed_out = h.scheduler.infer(request(2.0, 1)).await;
+    assert!(
+        matches!(timed_out, Err(SchedulerError::TimedOut)),
+        "{timed_out:?}"
+    );
+    // The paused clock moves only to armed deadlines: the rejection came at the request's own.
+    assert!(queued_at.elapsed() >= Duration::from_millis(50));
+    assert_eq!(
+        timekeeper_counts(&h.scheduler).0,
+        1,
+        "one arm, for the timeout"
+    );
+    h.open(1);
+    assert!(busy_a.await.unwrap().is_ok());
+    assert!(busy_b.await.unwrap().is_ok());
+    assert_eq!(
+        h.executions.lock().len(),
+        2,
+        "the timed-out request never ran"
+    );
+    h.scheduler.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_model_without_traffic_has_no_wake_ups() {
+    let db = ModelDynamicBatching {
+        max_queue_delay_microseconds: 10_000,
+        default_queue_policy: Some(ModelQueuePolicy {
+            default_timeout_microseconds: 20_000,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let h = start(batching_config(8, db, 2), Gate::Open);
+    assert!(h.scheduler.infer(request(0.0, 1)).await.is_ok());
+    let before = timekeeper_counts(&h.scheduler);
+    // An hour of an idle model: no deadline is armed, so nothing wakes.
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(timekeeper_counts(&h.scheduler), before);
+    h.scheduler.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_runs_a_request_waiting_for_its_window_at_once() {
+    let db = ModelDynamicBatching {
+        max_queue_delay_microseconds: 3_600_000_000,
+        ..Default::default()
+    };
+    let h = start(batching_config(8, db, 1), Gate::Open);
+    let waiting = h.admitted(request(0.0, 1)).await;
+    let started = tokio::time::Instant::now();
+    h.scheduler.shutdown().await;
+    assert!(waiting.await.unwrap().is_ok());
+    assert!(
+        started.elapsed() < Duration::from_secs(3600),
+        "waited for the window"
+    );
+}
+
+#[tokio::test]
+async fn a_full_queue_takes_back_the_place_of_a_caller_that_left() {
+    let db = ModelDynamicBatching {
+        default_queue_policy: Some(ModelQueuePolicy {
+            max_queue_size: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut h = start(batching_config(1, db, 1), Gate::Closed);
+    let running = h.admitted(request(0.0, 1)).await;
+    assert_eq!(h.started.recv().await, Some(1));
+    let abandoned = h.admitted(request(1.0, 1)).await;
+    abandoned.abort();
+    let _ = abandoned.await;
+    let kept = h.admitted(request(2.0, 1)).await;
+    h.open(2);
+    assert!(running.await.unwrap().is_ok());
+    assert!(kept.await.unwrap().is_ok());
+    assert_eq!(h.first_values(), vec![0.0, 2.0]);
+    assert_eq!(h.stats.failure(FailureReason::Canceled).count(), 1);
+    h.scheduler.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_lost_instance_leaves_the_others_serving_what_waits() {
+    let settings =
+        SchedulerSettings::from_config(&batching_config(4, ModelDynamicBatching::default(), 2), 10)
+            .unwrap();
+    // Instance 0 panics outside execute on its first batch; instance 1 has had its first run.
+    let executors: Vec<Box<dyn ModelExecutor>> = vec![
+        Box::new(Panicking {
+            outside_execute: true,
+            runs: 0,
+        }),
+        Box::new(Panicking {
+            outside_execute: true,
+            runs: 1,
+        }),
+    ];
+    let s = Scheduler::start(settings, executors, Arc::new(ModelStats::new("fake", "1")));
+    let lost = s.infer(request(0.0, 1)).await;
+    assert!(matches!(lost, Err(SchedulerError::Execute(_))), "{lost:?}");
+    for first in [1.0, 2.0, 3.0] {
+        let served = s.infer(request(first, 1)).await;
+        assert!(served.is_ok(), "{served:?}");
+    }
+    // The last answer goes out before its instance takes the lock to mark itself idle.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = {
+            let core = s.shared.core.lock();
+            (core.alive, core.busy, core.idle.clone())
+        };
+        if state == (1, 0, vec![1]) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{state:?}");
+        tokio::task::yield_now().await;
+    }
+    // Marked before its instance was counted out.
+    assert!(s.failure().is_some_and(|r| r.contains("instance 0")));
+    tokio::time::timeout(Duration::from_secs(30), s.shutdown())
+        .await
+        .expect("shutdown finishes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_callers_on_a_multi_threaded_runtime_each_get_their_own_answer() {
+    // A sub-millisecond window, so the precise timer's path takes part too.
+    let db = ModelDynamicBatching {
+        max_queue_delay_microseconds: 100,
+        ..Default::default()
+    };
+    let h = start(batching_config(8, db, 2), Gate::Open);
+    // Fewer callers than the harness's queue bound (100), so none is refused.
+    let callers: Vec<_> = (0..90u16)
+        .map(|i| {
+            let scheduler = h.scheduler.clone();
+            let rows = usize::from(i % 3) + 1;
+            let first = f32::from(i) * 10.0;
+            tokio::spawn(async move {
+                let resp = scheduler.infer(request(first, rows)).await;
+                let resp = resp.unwrap_or_else(|e| panic!("caller {i}: {e}"));
+                let expected: Vec<f32> = (0..rows * 2).map(|v| first + v as f32 + 1.0).collect();
+                assert_eq!(out_values(&resp, "OUT"), expected);
+                rows
+            })
+        })
+        .collect();
+    let mut rows_sent = 0;
+    for caller in callers {
+        rows_sent += tokio::time::timeout(Duration::from_secs(60), caller)
+            .await
+            .expect("answered")
+            .unwrap();
+    }
+    let rows_run: usize = h.executions.lock().iter().map(|e| e.len() / 2).sum();
+    assert_eq!(rows_run, rows_sent, "every row ran exactly once");
+    h.scheduler.shutdown().await;
+    let core = h.scheduler.shared.core.lock();
+    assert_eq!((core.busy, core.policy.len()), (0, 0));
+    assert_eq!(h.stats.pending.load(Relaxed), 0);
 }
