@@ -124,7 +124,8 @@ fn bench_encode(c: &mut Criterion, model: &LoadedModel, outputs: &[(&str, i64)])
         b.iter_batched(
             response,
             |r| {
-                let message = encode::infer_response(model, "id".into(), r, &no_shm).expect("encodes");
+                let message =
+                    encode::infer_response(model, "id".into(), r, &no_shm).expect("encodes");
                 black_box(message.encode_to_vec())
             },
             BatchSize::SmallInput,

@@ -93,7 +93,10 @@ fn batch_requests(
         .iter()
         .map(|input| {
             let Some(size) = input.dtype.element_size() else {
-                bail!("input '{}': only fixed-size datatypes are supported", input.name);
+                bail!(
+                    "input '{}': only fixed-size datatypes are supported",
+                    input.name
+                );
             };
             let mut shape: Vec<i64> = input.dims.iter().map(|&d| d.max(1)).collect();
             match shape.first_mut() {
