@@ -115,6 +115,15 @@ fn batch_requests(
     Ok(vec![one_request; (batch / rows) as usize])
 }
 
+/// CPU seconds this process has used (all threads, user + system), from /proc/self/stat; None where
+/// that file is missing. The kernel reports it in USER_HZ ticks, 100 per second on Linux.
+fn process_cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -136,6 +145,7 @@ fn run_batch_size(
     }
     let measure = Duration::from_secs_f64(args.duration_secs);
     let mut latencies = Vec::new();
+    let cpu_before = process_cpu_secs();
     let start = Instant::now();
     while start.elapsed() < measure {
         let t0 = Instant::now();
@@ -143,10 +153,15 @@ fn run_batch_size(
         latencies.push(t0.elapsed());
     }
     let elapsed = start.elapsed().as_secs_f64();
+    // Cores' worth of CPU the run got: below 1 on a shared machine means other work took the core.
+    let core_use = match (cpu_before, process_cpu_secs()) {
+        (Some(before), Some(after)) => format!("{:.3}", (after - before) / elapsed),
+        _ => "null".to_string(),
+    };
     latencies.sort();
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     println!(
-        "{{\"model\":\"{}\",\"batch_size\":{batch},\"requests_per_batch\":{},\"intra_op_threads\":{},\"spinning\":{},\"batches\":{},\"rows_per_s\":{:.1},\"p50_us\":{:.1},\"p99_us\":{:.1}}}",
+        "{{\"model\":\"{}\",\"batch_size\":{batch},\"requests_per_batch\":{},\"intra_op_threads\":{},\"spinning\":{},\"batches\":{},\"rows_per_s\":{:.1},\"core_use\":{core_use},\"p50_us\":{:.1},\"p99_us\":{:.1}}}",
         args.model,
         requests.len(),
         plan.intra_op_threads,
