@@ -134,3 +134,34 @@ fn main() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_frame_is_flag_length_message_and_the_body_fits_the_config() {
+        let args = Args {
+            model_repository: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"),
+            model: "add_sub".into(),
+            request_model_name: Some("copy".into()),
+            batch_size: 2,
+            dynamic_dim: 1,
+            out: PathBuf::new(),
+        };
+        let request = build_request(&args).unwrap();
+        assert_eq!(request.model_name, "copy");
+        let names: Vec<&str> = request.inputs.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["INPUT0", "INPUT1"]);
+        assert!(request.inputs.iter().all(|i| i.shape == [2, 16]));
+        assert!(request
+            .raw_input_contents
+            .iter()
+            .all(|r| r.len() == 2 * 16 * 4));
+        let frame = grpc_frame(&request).unwrap();
+        assert_eq!(frame[0], 0, "not compressed");
+        let len = u32::from_be_bytes(frame[1..5].try_into().unwrap()) as usize;
+        assert_eq!(len, frame.len() - 5);
+        assert_eq!(ModelInferRequest::decode(&frame[5..]).unwrap(), request);
+    }
+}

@@ -187,3 +187,40 @@ fn main() -> anyhow::Result<()> {
         .build()?
         .block_on(serve(args))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use onnx_gateway::proto::model_infer_request::InferInputTensor;
+
+    #[test]
+    fn echo_returns_the_inputs_as_outputs() {
+        let raw = Bytes::from_static(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        let request = ModelInferRequest {
+            model_name: "m".into(),
+            id: "42".into(),
+            inputs: vec![InferInputTensor {
+                name: "INPUT0".into(),
+                datatype: "FP32".into(),
+                shape: vec![1, 2],
+                ..Default::default()
+            }],
+            raw_input_contents: vec![raw.clone()],
+            ..Default::default()
+        };
+        let response = echo(request);
+        assert_eq!(
+            (response.model_name.as_str(), response.id.as_str()),
+            ("m", "42")
+        );
+        assert_eq!(response.outputs.len(), 1);
+        let output = &response.outputs[0];
+        assert_eq!(
+            (output.name.as_str(), output.datatype.as_str()),
+            ("INPUT0", "FP32")
+        );
+        assert_eq!(output.shape, vec![1, 2]);
+        assert_eq!(response.raw_output_contents, vec![raw]);
+    }
+}
