@@ -1,0 +1,226 @@
+//! `echo_floor`: the bare tonic floor of the benchmark (bench/floors.sh). It serves
+//! `inference.GRPCInferenceService` with the project's generated types and answers ModelInfer by
+//! echoing the inputs as outputs (raw contents passed through): no model, no validation, no queue.
+//! What the gateway spends per request beyond this server is the gateway's own cost.
+//!
+//! Same process shape as the gateway, so the comparison is fair: mimalloc, a multi-thread tokio
+//! runtime with the default worker count (the affinity mask: one worker under `taskset -c 0`), and
+//! TCP_NODELAY on each connection. h2load only sees HTTP status (200 even for a gRPC error), so the
+//! server counts its own answers: SIGUSR1 prints `successes=N` to stdout, SIGTERM/SIGINT print it
+//! and exit (and write it to `--count-file` when given).
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use clap::Parser;
+use onnx_gateway::proto::grpc_inference_service_server::{
+    GrpcInferenceService, GrpcInferenceServiceServer,
+};
+use onnx_gateway::proto::model_infer_response::InferOutputTensor;
+use onnx_gateway::proto::*;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
+use tonic::{Request, Response, Status};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "echo_floor",
+    about = "Bare tonic ModelInfer echo server: the per-request floor the gateway is measured against"
+)]
+struct Args {
+    /// Address to listen on; port 0 picks a free port (printed as `listening addr=...` on stdout).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Also write the final success count to this file on SIGTERM/SIGINT.
+    #[arg(long)]
+    count_file: Option<PathBuf>,
+    /// Largest request or response message, as the gateway's --max-message-bytes default.
+    #[arg(long, default_value_t = 64 << 20)]
+    max_message_bytes: usize,
+}
+
+/// Answers ModelInfer with its own inputs; every other RPC is UNIMPLEMENTED.
+struct EchoService {
+    successes: Arc<AtomicU64>,
+}
+
+/// The inputs as outputs: names, datatypes and shapes copied, raw contents moved (no byte copy).
+fn echo(request: ModelInferRequest) -> ModelInferResponse {
+    let outputs = request
+        .inputs
+        .into_iter()
+        .map(|input| InferOutputTensor {
+            name: input.name,
+            datatype: input.datatype,
+            shape: input.shape,
+            ..Default::default()
+        })
+        .collect();
+    ModelInferResponse {
+        model_name: request.model_name,
+        model_version: request.model_version,
+        id: request.id,
+        outputs,
+        raw_output_contents: request.raw_input_contents,
+        ..Default::default()
+    }
+}
+
+/// Status for the RPCs this floor does not serve.
+fn not_served(rpc: &str) -> Status {
+    Status::unimplemented(format!(
+        "{rpc} is not served by echo_floor: it answers ModelInfer only"
+    ))
+}
+
+/// The service impl with ModelInfer and ModelStreamInfer written out and the rest generated as
+/// UNIMPLEMENTED. The whole impl is one macro expansion so `async_trait` sees every method.
+macro_rules! echo_service_impl {
+    ($($method:ident($req:ident) -> $resp:ident;)*) => {
+        #[tonic::async_trait]
+        impl GrpcInferenceService for EchoService {
+            async fn model_infer(
+                &self,
+                request: Request<ModelInferRequest>,
+            ) -> Result<Response<ModelInferResponse>, Status> {
+                let response = echo(request.into_inner());
+                self.successes.fetch_add(1, Ordering::Relaxed);
+                Ok(Response::new(response))
+            }
+
+            type ModelStreamInferStream = futures::stream::Empty<Result<ModelStreamInferResponse, Status>>;
+
+            async fn model_stream_infer(
+                &self,
+                _: Request<tonic::Streaming<ModelInferRequest>>,
+            ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+                Err(not_served("ModelStreamInfer"))
+            }
+
+            $(
+                async fn $method(&self, _: Request<$req>) -> Result<Response<$resp>, Status> {
+                    Err(not_served(stringify!($resp).trim_end_matches("Response")))
+                }
+            )*
+        }
+    };
+}
+
+echo_service_impl! {
+    server_live(ServerLiveRequest) -> ServerLiveResponse;
+    server_ready(ServerReadyRequest) -> ServerReadyResponse;
+    model_ready(ModelReadyRequest) -> ModelReadyResponse;
+    server_metadata(ServerMetadataRequest) -> ServerMetadataResponse;
+    model_metadata(ModelMetadataRequest) -> ModelMetadataResponse;
+    model_config(ModelConfigRequest) -> ModelConfigResponse;
+    model_statistics(ModelStatisticsRequest) -> ModelStatisticsResponse;
+    repository_index(RepositoryIndexRequest) -> RepositoryIndexResponse;
+    repository_model_load(RepositoryModelLoadRequest) -> RepositoryModelLoadResponse;
+    repository_model_unload(RepositoryModelUnloadRequest) -> RepositoryModelUnloadResponse;
+    system_shared_memory_status(SystemSharedMemoryStatusRequest) -> SystemSharedMemoryStatusResponse;
+    system_shared_memory_register(SystemSharedMemoryRegisterRequest) -> SystemSharedMemoryRegisterResponse;
+    system_shared_memory_unregister(SystemSharedMemoryUnregisterRequest) -> SystemSharedMemoryUnregisterResponse;
+    cuda_shared_memory_status(CudaSharedMemoryStatusRequest) -> CudaSharedMemoryStatusResponse;
+    cuda_shared_memory_register(CudaSharedMemoryRegisterRequest) -> CudaSharedMemoryRegisterResponse;
+    cuda_shared_memory_unregister(CudaSharedMemoryUnregisterRequest) -> CudaSharedMemoryUnregisterResponse;
+    trace_setting(TraceSettingRequest) -> TraceSettingResponse;
+    log_settings(LogSettingsRequest) -> LogSettingsResponse;
+}
+
+fn print_count(successes: &AtomicU64) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "successes={}", successes.load(Ordering::Relaxed));
+    let _ = out.flush();
+}
+
+/// Prints the count on every SIGUSR1 until SIGTERM or SIGINT arrives.
+async fn report_until_stopped(successes: Arc<AtomicU64>) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = usr1.recv() => print_count(&successes),
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+        }
+    }
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
+    let successes = Arc::new(AtomicU64::new(0));
+    let service = GrpcInferenceServiceServer::new(EchoService {
+        successes: Arc::clone(&successes),
+    })
+    .max_decoding_message_size(args.max_message_bytes)
+    .max_encoding_message_size(args.max_message_bytes);
+    let incoming = TcpIncoming::bind(args.listen)?.with_nodelay(Some(true));
+    println!("listening addr={}", incoming.local_addr()?);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop_rx.await;
+            }),
+    );
+    report_until_stopped(Arc::clone(&successes)).await?;
+    let _ = stop_tx.send(());
+    server.await??;
+    print_count(&successes);
+    if let Some(path) = &args.count_file {
+        std::fs::write(path, format!("{}\n", successes.load(Ordering::Relaxed)))?;
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve(args))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use onnx_gateway::proto::model_infer_request::InferInputTensor;
+
+    #[test]
+    fn echo_returns_the_inputs_as_outputs() {
+        let raw = Bytes::from_static(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        let request = ModelInferRequest {
+            model_name: "m".into(),
+            id: "42".into(),
+            inputs: vec![InferInputTensor {
+                name: "INPUT0".into(),
+                datatype: "FP32".into(),
+                shape: vec![1, 2],
+                ..Default::default()
+            }],
+            raw_input_contents: vec![raw.clone()],
+            ..Default::default()
+        };
+        let response = echo(request);
+        assert_eq!(
+            (response.model_name.as_str(), response.id.as_str()),
+            ("m", "42")
+        );
+        assert_eq!(response.outputs.len(), 1);
+        let output = &response.outputs[0];
+        assert_eq!(
+            (output.name.as_str(), output.datatype.as_str()),
+            ("INPUT0", "FP32")
+        );
+        assert_eq!(output.shape, vec![1, 2]);
+        assert_eq!(response.raw_output_contents, vec![raw]);
+    }
+}
