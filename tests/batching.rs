@@ -180,21 +180,6 @@ async fn pending(server: &TestServer, model: &str) -> u64 {
         .unwrap_or_else(|| panic!("no pending gauge for {model} in:\n{text}"))
 }
 
-async fn statistics(server: &TestServer, model: &str) -> ModelStatistics {
-    let mut client = server.client().await;
-    let mut stats = client
-        .model_statistics(ModelStatisticsRequest {
-            name: model.into(),
-            version: String::new(),
-        })
-        .await
-        .expect("statistics")
-        .into_inner()
-        .model_stats;
-    assert_eq!(stats.len(), 1);
-    stats.remove(0)
-}
-
 /// Executions per batch size, from batch_stats.
 fn executions_by_size(stats: &ModelStatistics) -> BTreeMap<u64, u64> {
     stats
@@ -259,7 +244,7 @@ async fn concurrent_requests_in_the_delay_window_share_one_execution() {
         assert_eq!(alone.raw_output_contents, resp.raw_output_contents);
     }
 
-    let stats = statistics(&server, "batched").await;
+    let stats = server.statistics("batched").await;
     assert_eq!(stats.inference_count, 8, "rows inferred");
     assert_eq!(stats.execution_count, 2, "two executions of 4 rows");
     assert!(stats.execution_count < stats.inference_count);
@@ -303,7 +288,7 @@ async fn a_full_queue_refuses_at_once() {
         .into_inner();
     assert_add_sub(&full_batch, 2, 4);
 
-    let stats = statistics(&server, "bounded").await;
+    let stats = server.statistics("bounded").await;
     assert_eq!(stats.execution_count, 1, "the abandoned request never ran");
     assert_eq!(stats.inference_count, 4);
     server.stop().await.unwrap();
@@ -342,7 +327,7 @@ async fn a_request_past_its_queue_timeout_is_rejected() {
     assert_add_sub(&answer(patient).await.expect("patient request"), 0, 1);
     assert_add_sub(&answer(release).await.expect("release request"), 2, 3);
 
-    let stats = statistics(&server, "timed").await;
+    let stats = server.statistics("timed").await;
     assert_eq!(stats.execution_count, 1);
     assert_eq!(executions_by_size(&stats), BTreeMap::from([(4, 1)]));
     let infer = stats.inference_stats.expect("inference_stats");
@@ -383,7 +368,7 @@ async fn a_higher_priority_request_is_answered_before_earlier_lower_ones() {
     )
     .await;
     assert!(!last_low.is_finished(), "the third level-2 request waits");
-    let stats = statistics(&server, "ranked").await;
+    let stats = server.statistics("ranked").await;
     assert_eq!(stats.execution_count, 1);
 
     // Release it with three more level-2 rows.
@@ -394,7 +379,7 @@ async fn a_higher_priority_request_is_answered_before_earlier_lower_ones() {
     .await;
     assert_add_sub(&answer(last_low).await.expect("last low"), 2, 1);
     assert_add_sub(&answer(release).await.expect("release"), 20, 3);
-    let stats = statistics(&server, "ranked").await;
+    let stats = server.statistics("ranked").await;
     assert_eq!(executions_by_size(&stats), BTreeMap::from([(4, 2)]));
     server.stop().await.unwrap();
 }
@@ -496,7 +481,7 @@ async fn two_instances_both_serve_requests() {
         BTreeSet::from([0, 1]),
         "each instance ran one batch"
     );
-    let stats = statistics(&server, "twin").await;
+    let stats = server.statistics("twin").await;
     assert_eq!(executions_by_size(&stats), BTreeMap::from([(1, 1), (4, 1)]));
     server.stop().await.unwrap();
 }
@@ -523,7 +508,7 @@ async fn a_request_whose_deadline_passes_in_the_queue_never_runs() {
     // The gateway drops it from the queue and counts it as failed, without running it.
     wait_for(
         || async {
-            let stats = statistics(&server, "deadline").await;
+            let stats = server.statistics("deadline").await;
             count(&stats.inference_stats.and_then(|s| s.fail)) == 1
         },
         "the abandoned request counted as failed",
@@ -539,7 +524,7 @@ async fn a_request_whose_deadline_passes_in_the_queue_never_runs() {
     for (seed, task) in (1..5).zip(tasks) {
         assert_add_sub(&answer(task).await.expect("later request"), seed, 1);
     }
-    let stats = statistics(&server, "deadline").await;
+    let stats = server.statistics("deadline").await;
     assert_eq!(stats.inference_count, 4);
     assert_eq!(stats.execution_count, 1);
     assert_eq!(executions_by_size(&stats), BTreeMap::from([(4, 1)]));

@@ -164,21 +164,6 @@ async fn concurrent_round(server: &TestServer, name: &str, model: Model, round: 
     }
 }
 
-async fn statistics(server: &TestServer, name: &str) -> ModelStatistics {
-    let mut client = server.client().await;
-    let mut stats = client
-        .model_statistics(ModelStatisticsRequest {
-            name: name.into(),
-            version: String::new(),
-        })
-        .await
-        .expect("statistics")
-        .into_inner()
-        .model_stats;
-    assert_eq!(stats.len(), 1);
-    stats.remove(0)
-}
-
 async fn reported_parameters(
     server: &TestServer,
     name: &str,
@@ -293,7 +278,7 @@ async fn triton_keeps_its_window_and_adaptive_treats_it_as_a_cap() {
             .expect("the window is only a cap");
         assert_eq!(resp.outputs.len(), 2);
     }
-    let capped = statistics(&server, "capped").await;
+    let capped = server.statistics("capped").await;
     assert_eq!(capped.execution_count, 5);
 
     let text = scrape(&server).await;
@@ -387,7 +372,7 @@ async fn batches_form_under_concurrency_with_both_strategies() {
 
     // Triton: 16 requests and a 30 s window make exactly two full batches of 8.
     concurrent_round(&server, "mlp_triton", Model::Mlp, 0).await;
-    let triton = statistics(&server, "mlp_triton").await;
+    let triton = server.statistics("mlp_triton").await;
     assert_eq!(triton.inference_count, IN_FLIGHT as u64);
     assert_eq!(triton.execution_count, 2);
 
@@ -399,12 +384,12 @@ async fn batches_form_under_concurrency_with_both_strategies() {
     while rounds < MAX_ROUNDS {
         concurrent_round(&server, "mlp_adaptive", Model::Mlp, rounds).await;
         rounds += 1;
-        let s = statistics(&server, "mlp_adaptive").await;
+        let s = server.statistics("mlp_adaptive").await;
         if s.execution_count < s.inference_count {
             break;
         }
     }
-    let adaptive = statistics(&server, "mlp_adaptive").await;
+    let adaptive = server.statistics("mlp_adaptive").await;
     let requests = u64::from(rounds) * IN_FLIGHT as u64;
     assert_eq!(adaptive.inference_count, requests);
     assert!(

@@ -156,6 +156,7 @@ impl Scheduler {
             responder: Responder::new(tx, shared.stats.clone()),
         };
         let mut released = Released::default();
+        let mut gather = false;
         let admitted = {
             let mut core = shared.core.lock();
             let admitted = core.admit(
@@ -168,8 +169,13 @@ impl Scheduler {
             );
             if admitted.is_ok() {
                 core.expire(now, &mut released);
-                let next = core.feed_idle(now, &shared.mailboxes, &shared.stats, &mut released);
-                released.wake_timekeeper = core.arm(next);
+                if !core.gathering && !core.idle.is_empty() && !core.stopping {
+                    core.gathering = true;
+                    gather = true;
+                } else if !core.gathering {
+                    let next = core.feed_idle(now, &shared.mailboxes, &shared.stats, &mut released);
+                    released.wake_timekeeper = core.arm(next);
+                }
             }
             admitted
         };
@@ -183,6 +189,14 @@ impl Scheduler {
             rx,
             received: false,
         };
+        if gather {
+            // The reactor read every request of this tick before polling their handlers: yielding
+            // once lets the ones already woken queue theirs, so they share this batch instead of
+            // each waking the instance thread (a context switch apiece on a one-CPU pod).
+            let gathering = Gathering { shared };
+            tokio::task::yield_now().await;
+            drop(gathering);
+        }
         let outcome = (&mut answer.rx).await.unwrap_or_else(|_| {
             Err(SchedulerError::Execute(ExecuteError(
                 "the scheduler dropped the request".into(),
@@ -214,6 +228,28 @@ impl Shared {
 }
 
 /// The caller's side of its answer; dropped before the answer came means the caller left.
+/// Held by the arrival that yields to gather a batch; dropped (resumed, or cancelled while it
+/// yielded), it hands whatever queued to the idle instances.
+struct Gathering<'a> {
+    shared: &'a Shared,
+}
+
+impl Drop for Gathering<'_> {
+    fn drop(&mut self) {
+        let shared = self.shared;
+        let now = Instant::now();
+        let mut released = Released::default();
+        {
+            let mut core = shared.core.lock();
+            core.gathering = false;
+            core.expire(now, &mut released);
+            let next = core.feed_idle(now, &shared.mailboxes, &shared.stats, &mut released);
+            released.wake_timekeeper = core.arm(next);
+        }
+        released.settle(&shared.stats, &shared.timekeeper);
+    }
+}
+
 struct Answer<'a> {
     shared: &'a Shared,
     rx: oneshot::Receiver<Outcome>,

@@ -90,6 +90,23 @@ impl TestServer {
         }
     }
 
+    /// The statistics of the one version of `model` (ModelStatistics with no version).
+    pub async fn statistics(&self, model: &str) -> onnx_gateway::proto::ModelStatistics {
+        let mut stats = self
+            .client()
+            .await
+            .model_statistics(onnx_gateway::proto::ModelStatisticsRequest {
+                name: model.into(),
+                version: String::new(),
+            })
+            .await
+            .expect("statistics")
+            .into_inner()
+            .model_stats;
+        assert_eq!(stats.len(), 1, "one version of {model}");
+        stats.remove(0)
+    }
+
     pub async fn client(&self) -> Client {
         let endpoint = format!("http://{}", self.grpc_addr);
         let channel = Channel::from_shared(endpoint)

@@ -23,6 +23,9 @@ pub(super) struct Core {
     pub alive: usize,
     /// Shutting down: nothing is admitted, queued requests run without waiting for the window.
     pub stopping: bool,
+    /// An arrival found an instance idle and yields before dispatching, so the requests its reactor
+    /// tick already woke join the batch; arrivals meanwhile only queue.
+    pub gathering: bool,
     next_seq: u64,
     /// The instant the timekeeper sleeps until; None while it waits for a notification only.
     armed: Option<Instant>,
@@ -60,6 +63,7 @@ impl Core {
             busy: 0,
             alive: 0,
             stopping: false,
+            gathering: false,
             next_seq: 0,
             armed: None,
             #[cfg(test)]

@@ -119,6 +119,18 @@ fn with_priority(mut r: InferRequest, priority: u32) -> InferRequest {
     r
 }
 
+/// Dynamic batching whose queue policy rejects a request that waited `timeout` µs.
+fn rejecting_after_microseconds(timeout: u64) -> ModelDynamicBatching {
+    ModelDynamicBatching {
+        default_queue_policy: Some(ModelQueuePolicy {
+            timeout_action: ProtoTimeoutAction::Reject as i32,
+            default_timeout_microseconds: timeout,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 fn batching_config(max_batch_size: i32, db: ModelDynamicBatching, instances: i32) -> ModelConfig {
     ModelConfig {
         name: "fake".into(),
@@ -299,14 +311,7 @@ async fn full_queue_refuses_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn queued_request_past_its_timeout_is_rejected() {
-    let db = ModelDynamicBatching {
-        default_queue_policy: Some(ModelQueuePolicy {
-            timeout_action: ProtoTimeoutAction::Reject as i32,
-            default_timeout_microseconds: 1_000,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let db = rejecting_after_microseconds(1_000);
     let mut h = start(batching_config(1, db, 1), Gate::Closed);
     let running = h.admitted(request(0.0, 1)).await;
     assert_eq!(h.started.recv().await, Some(1));
@@ -770,9 +775,17 @@ async fn the_timekeeper_is_armed_once_per_window_not_per_arrival() {
         ..Default::default()
     };
     let h = start(batching_config(8, db, 1), Gate::Open);
+    // The timekeeper's first look happens before any arrival.
+    for _ in 0..4 {
+        tokio::task::yield_now().await;
+    }
     let mut waiting = Vec::new();
     for first in [0.0, 10.0, 20.0, 30.0] {
         waiting.push(h.admitted(request(first, 1)).await);
+    }
+    // The first arrival yields once to gather the others before it looks at the window.
+    for _ in 0..4 {
+        tokio::task::yield_now().await;
     }
     assert_eq!(
         timekeeper_counts(&h.scheduler).0,
@@ -792,14 +805,7 @@ async fn the_timekeeper_is_armed_once_per_window_not_per_arrival() {
 
 #[tokio::test(start_paused = true)]
 async fn a_timeout_while_every_instance_is_busy_rejects_at_its_deadline() {
-    let db = ModelDynamicBatching {
-        default_queue_policy: Some(ModelQueuePolicy {
-            timeout_action: ProtoTimeoutAction::Reject as i32,
-            default_timeout_microseconds: 50_000,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let db = rejecting_after_microseconds(50_000);
     let mut h = start(batching_config(1, db, 2), Gate::Closed);
     let busy_a = h.admitted(request(0.0, 1)).await;
     let busy_b = h.admitted(request(1.0, 1)).await;
@@ -971,4 +977,32 @@ async fn many_callers_on_a_multi_threaded_runtime_each_get_their_own_answer() {
     let core = h.scheduler.shared.core.lock();
     assert_eq!((core.busy, core.policy.len()), (0, 0));
     assert_eq!(h.stats.pending.load(Relaxed), 0);
+}
+
+#[tokio::test]
+async fn requests_woken_in_one_reactor_tick_share_a_batch_without_a_window() {
+    // No delay window: before gathering, the first arrival woke the idle instance alone and the
+    // other three formed a second batch behind it.
+    let h = start(no_delay_batching(8, 1), Gate::Open);
+    let mut waiting = Vec::new();
+    for first in [0.0, 10.0, 20.0, 30.0] {
+        waiting.push(h.admitted(request(first, 1)).await);
+    }
+    for task in waiting {
+        assert_eq!(task.await.unwrap().unwrap().timings.batch_size, 4);
+    }
+    assert_eq!(h.executions.lock().len(), 1);
+    h.scheduler.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_gathering_arrival_cancelled_while_it_yields_still_dispatches_the_others() {
+    let h = start(no_delay_batching(8, 1), Gate::Open);
+    let gathering = h.admitted(request(0.0, 1)).await;
+    let other = h.admitted(request(10.0, 1)).await;
+    gathering.abort();
+    let _ = gathering.await;
+    let answer = other.await.unwrap().unwrap();
+    assert_eq!(out_values(&answer, "OUT")[0], 11.0);
+    h.scheduler.shutdown().await;
 }
