@@ -102,6 +102,13 @@ pub struct ModelArgs {
     /// raise throughput, learned from arrivals and execution costs).
     #[arg(long, env = "ONNX_GATEWAY_DEFAULT_BATCHING_STRATEGY", value_enum, default_value_t = crate::scheduler::BatchingStrategy::Triton)]
     pub default_batching_strategy: crate::scheduler::BatchingStrategy,
+    /// A batch of a model whose recent batches took at most this many microseconds runs on the
+    /// task of the request that formed it, not on an instance thread: on a one-CPU pod the two
+    /// context switches of that hand-off cost more than such a model's run. Longer batches always
+    /// run on the model's instance threads, so the reactor is never held longer than about this.
+    /// 0 turns it off.
+    #[arg(long, env = "ONNX_GATEWAY_INLINE_EXECUTION_MAX_MICROSECONDS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub inline_execution_max_microseconds: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -124,6 +124,9 @@ pub struct ManagerSettings {
     pub auto_warmup: bool,
     /// Batching strategy of models whose config sets none (`--default-batching-strategy`).
     pub default_batching_strategy: crate::scheduler::BatchingStrategy,
+    /// Batches of models whose recent batches took at most this long run on the request's task
+    /// (`--inline-execution-max-microseconds`); None: always on an instance thread.
+    pub inline_execution_max: Option<Duration>,
 }
 
 /// `--model-load-timeout-secs` when not set.
@@ -138,6 +141,7 @@ impl Default for ManagerSettings {
             load_timeout: DEFAULT_LOAD_TIMEOUT,
             auto_warmup: false,
             default_batching_strategy: crate::scheduler::BatchingStrategy::Triton,
+            inline_execution_max: None,
         }
     }
 }
@@ -601,12 +605,13 @@ impl ModelManager {
         let config = autocomplete::autocomplete(name, config.clone(), &graph)?;
         validate::validate(name, &config, &graph)?;
         bounds::check(name, &config, &self.settings.limits)?;
-        let settings = SchedulerSettings::from_config_with_strategy(
+        let mut settings = SchedulerSettings::from_config_with_strategy(
             &without_sequence_batching(&config),
             self.settings.default_max_queue_size,
             self.settings.default_batching_strategy,
         )
         .map_err(invalid)?;
+        settings.inline_below = self.settings.inline_execution_max;
         let mut config = config;
         crate::scheduler::settings::report_strategy(&mut config, &settings);
         // Completion only names groups (and adds one CPU group when there was none), so the plan

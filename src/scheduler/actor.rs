@@ -53,6 +53,10 @@ struct Shared {
     core: Mutex<Core>,
     /// One per instance, by index.
     mailboxes: Vec<Mailbox>,
+    /// Each instance's executor, by index. Never contended: a batch is handed to one instance
+    /// taken off the idle list, and only its runner (the instance thread, or an inline run on a
+    /// request's task) locks it, so there is no waiting on a session.
+    executors: Vec<instance::ExecutorSlot>,
     ctx: WorkerContext,
     /// Wakes the timekeeper: a deadline moved earlier, a sweep or the shutdown was asked.
     timekeeper: Notify,
@@ -80,6 +84,10 @@ impl Scheduler {
         let shared = Arc::new(Shared {
             core: Mutex::new(Core::new(settings.policy.clone())),
             mailboxes: executors.iter().map(|_| Mailbox::default()).collect(),
+            executors: executors
+                .into_iter()
+                .map(instance::ExecutorSlot::new)
+                .collect(),
             settings,
             stats,
             ctx,
@@ -88,10 +96,11 @@ impl Scheduler {
             failure: Mutex::new(None),
         });
         let handle = tokio::runtime::Handle::current();
-        let mut threads = Vec::with_capacity(executors.len());
-        let mut started = Vec::with_capacity(executors.len());
-        for (index, executor) in executors.into_iter().enumerate() {
-            match instance::spawn(index, executor, Arc::clone(&shared), handle.clone()) {
+        let count = shared.executors.len();
+        let mut threads = Vec::with_capacity(count);
+        let mut started = Vec::with_capacity(count);
+        for index in 0..count {
+            match instance::spawn(index, Arc::clone(&shared), handle.clone()) {
                 Ok(thread) => {
                     threads.push(thread);
                     started.push(index);
@@ -193,9 +202,12 @@ impl Scheduler {
             // The reactor read every request of this tick before polling their handlers: yielding
             // once lets the ones already woken queue theirs, so they share this batch instead of
             // each waking the instance thread (a context switch apiece on a one-CPU pod).
-            let gathering = Gathering { shared };
+            let gathering = Gathering {
+                shared,
+                done: false,
+            };
             tokio::task::yield_now().await;
-            drop(gathering);
+            gathering.finish();
         }
         let outcome = (&mut answer.rx).await.unwrap_or_else(|_| {
             Err(SchedulerError::Execute(ExecuteError(
@@ -228,14 +240,48 @@ impl Shared {
 }
 
 /// The caller's side of its answer; dropped before the answer came means the caller left.
-/// Held by the arrival that yields to gather a batch; dropped (resumed, or cancelled while it
-/// yielded), it hands whatever queued to the idle instances.
+/// Held by the arrival that yields to gather a batch. `finish` (once it resumed) dispatches what
+/// queued, running one batch right here when the model is cheap enough; dropped unfinished
+/// (cancelled while it yielded), it hands what queued to the idle instances.
 struct Gathering<'a> {
     shared: &'a Shared,
+    done: bool,
+}
+
+impl Gathering<'_> {
+    fn finish(mut self) {
+        self.done = true;
+        let shared = self.shared;
+        let now = Instant::now();
+        let mut released = Released::default();
+        let inline = {
+            let mut core = shared.core.lock();
+            core.gathering = false;
+            core.expire(now, &mut released);
+            let inline = core.take_inline(
+                shared.settings.inline_below,
+                now,
+                &shared.stats,
+                &mut released,
+            );
+            if inline.is_none() {
+                let next = core.feed_idle(now, &shared.mailboxes, &shared.stats, &mut released);
+                released.wake_timekeeper = core.arm(next);
+            }
+            inline
+        };
+        released.settle(&shared.stats, &shared.timekeeper);
+        if let Some((instance, batch)) = inline {
+            instance::run_inline(shared, instance, batch);
+        }
+    }
 }
 
 impl Drop for Gathering<'_> {
     fn drop(&mut self) {
+        if self.done {
+            return;
+        }
         let shared = self.shared;
         let now = Instant::now();
         let mut released = Released::default();

@@ -41,6 +41,10 @@ pub struct SchedulerSettings {
     pub preserve_ordering: bool,
     /// Instances to build, in order; the executors passed to `Scheduler::start` follow it.
     pub instances: Vec<InstanceSpec>,
+    /// Run a batch on the arriving request's own task, instead of waking an instance thread, while
+    /// the model's recent batches took at most this long (`--inline-execution-max-microseconds`);
+    /// None never does.
+    pub inline_below: Option<std::time::Duration>,
 }
 
 impl SchedulerSettings {
@@ -92,6 +96,7 @@ impl SchedulerSettings {
             policy,
             preserve_ordering,
             instances: crate::model::instance_plan::plan(&config.name, &config.instance_group)?,
+            inline_below: None,
         })
     }
 }

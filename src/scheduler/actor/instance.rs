@@ -14,6 +14,21 @@ use super::super::ModelExecutor;
 use super::queue::{Formed, Released};
 use super::Shared;
 
+/// One instance's executor, behind a lock that is never contended (see `Shared::executors`).
+pub(super) struct ExecutorSlot(Mutex<Box<dyn ModelExecutor>>);
+
+impl ExecutorSlot {
+    pub fn new(executor: Box<dyn ModelExecutor>) -> Self {
+        Self(Mutex::new(executor))
+    }
+}
+
+impl std::fmt::Debug for ExecutorSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExecutorSlot")
+    }
+}
+
 /// Where one idle instance waits for its next batch. Holds at most one: a batch is only put in
 /// the mailbox of an instance taken off the idle list.
 #[derive(Debug, Default)]
@@ -66,49 +81,67 @@ impl Mailbox {
 /// Starts the thread of one instance (`<model>-inst-<index>`).
 pub(super) fn spawn(
     index: usize,
-    executor: Box<dyn ModelExecutor>,
     shared: Arc<Shared>,
     handle: Handle,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let name = format!("{}-inst-{index}", shared.settings.model);
     std::thread::Builder::new()
         .name(name)
-        .spawn(move || run_instance(index, executor, &shared, &handle))
+        .spawn(move || run_instance(index, &shared, &handle))
 }
 
 /// The body of an instance thread: run batches until the mailbox closes. A panic anywhere in a
 /// batch outside the executor's call (assembly, splitting, answering) answers that batch's callers
 /// with an error, releases its place in the answer order and loses the instance; it never leaves a
 /// busy count that will not come back.
-fn run_instance(
-    instance: usize,
-    mut executor: Box<dyn ModelExecutor>,
-    shared: &Shared,
-    handle: &Handle,
-) {
+fn run_instance(instance: usize, shared: &Shared, handle: &Handle) {
     // tokio's clock (paused in tests) and the timekeeper's deadlines are read from here too.
     let _runtime = handle.enter();
     let mailbox = &shared.mailboxes[instance];
     let mut next = mailbox.take();
     while let Some(batch) = next {
-        let seq = batch.seq;
-        let ran = catch_unwind(AssertUnwindSafe(|| {
-            run_batch(executor.as_mut(), &shared.ctx, instance, batch)
-        }));
-        match ran {
+        match run_guarded(shared, instance, batch) {
             Ok(cost) => next = after_batch(shared, instance, cost).or_else(|| mailbox.take()),
-            Err(panic) => {
-                let reason = format!(
-                    "model instance {instance} stopped after a panic while running a batch: {}",
-                    panic_message(panic.as_ref())
-                );
-                // The payload's own drop must not take the thread down before the model is marked.
-                let _ = catch_unwind(AssertUnwindSafe(move || drop(panic)));
-                lose_instance(shared, seq, reason);
-                return;
-            }
+            Err(()) => return,
         }
     }
+}
+
+/// Runs a batch that `Core::take_inline` handed to the caller's task (a model whose batches are
+/// cheaper than the two context switches of a hand-off). What queued meanwhile goes to the
+/// instance's thread, so the task runs one batch at most and the reactor is held about that long.
+pub(super) fn run_inline(shared: &Shared, instance: usize, batch: Batch) {
+    match run_guarded(shared, instance, batch) {
+        Ok(cost) => {
+            if let Some(next) = after_batch(shared, instance, cost) {
+                if let Err(batch) = shared.mailboxes[instance].put(next) {
+                    // Closed only once nothing is queued or running: cannot happen while busy.
+                    shared.ctx.deliver(batch.seq, Vec::new());
+                }
+            }
+        }
+        // The instance is lost: its thread, blocked on the mailbox, exits.
+        Err(()) => shared.mailboxes[instance].close(),
+    }
+}
+
+/// Runs one batch on `instance`'s executor. A panic outside the executor's own guard loses the
+/// instance (its state can no longer be trusted): the model is marked, and Err is returned.
+fn run_guarded(shared: &Shared, instance: usize, batch: Batch) -> Result<Option<BatchCost>, ()> {
+    let seq = batch.seq;
+    let ran = catch_unwind(AssertUnwindSafe(|| {
+        let mut executor = shared.executors[instance].0.lock();
+        run_batch(executor.as_mut(), &shared.ctx, instance, batch)
+    }));
+    ran.map_err(|panic| {
+        let reason = format!(
+            "model instance {instance} stopped after a panic while running a batch: {}",
+            panic_message(panic.as_ref())
+        );
+        // The payload's own drop must not take the thread down before the model is marked.
+        let _ = catch_unwind(AssertUnwindSafe(move || drop(panic)));
+        lose_instance(shared, seq, reason);
+    })
 }
 
 /// Takes the next batch for this instance, which just finished one: Some to run it right here,
@@ -121,6 +154,7 @@ fn after_batch(shared: &Shared, instance: usize, cost: Option<BatchCost>) -> Opt
         core.busy -= 1;
         if let Some(cost) = cost {
             core.policy.observe_execution(cost.rows, cost.took);
+            core.observe_cost(cost.took);
         }
         core.expire(now, &mut released);
         match core.form(now, &shared.stats, &mut released) {

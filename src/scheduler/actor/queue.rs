@@ -26,6 +26,8 @@ pub(super) struct Core {
     /// An arrival found an instance idle and yields before dispatching, so the requests its reactor
     /// tick already woke join the batch; arrivals meanwhile only queue.
     pub gathering: bool,
+    /// What the model's recent batches took (a moving average), once one ran.
+    pub recent_cost: Option<std::time::Duration>,
     next_seq: u64,
     /// The instant the timekeeper sleeps until; None while it waits for a notification only.
     armed: Option<Instant>,
@@ -64,6 +66,7 @@ impl Core {
             alive: 0,
             stopping: false,
             gathering: false,
+            recent_cost: None,
             next_seq: 0,
             armed: None,
             #[cfg(test)]
@@ -143,6 +146,42 @@ impl Core {
     /// Hands batches to idle instances while the policy says run; fails what waits when no
     /// instance is left. Returns the instant the queue must be looked at again if nothing arrives
     /// and no instance finishes (a window's end while an instance is idle, a queue timeout).
+    /// A batch to run on the caller's task, with the idle instance whose executor it takes, when
+    /// the model's recent batches took at most `inline_below` and the policy says run now.
+    pub fn take_inline(
+        &mut self,
+        inline_below: Option<std::time::Duration>,
+        now: Instant,
+        stats: &ModelStats,
+        released: &mut Released,
+    ) -> Option<(usize, Batch)> {
+        let cheap =
+            matches!((inline_below, self.recent_cost), (Some(max), Some(cost)) if cost <= max);
+        if !cheap || self.stopping || self.alive == 0 {
+            return None;
+        }
+        let &instance = self.idle.last()?;
+        match self.form(now, stats, released) {
+            Formed::Batch(batch) => {
+                self.idle.pop();
+                self.busy += 1;
+                Some((instance, batch))
+            }
+            Formed::Wait(at) => {
+                released.wake_timekeeper = self.arm(at);
+                None
+            }
+        }
+    }
+
+    /// Folds one batch's run time into `recent_cost`.
+    pub fn observe_cost(&mut self, took: std::time::Duration) {
+        self.recent_cost = Some(match self.recent_cost {
+            None => took,
+            Some(recent) => (recent * 3 + took) / 4,
+        });
+    }
+
     pub fn feed_idle(
         &mut self,
         now: Instant,

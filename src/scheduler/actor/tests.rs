@@ -1006,3 +1006,63 @@ async fn a_gathering_arrival_cancelled_while_it_yields_still_dispatches_the_othe
     assert_eq!(out_values(&answer, "OUT")[0], 11.0);
     h.scheduler.shutdown().await;
 }
+
+/// An executor that records the name of the thread each execution ran on.
+struct RecordsThread(Arc<Mutex<Vec<Option<String>>>>);
+
+impl ModelExecutor for RecordsThread {
+    fn execute(
+        &mut self,
+        inputs: Vec<NamedTensor>,
+        _outputs: &[String],
+    ) -> Result<Vec<NamedTensor>, ExecuteError> {
+        self.0
+            .lock()
+            .push(std::thread::current().name().map(str::to_string));
+        Ok(inputs)
+    }
+}
+
+/// Runs three requests one after another on an unbatched model whose batches run inline while
+/// they took at most `inline_below`; returns the thread name of each execution.
+async fn threads_of_three_runs(inline_below: Option<Duration>) -> Vec<Option<String>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let config = ModelConfig {
+        name: "fake".into(),
+        ..Default::default()
+    };
+    let mut settings = SchedulerSettings::from_config(&config, 10).unwrap();
+    settings.inline_below = inline_below;
+    let stats = Arc::new(ModelStats::new("fake", "1"));
+    let s = Scheduler::start(settings, vec![Box::new(RecordsThread(seen.clone()))], stats);
+    for first in [0.0, 1.0, 2.0] {
+        let mut r = request(first, 1);
+        r.inputs[0].tensor.shape = vec![2];
+        let answer = s.infer(r).await.unwrap();
+        assert_eq!(answer.outputs[0].tensor.shape, vec![2]);
+    }
+    s.shutdown().await;
+    let seen = seen.lock().clone();
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_cheap_model_runs_on_the_requests_task_once_its_cost_is_known() {
+    let threads = threads_of_three_runs(Some(Duration::from_secs(1))).await;
+    // The first batch has no cost yet: the instance thread runs it; then the caller's task does.
+    assert_eq!(threads[0].as_deref(), Some("fake-inst-0"));
+    for name in &threads[1..] {
+        assert_ne!(name.as_deref(), Some("fake-inst-0"), "{threads:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_model_slower_than_the_inline_bound_stays_on_its_instance_threads() {
+    for bound in [None, Some(Duration::from_nanos(1))] {
+        let threads = threads_of_three_runs(bound).await;
+        assert!(
+            threads.iter().all(|t| t.as_deref() == Some("fake-inst-0")),
+            "{bound:?}: {threads:?}"
+        );
+    }
+}
