@@ -266,7 +266,7 @@ impl Gathering<'_> {
             );
             if inline.is_none() {
                 let next = core.feed_idle(now, &shared.mailboxes, &shared.stats, &mut released);
-                released.wake_timekeeper = core.arm(next);
+                released.wake_timekeeper |= core.arm(next);
             }
             inline
         };

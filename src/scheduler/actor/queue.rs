@@ -167,10 +167,8 @@ impl Core {
                 self.busy += 1;
                 Some((instance, batch))
             }
-            Formed::Wait(at) => {
-                released.wake_timekeeper = self.arm(at);
-                None
-            }
+            // The caller's `feed_idle` forms it again and arms the window.
+            Formed::Wait(_) => None,
         }
     }
 

@@ -1066,3 +1066,28 @@ async fn a_model_slower_than_the_inline_bound_stays_on_its_instance_threads() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_cheap_model_with_a_delay_window_answers_every_lone_request() {
+    // Found by the benchmark: the inline path once armed the window without waking the
+    // timekeeper, and a lone request waited forever.
+    let db = ModelDynamicBatching {
+        max_queue_delay_microseconds: 500,
+        ..Default::default()
+    };
+    let mut config = batching_config(8, db, 1);
+    config.name = "windowed".into();
+    let mut settings = SchedulerSettings::from_config(&config, 10).unwrap();
+    settings.inline_below = Some(Duration::from_secs(1));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let stats = Arc::new(ModelStats::new("windowed", "1"));
+    let s = Scheduler::start(settings, vec![Box::new(RecordsThread(seen.clone()))], stats);
+    for first in [0.0, 1.0, 2.0, 3.0] {
+        let answer = tokio::time::timeout(Duration::from_secs(30), s.infer(request(first, 1)))
+            .await
+            .expect("a lone request is answered once its window ends");
+        assert!(answer.is_ok(), "{answer:?}");
+    }
+    assert_eq!(seen.lock().len(), 4);
+    s.shutdown().await;
+}
