@@ -12,8 +12,11 @@
 //! nothing wakes at all. The instance threads never touch the reactor and the timekeeper never
 //! runs a model, so inference cannot stall the runtime.
 //!
-//! Per request, at one in flight with an idle instance and no window: one lock of the core, one
-//! wake of the instance thread, one oneshot answer (a wake of the caller's task).
+//! Per request, at one in flight with an idle instance and no window: two locks of the core (one
+//! before and one after a single `yield_now`, which lets the requests of the same reactor tick join
+//! the batch), one wake of the instance thread, one oneshot answer (a wake of the caller's task).
+//! A model whose recent batches took at most `SchedulerSettings::inline_below` skips the instance
+//! thread: the batch runs on the caller's task, and no thread is woken at all.
 //!
 //! Threads of one model: one per instance (`<model>-inst-<i>`), plus `<model>-timer` only once a
 //! deadline closer than 2 ms was armed (sub-millisecond windows, which tokio's timer rounds up to
