@@ -36,7 +36,7 @@ use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
 
 use super::settings::SchedulerSettings;
-use super::worker::{Job, Orderer, Outcome, Responder, WorkerContext};
+use super::worker::{Batch, Job, Orderer, Outcome, Responder, WorkerContext};
 use super::{ExecuteError, InferRequest, InferResponse, ModelExecutor, SchedulerError};
 use crate::telemetry::stats::ModelStats;
 use instance::Mailbox;
@@ -254,48 +254,42 @@ struct Gathering<'a> {
 impl Gathering<'_> {
     fn finish(mut self) {
         self.done = true;
+        if let Some((instance, batch)) = self.dispatch(true) {
+            instance::run_inline(self.shared, instance, batch);
+        }
+    }
+
+    /// Ends the gathering and hands what queued to the idle instances; with `inline`, the first
+    /// batch of a model cheap enough to run on this task is kept and returned instead.
+    fn dispatch(&self, inline: bool) -> Option<(usize, Batch)> {
         let shared = self.shared;
         let now = Instant::now();
         let mut released = Released::default();
-        let inline = {
+        let kept = {
             let mut core = shared.core.lock();
             core.gathering = false;
             core.expire(now, &mut released);
-            let inline = core.take_inline(
-                shared.settings.inline_below,
+            let keep_first = inline && core.runs_inline(shared.settings.inline_below);
+            let (kept, next) = core.feed_idle_keeping(
+                keep_first,
                 now,
+                &shared.mailboxes,
                 &shared.stats,
                 &mut released,
             );
-            if inline.is_none() {
-                let next = core.feed_idle(now, &shared.mailboxes, &shared.stats, &mut released);
-                released.wake_timekeeper |= core.arm(next);
-            }
-            inline
+            released.wake_timekeeper = core.arm(next);
+            kept
         };
         released.settle(&shared.stats, &shared.timekeeper);
-        if let Some((instance, batch)) = inline {
-            instance::run_inline(shared, instance, batch);
-        }
+        kept
     }
 }
 
 impl Drop for Gathering<'_> {
     fn drop(&mut self) {
-        if self.done {
-            return;
+        if !self.done {
+            self.dispatch(false);
         }
-        let shared = self.shared;
-        let now = Instant::now();
-        let mut released = Released::default();
-        {
-            let mut core = shared.core.lock();
-            core.gathering = false;
-            core.expire(now, &mut released);
-            let next = core.feed_idle(now, &shared.mailboxes, &shared.stats, &mut released);
-            released.wake_timekeeper = core.arm(next);
-        }
-        released.settle(&shared.stats, &shared.timekeeper);
     }
 }
 

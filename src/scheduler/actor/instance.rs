@@ -107,7 +107,7 @@ fn run_instance(instance: usize, shared: &Shared, handle: &Handle) {
     }
 }
 
-/// Runs a batch that `Core::take_inline` handed to the caller's task (a model whose batches are
+/// Runs a batch that `Core::feed_idle_keeping` kept for the caller's task (a model whose batches are
 /// cheaper than the two context switches of a hand-off). What queued meanwhile goes to the
 /// instance's thread, so the task runs one batch at most and the reactor is held about that long.
 pub(super) fn run_inline(shared: &Shared, instance: usize, batch: Batch) {

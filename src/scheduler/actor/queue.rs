@@ -143,33 +143,12 @@ impl Core {
         }
     }
 
-    /// Hands batches to idle instances while the policy says run; fails what waits when no
-    /// instance is left. Returns the instant the queue must be looked at again if nothing arrives
-    /// and no instance finishes (a window's end while an instance is idle, a queue timeout).
-    /// A batch to run on the caller's task, with the idle instance whose executor it takes, when
-    /// the model's recent batches took at most `inline_below` and the policy says run now.
-    pub fn take_inline(
-        &mut self,
-        inline_below: Option<std::time::Duration>,
-        now: Instant,
-        stats: &ModelStats,
-        released: &mut Released,
-    ) -> Option<(usize, Batch)> {
+    /// Whether a batch may run on the caller's task: the model's recent batches took at most
+    /// `inline_below`, and it is not shutting down.
+    pub fn runs_inline(&self, inline_below: Option<std::time::Duration>) -> bool {
         let cheap =
             matches!((inline_below, self.recent_cost), (Some(max), Some(cost)) if cost <= max);
-        if !cheap || self.stopping || self.alive == 0 {
-            return None;
-        }
-        let &instance = self.idle.last()?;
-        match self.form(now, stats, released) {
-            Formed::Batch(batch) => {
-                self.idle.pop();
-                self.busy += 1;
-                Some((instance, batch))
-            }
-            // The caller's `feed_idle` forms it again and arms the window.
-            Formed::Wait(_) => None,
-        }
+        cheap && !self.stopping
     }
 
     /// Folds one batch's run time into `recent_cost`.
@@ -180,6 +159,9 @@ impl Core {
         });
     }
 
+    /// Hands batches to idle instances while the policy says run; fails what waits when no
+    /// instance is left. Returns the instant the queue must be looked at again if nothing arrives
+    /// and no instance finishes (a window's end while an instance is idle, a queue timeout).
     pub fn feed_idle(
         &mut self,
         now: Instant,
@@ -187,17 +169,34 @@ impl Core {
         stats: &ModelStats,
         released: &mut Released,
     ) -> Option<Instant> {
+        self.feed_idle_keeping(false, now, mailboxes, stats, released)
+            .1
+    }
+
+    /// As `feed_idle`; with `keep_first`, the first batch formed is returned with its instance
+    /// (taken off the idle list, counted busy) instead of going into that instance's mailbox.
+    pub fn feed_idle_keeping(
+        &mut self,
+        keep_first: bool,
+        now: Instant,
+        mailboxes: &[Mailbox],
+        stats: &ModelStats,
+        released: &mut Released,
+    ) -> (Option<(usize, Batch)>, Option<Instant>) {
         if self.alive == 0 {
             absorb(&mut released.unservable, self.policy.drain());
-            return None;
+            return (None, None);
         }
+        let mut kept = None;
         let mut window = None;
         while let Some(&instance) = self.idle.last() {
             match self.form(now, stats, released) {
                 Formed::Batch(batch) => {
                     self.idle.pop();
                     self.busy += 1;
-                    if let Err(batch) = mailboxes[instance].put(batch) {
+                    if keep_first && kept.is_none() {
+                        kept = Some((instance, batch));
+                    } else if let Err(batch) = mailboxes[instance].put(batch) {
                         // Cannot happen while the idle list is right: a mailbox closes only
                         // once nothing is queued or running.
                         self.busy -= 1;
@@ -210,7 +209,7 @@ impl Core {
                 }
             }
         }
-        earliest(window, self.policy.next_timeout())
+        (kept, earliest(window, self.policy.next_timeout()))
     }
 
     /// Lowers the timekeeper's deadline to `at` when that is earlier: true if it must be woken to

@@ -119,6 +119,17 @@ fn with_priority(mut r: InferRequest, priority: u32) -> InferRequest {
     r
 }
 
+/// Dynamic batching whose queue holds one request.
+fn queue_of_one() -> ModelDynamicBatching {
+    ModelDynamicBatching {
+        default_queue_policy: Some(ModelQueuePolicy {
+            max_queue_size: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// Dynamic batching whose queue policy rejects a request that waited `timeout` µs.
 fn rejecting_after_microseconds(timeout: u64) -> ModelDynamicBatching {
     ModelDynamicBatching {
@@ -284,13 +295,7 @@ async fn each_response_matches_its_own_request_and_requested_outputs() {
 
 #[tokio::test]
 async fn full_queue_refuses_at_once() {
-    let db = ModelDynamicBatching {
-        default_queue_policy: Some(ModelQueuePolicy {
-            max_queue_size: 1,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let db = queue_of_one();
     let mut h = start(batching_config(1, db, 1), Gate::Closed);
     let running = h.admitted(request(0.0, 1)).await;
     assert_eq!(h.started.recv().await, Some(1));
@@ -876,13 +881,7 @@ async fn shutdown_runs_a_request_waiting_for_its_window_at_once() {
 
 #[tokio::test]
 async fn a_full_queue_takes_back_the_place_of_a_caller_that_left() {
-    let db = ModelDynamicBatching {
-        default_queue_policy: Some(ModelQueuePolicy {
-            max_queue_size: 1,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let db = queue_of_one();
     let mut h = start(batching_config(1, db, 1), Gate::Closed);
     let running = h.admitted(request(0.0, 1)).await;
     assert_eq!(h.started.recv().await, Some(1));
@@ -1040,6 +1039,11 @@ async fn threads_of_three_runs(inline_below: Option<Duration>) -> Vec<Option<Str
         r.inputs[0].tensor.shape = vec![2];
         let answer = s.infer(r).await.unwrap();
         assert_eq!(answer.outputs[0].tensor.shape, vec![2]);
+        // The instance thread answers before it records the batch's cost and goes idle: a request
+        // sent in between would queue behind a busy instance and run on its thread.
+        while s.shared.core.lock().idle.is_empty() {
+            tokio::task::yield_now().await;
+        }
     }
     s.shutdown().await;
     let seen = seen.lock().clone();
