@@ -23,3 +23,4 @@ pub mod state;
 pub mod status;
 pub mod trace_context;
 pub mod uds_authority;
+mod write_through;
