@@ -105,8 +105,9 @@ pub struct ModelArgs {
     /// A batch of a model whose recent batches took at most this many microseconds runs on the
     /// task of the request that formed it, not on an instance thread: on a one-CPU pod the two
     /// context switches of that hand-off cost more than such a model's run. Longer batches always
-    /// run on the model's instance threads, so the reactor is never held longer than about this.
-    /// 0 turns it off.
+    /// run on the model's instance threads. What queued behind an inline batch runs on the same task
+    /// while the batches run there took less than this altogether, so the reactor is held at most
+    /// about twice this. 0 turns it off.
     #[arg(long, env = "ONNX_GATEWAY_INLINE_EXECUTION_MAX_MICROSECONDS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub inline_execution_max_microseconds: u64,
 }

@@ -169,6 +169,7 @@ impl Scheduler {
         };
         let mut released = Released::default();
         let mut gather = false;
+        let mut yield_first = false;
         let admitted = {
             let mut core = shared.core.lock();
             let admitted = core.admit(
@@ -184,6 +185,7 @@ impl Scheduler {
                 if !core.gathering && !core.idle.is_empty() && !core.stopping {
                     core.gathering = true;
                     gather = true;
+                    yield_first = core.gathers_by_yielding();
                 } else if !core.gathering {
                     let next = core.feed_idle(now, &shared.mailboxes, &shared.stats, &mut released);
                     released.wake_timekeeper = core.arm(next);
@@ -204,12 +206,16 @@ impl Scheduler {
         if gather {
             // The reactor read every request of this tick before polling their handlers: yielding
             // once lets the ones already woken queue theirs, so they share this batch instead of
-            // each waking the instance thread (a context switch apiece on a one-CPU pod).
+            // each waking the instance thread (a context switch apiece on a one-CPU pod). With one
+            // client in flight there is nobody to wait for, and the yield is mostly skipped.
             let gathering = Gathering {
                 shared,
+                yielded: yield_first,
                 done: false,
             };
-            tokio::task::yield_now().await;
+            if yield_first {
+                tokio::task::yield_now().await;
+            }
             gathering.finish();
         }
         let outcome = (&mut answer.rx).await.unwrap_or_else(|_| {
@@ -248,6 +254,8 @@ impl Shared {
 /// (cancelled while it yielded), it hands what queued to the idle instances.
 struct Gathering<'a> {
     shared: &'a Shared,
+    /// Whether it yielded (what it finds queued then tells whether yielding pays).
+    yielded: bool,
     done: bool,
 }
 
@@ -268,6 +276,10 @@ impl Gathering<'_> {
         let kept = {
             let mut core = shared.core.lock();
             core.gathering = false;
+            if self.yielded {
+                let queued = core.policy.len();
+                core.observe_gathering(queued);
+            }
             core.expire(now, &mut released);
             let keep_first = inline && core.runs_inline(shared.settings.inline_below);
             let (kept, next) = core.feed_idle_keeping(

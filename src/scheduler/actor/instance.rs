@@ -108,20 +108,32 @@ fn run_instance(instance: usize, shared: &Shared, handle: &Handle) {
 }
 
 /// Runs a batch that `Core::feed_idle_keeping` kept for the caller's task (a model whose batches are
-/// cheaper than the two context switches of a hand-off). What queued meanwhile goes to the
-/// instance's thread, so the task runs one batch at most and the reactor is held about that long.
-pub(super) fn run_inline(shared: &Shared, instance: usize, batch: Batch) {
-    match run_guarded(shared, instance, batch) {
-        Ok(cost) => {
-            if let Some(next) = after_batch(shared, instance, cost) {
+/// cheaper than the two context switches of a hand-off), then what queued behind it, as long as the
+/// batches run here took less than `inline_below` altogether; the rest goes to the instance's
+/// thread. The reactor is held at most about twice the bound, and a burst larger than one batch
+/// (16 requests read in one tick for a `max_batch_size: 8` model) costs no hand-off.
+pub(super) fn run_inline(shared: &Shared, instance: usize, first: Batch) {
+    let started = Instant::now();
+    let mut batch = first;
+    loop {
+        let Ok(cost) = run_guarded(shared, instance, batch) else {
+            // The instance is lost: its thread, blocked on the mailbox, exits.
+            shared.mailboxes[instance].close();
+            return;
+        };
+        let Some(next) = after_batch(shared, instance, cost) else {
+            return;
+        };
+        match shared.settings.inline_below {
+            Some(bound) if started.elapsed() < bound => batch = next,
+            _ => {
                 if let Err(batch) = shared.mailboxes[instance].put(next) {
                     // Closed only once nothing is queued or running: cannot happen while busy.
                     shared.ctx.deliver(batch.seq, Vec::new());
                 }
+                return;
             }
         }
-        // The instance is lost: its thread, blocked on the mailbox, exits.
-        Err(()) => shared.mailboxes[instance].close(),
     }
 }
 

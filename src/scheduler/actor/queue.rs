@@ -26,6 +26,8 @@ pub(super) struct Core {
     /// An arrival found an instance idle and yields before dispatching, so the requests its reactor
     /// tick already woke join the batch; arrivals meanwhile only queue.
     pub gathering: bool,
+    /// Whether gathering yields pay off lately (see `gathers_by_yielding`).
+    gather_record: GatherRecord,
     /// What the model's recent batches took (a moving average), once one ran.
     pub recent_cost: Option<std::time::Duration>,
     next_seq: u64,
@@ -37,6 +39,18 @@ pub(super) struct Core {
     /// Times the timekeeper looked at the queue.
     #[cfg(test)]
     pub timekeeper_passes: usize,
+}
+
+/// Consecutive misses before gatherings stop yielding, and how often they yield while they do not.
+const GATHER_MISSES_BEFORE_SKIPPING: u32 = 2;
+const GATHER_PROBE_EVERY: u32 = 4;
+
+/// Recent gathering yields: how many in a row found only their own request, and how many
+/// gatherings skipped the yield since the last probe.
+#[derive(Debug, Default)]
+struct GatherRecord {
+    misses: u32,
+    skipped: u32,
 }
 
 /// What left the queue under the lock, answered once it is released.
@@ -66,6 +80,7 @@ impl Core {
             alive: 0,
             stopping: false,
             gathering: false,
+            gather_record: GatherRecord::default(),
             recent_cost: None,
             next_seq: 0,
             armed: None,
@@ -140,6 +155,33 @@ impl Core {
             }
             Next::WaitUntil(at) => Formed::Wait(Some(at)),
             Next::Idle => Formed::Wait(None),
+        }
+    }
+
+    /// Whether the arrival that starts a gathering should yield first. The yield costs a pass of the
+    /// reactor (an `epoll_wait`); once two yields in a row found no other request (one client in
+    /// flight), only every `GATHER_PROBE_EVERY`-th gathering yields, to notice when traffic returns.
+    pub fn gathers_by_yielding(&mut self) -> bool {
+        let record = &mut self.gather_record;
+        if record.misses < GATHER_MISSES_BEFORE_SKIPPING {
+            return true;
+        }
+        record.skipped += 1;
+        if record.skipped >= GATHER_PROBE_EVERY {
+            record.skipped = 0;
+            return true;
+        }
+        false
+    }
+
+    /// Records how many requests a gathering that yielded found queued when it resumed (its own
+    /// included).
+    pub fn observe_gathering(&mut self, queued: usize) {
+        let record = &mut self.gather_record;
+        if queued > 1 {
+            *record = GatherRecord::default();
+        } else {
+            record.misses = record.misses.saturating_add(1);
         }
     }
 
@@ -284,5 +326,41 @@ fn absorb(into: &mut Vec<Job>, more: Vec<Job>) {
         *into = more;
     } else {
         into.extend(more);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn yields(core: &mut Core, n: usize) -> Vec<bool> {
+        (0..n).map(|_| core.gathers_by_yielding()).collect()
+    }
+
+    #[test]
+    fn gatherings_yield_until_two_in_a_row_find_nobody_then_only_probe() {
+        let mut core = Core::new(PolicyConfig::unbatched(8));
+        // One gathering that found company, then one that did not: still yielding.
+        assert!(core.gathers_by_yielding());
+        core.observe_gathering(3);
+        assert!(core.gathers_by_yielding());
+        core.observe_gathering(1);
+        assert!(core.gathers_by_yielding());
+        // The second miss in a row: from now on only every fourth gathering yields.
+        core.observe_gathering(1);
+        assert_eq!(
+            yields(&mut core, 8),
+            [false, false, false, true, false, false, false, true]
+        );
+    }
+
+    #[test]
+    fn a_probe_that_finds_company_makes_every_gathering_yield_again() {
+        let mut core = Core::new(PolicyConfig::unbatched(8));
+        core.observe_gathering(1);
+        core.observe_gathering(1);
+        assert_eq!(yields(&mut core, 4), [false, false, false, true]);
+        core.observe_gathering(5);
+        assert_eq!(yields(&mut core, 3), [true, true, true]);
     }
 }

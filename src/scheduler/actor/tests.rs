@@ -1071,6 +1071,80 @@ async fn a_model_slower_than_the_inline_bound_stays_on_its_instance_threads() {
     }
 }
 
+/// Records each execution's thread like `RecordsThread`; every execution after the first takes at
+/// least `later_runs_take`.
+struct SlowAfterTheFirst {
+    records: RecordsThread,
+    later_runs_take: Duration,
+}
+
+impl ModelExecutor for SlowAfterTheFirst {
+    fn execute(
+        &mut self,
+        inputs: Vec<NamedTensor>,
+        outputs: &[String],
+    ) -> Result<Vec<NamedTensor>, ExecuteError> {
+        if !self.records.0.lock().is_empty() {
+            std::thread::sleep(self.later_runs_take);
+        }
+        self.records.execute(inputs, outputs)
+    }
+}
+
+/// Primes a `max_batch_size: 2` model's cost with one fast request (run by its instance thread),
+/// then sends six at once from one task, so that they queue in one reactor tick; returns the thread
+/// of each execution of the burst, whose runs take at least `later_runs_take`.
+async fn threads_of_a_burst(
+    inline_below: Duration,
+    later_runs_take: Duration,
+) -> Vec<Option<String>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut settings =
+        SchedulerSettings::from_config(&batching_config(2, Default::default(), 1), 10).unwrap();
+    settings.inline_below = Some(inline_below);
+    let stats = Arc::new(ModelStats::new("fake", "1"));
+    let executor = SlowAfterTheFirst {
+        records: RecordsThread(seen.clone()),
+        later_runs_take,
+    };
+    let s = Scheduler::start(settings, vec![Box::new(executor)], stats);
+    s.infer(request(0.0, 1)).await.unwrap();
+    while s.shared.core.lock().idle.is_empty() {
+        tokio::task::yield_now().await;
+    }
+    let burst = (1..=6).map(|i| s.infer(request(i as f32, 1)));
+    for answer in futures::future::join_all(burst).await {
+        assert_eq!(answer.unwrap().outputs[0].tensor.shape, vec![1, 2]);
+    }
+    s.shutdown().await;
+    let seen = seen.lock().clone();
+    assert_eq!(
+        seen.len(),
+        4,
+        "one priming run and three full batches: {seen:?}"
+    );
+    seen[1..].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_burst_larger_than_one_batch_runs_on_the_requests_task_within_the_bound() {
+    let threads = threads_of_a_burst(Duration::from_secs(10), Duration::ZERO).await;
+    assert!(
+        threads.iter().all(|t| t.as_deref() != Some("fake-inst-0")),
+        "{threads:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn what_queued_behind_an_inline_batch_past_the_bound_goes_to_the_instance_thread() {
+    // The primed cost is under the bound, so the burst's first batch runs on the task; it takes
+    // longer than the bound, so the next goes to the thread, which then takes the last itself.
+    let threads = threads_of_a_burst(Duration::from_millis(2), Duration::from_millis(5)).await;
+    assert_ne!(threads[0].as_deref(), Some("fake-inst-0"), "{threads:?}");
+    assert_eq!(threads[1].as_deref(), Some("fake-inst-0"), "{threads:?}");
+    assert_eq!(threads[2].as_deref(), Some("fake-inst-0"), "{threads:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_cheap_model_with_a_delay_window_answers_every_lone_request() {
     // Found by the benchmark: the inline path once armed the window without waking the
