@@ -2,6 +2,7 @@
 //! flags carry Triton's names where Triton has one. Groups are passed whole to the part they configure.
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, ValueEnum};
 
@@ -103,13 +104,25 @@ pub struct ModelArgs {
     #[arg(long, env = "ONNX_GATEWAY_DEFAULT_BATCHING_STRATEGY", value_enum, default_value_t = crate::scheduler::BatchingStrategy::Triton)]
     pub default_batching_strategy: crate::scheduler::BatchingStrategy,
     /// A batch of a model whose recent batches took at most this many microseconds runs on the
-    /// task of the request that formed it, not on an instance thread: on a one-CPU pod the two
-    /// context switches of that hand-off cost more than such a model's run. Longer batches always
-    /// run on the model's instance threads. What queued behind an inline batch runs on the same task
-    /// while the batches run there took less than this altogether, so the reactor is held at most
-    /// about twice this. 0 turns it off.
-    #[arg(long, env = "ONNX_GATEWAY_INLINE_EXECUTION_MAX_MICROSECONDS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=10_000))]
-    pub inline_execution_max_microseconds: u64,
+    /// task of the request that formed it, not on an instance thread: the two context switches of
+    /// that hand-off cost more than a cheap model's run. Longer batches always run on the model's
+    /// instance threads. What queued behind an inline batch runs on the same task while the batches
+    /// run there took less than this altogether, so the reactor is held at most about twice this.
+    /// 0 turns it off. Default: 100, or 2000 where the CPU budget is one CPU (there the instance
+    /// thread has no core of its own: the hand-off buys no parallelism, only context switches).
+    #[arg(long, env = "ONNX_GATEWAY_INLINE_EXECUTION_MAX_MICROSECONDS", value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub inline_execution_max_microseconds: Option<u64>,
+}
+
+impl ModelArgs {
+    /// The inline bound `--inline-execution-max-microseconds` gives on `cpu_budget` CPUs; None
+    /// when inline execution is off.
+    pub fn inline_execution_max(&self, cpu_budget: usize) -> Option<Duration> {
+        let micros = self
+            .inline_execution_max_microseconds
+            .unwrap_or(if cpu_budget <= 1 { 2000 } else { 100 });
+        (micros > 0).then(|| Duration::from_micros(micros))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -372,6 +385,38 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Config::command().debug_assert();
+    }
+
+    #[test]
+    fn the_inline_bound_follows_the_cpu_budget_unless_set() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["g", "--model-repository", "m"];
+            argv.extend_from_slice(extra);
+            Config::parse_from(argv).models
+        };
+        let default = parse(&[]);
+        assert_eq!(
+            default.inline_execution_max(1),
+            Some(Duration::from_micros(2000))
+        );
+        assert_eq!(
+            default.inline_execution_max(4),
+            Some(Duration::from_micros(100))
+        );
+        let set = parse(&["--inline-execution-max-microseconds", "250"]);
+        assert_eq!(
+            set.inline_execution_max(1),
+            Some(Duration::from_micros(250))
+        );
+        assert_eq!(
+            set.inline_execution_max(4),
+            Some(Duration::from_micros(250))
+        );
+        let off = parse(&["--inline-execution-max-microseconds=0"]);
+        assert_eq!(off.inline_execution_max(1), None);
+        assert!(
+            Config::try_parse_from(["g", "--inline-execution-max-microseconds", "10001"]).is_err()
+        );
     }
 
     #[test]

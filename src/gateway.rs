@@ -65,9 +65,9 @@ impl Gateway {
                 load_timeout: Duration::from_secs(config.models.model_load_timeout_secs),
                 auto_warmup: config.models.model_auto_warmup,
                 default_batching_strategy: config.models.default_batching_strategy,
-                inline_execution_max: (config.models.inline_execution_max_microseconds > 0).then(
-                    || Duration::from_micros(config.models.inline_execution_max_microseconds),
-                ),
+                inline_execution_max: config
+                    .models
+                    .inline_execution_max(crate::runtime::cpu_budget()),
             })
             .with_model_keys(security::setup::model_keys(&config.security)?),
         );
