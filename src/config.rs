@@ -19,6 +19,8 @@ pub struct Config {
     #[command(flatten)]
     pub runtime: RuntimeArgs,
     #[command(flatten)]
+    pub reactor: ReactorArgs,
+    #[command(flatten)]
     pub shm: ShmArgs,
     #[command(flatten)]
     pub lifecycle: LifecycleArgs,
@@ -265,6 +267,24 @@ pub struct RuntimeArgs {
     pub onnxruntime_lib: Option<PathBuf>,
 }
 
+/// The async runtime that serves every connection (gRPC, HTTP, metrics).
+#[derive(Debug, Clone, Args)]
+pub struct ReactorArgs {
+    /// Threads of the async runtime; default: the CPU budget (the affinity mask bounded by the
+    /// cgroup quota). With 1 the runtime runs on the main thread alone and runs woken tasks in the
+    /// order they were woken, so the answers of one batch leave the connection in one write (a
+    /// multi-threaded runtime polls the connection right after each answer: one write apiece).
+    #[arg(long, env = "ONNX_GATEWAY_REACTOR_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub reactor_threads: Option<u16>,
+}
+
+impl ReactorArgs {
+    /// The reactor's thread count on `cpu_budget` CPUs.
+    pub fn threads(&self, cpu_budget: usize) -> usize {
+        self.reactor_threads.map_or(cpu_budget.max(1), usize::from)
+    }
+}
+
 /// Shutdown behaviour.
 #[derive(Debug, Clone, Args)]
 pub struct LifecycleArgs {
@@ -417,6 +437,20 @@ mod tests {
         assert!(
             Config::try_parse_from(["g", "--inline-execution-max-microseconds", "10001"]).is_err()
         );
+    }
+
+    #[test]
+    fn reactor_threads_default_to_the_cpu_budget() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["g", "--model-repository", "m"];
+            argv.extend_from_slice(extra);
+            Config::parse_from(argv).reactor
+        };
+        assert_eq!(parse(&[]).threads(1), 1);
+        assert_eq!(parse(&[]).threads(6), 6);
+        assert_eq!(parse(&["--reactor-threads", "1"]).threads(6), 1);
+        assert_eq!(parse(&["--reactor-threads=3"]).threads(1), 3);
+        assert!(Config::try_parse_from(["g", "--reactor-threads", "0"]).is_err());
     }
 
     #[test]

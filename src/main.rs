@@ -25,13 +25,8 @@ fn main() -> std::process::ExitCode {
         };
     }
     let config = Config::parse();
-    // As many reactor threads as CPUs the pod may use (the affinity mask bounded by the cgroup
-    // quota): tokio's default counts the node's cores, 64 threads in a 1-CPU sidecar.
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(onnx_gateway::runtime::cpu_budget())
-        .enable_all()
-        .build()
-    {
+    let reactor_threads = config.reactor.threads(onnx_gateway::runtime::cpu_budget());
+    let runtime = match async_runtime(reactor_threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("onnx-gateway: cannot start the async runtime: {e}");
@@ -58,8 +53,14 @@ fn main() -> std::process::ExitCode {
         };
         if let Err(e) = logging::init(&config.log, tracing.as_ref().map(|t| t.layer())) {
             eprintln!("onnx-gateway: logging: {e}");
+            // Not dropped: the SDK's drop waits for its batching task, which on a one-thread
+            // runtime could never run while this thread waits.
+            if let Some(tracing) = tracing {
+                let _ = tracing.shutdown().await;
+            }
             return std::process::ExitCode::FAILURE;
         }
+        tracing::info!(reactor_threads, "async runtime started");
         let result = onnx_gateway::run(config, shutdown).await;
         if let Some(tracing) = tracing {
             if let Err(e) = tracing.shutdown().await {
@@ -78,6 +79,24 @@ fn main() -> std::process::ExitCode {
     // blocking pool (it cannot be interrupted) must not hold the exit.
     runtime.shutdown_background();
     code
+}
+
+/// The async runtime with `threads` threads (by default as many as CPUs the pod may use: tokio's own
+/// default counts the node's cores, 64 threads in a 1-CPU sidecar). One thread is tokio's
+/// current-thread runtime on the main thread: it has no "LIFO slot", which in the multi-threaded
+/// runtime makes the connection task run right after each request task that answered and write
+/// that answer alone. In FIFO order every answer of a batch is queued before the connection task
+/// runs, and they leave in one `writev` (add_sub at 16 in flight: 0.85 writes per request became
+/// 0.06, and 24 µs of CPU per request 17).
+fn async_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
+    };
+    builder.enable_all().build()
 }
 
 /// Installs the SIGTERM and SIGINT handlers now; the future resolves on either.

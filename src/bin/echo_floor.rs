@@ -41,6 +41,11 @@ struct Args {
     /// Largest request or response message, as the gateway's --max-message-bytes default.
     #[arg(long, default_value_t = 64 << 20)]
     max_message_bytes: usize,
+    /// Run on tokio's current-thread runtime (what the gateway runs with one reactor thread)
+    /// instead of the default multi-threaded one, to see how much of a ratio the runtime alone
+    /// makes. The floor of bench/floors.sh is the default.
+    #[arg(long)]
+    current_thread: bool,
 }
 
 /// Answers ModelInfer with its own inputs; every other RPC is UNIMPLEMENTED.
@@ -182,10 +187,12 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(serve(args))
+    let mut runtime = if args.current_thread {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    runtime.enable_all().build()?.block_on(serve(args))
 }
 
 #[cfg(test)]

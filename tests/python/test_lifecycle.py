@@ -133,8 +133,13 @@ class Load:
 # ---- drain ------------------------------------------------------------------------------------
 
 
-def test_sigterm_under_load_answers_everything_accepted_and_exits_zero(gateway_factory, repo_copy):
-    gateway = gateway_factory(repo_copy("add_sub"), "--drain-delay-secs", "3")
+# Both async runtimes: the multi-threaded one, and the current-thread one that a one-CPU budget gets.
+REACTORS = pytest.mark.parametrize("reactor", [[], ["--reactor-threads", "1"]], ids=["default", "one-thread"])
+
+
+@REACTORS
+def test_sigterm_under_load_answers_everything_accepted_and_exits_zero(gateway_factory, repo_copy, reactor):
+    gateway = gateway_factory(repo_copy("add_sub"), "--drain-delay-secs", "3", *reactor)
     channel = grpc.insecure_channel(gateway.url)
     try:
         load = Load(gateway.url)
@@ -168,7 +173,8 @@ def test_sigterm_under_load_answers_everything_accepted_and_exits_zero(gateway_f
     assert "shutdown complete" in gateway.stderr()
 
 
-def test_drain_finishes_queued_requests_before_exiting(gateway_factory, repo_copy):
+@REACTORS
+def test_drain_finishes_queued_requests_before_exiting(gateway_factory, repo_copy, reactor):
     repository = repo_copy("add_sub")
     # A single request waits 1.5 s for a batch that never fills: it is still queued at SIGTERM.
     set_dynamic_batching(
@@ -176,7 +182,7 @@ def test_drain_finishes_queued_requests_before_exiting(gateway_factory, repo_cop
         "add_sub",
         "dynamic_batching { preferred_batch_size: [ 8 ] max_queue_delay_microseconds: 1500000 }",
     )
-    gateway = gateway_factory(repository)
+    gateway = gateway_factory(repository, *reactor)
     clients = [grpcclient.InferenceServerClient(gateway.url) for _ in range(3)]
     inputs = [add_sub_inputs(seed=i) for i in range(3)]
     with ThreadPoolExecutor(3) as pool:
