@@ -407,33 +407,32 @@ mod tests {
         Config::command().debug_assert();
     }
 
+    /// The config of `g --model-repository m EXTRA...`.
+    fn parse_with(extra: &[&str]) -> Config {
+        let mut argv = vec!["g", "--model-repository", "m"];
+        argv.extend_from_slice(extra);
+        Config::parse_from(argv)
+    }
+
     #[test]
     fn the_inline_bound_follows_the_cpu_budget_unless_set() {
-        let parse = |extra: &[&str]| {
-            let mut argv = vec!["g", "--model-repository", "m"];
-            argv.extend_from_slice(extra);
-            Config::parse_from(argv).models
-        };
-        let default = parse(&[]);
-        assert_eq!(
-            default.inline_execution_max(1),
-            Some(Duration::from_micros(2000))
-        );
-        assert_eq!(
-            default.inline_execution_max(4),
-            Some(Duration::from_micros(100))
-        );
-        let set = parse(&["--inline-execution-max-microseconds", "250"]);
-        assert_eq!(
-            set.inline_execution_max(1),
-            Some(Duration::from_micros(250))
-        );
-        assert_eq!(
-            set.inline_execution_max(4),
-            Some(Duration::from_micros(250))
-        );
-        let off = parse(&["--inline-execution-max-microseconds=0"]);
-        assert_eq!(off.inline_execution_max(1), None);
+        let set: &[&str] = &["--inline-execution-max-microseconds", "250"];
+        let off: &[&str] = &["--inline-execution-max-microseconds=0"];
+        let cases: [(&[&str], usize, Option<u64>); 5] = [
+            (&[], 1, Some(2000)),
+            (&[], 4, Some(100)),
+            (set, 1, Some(250)),
+            (set, 4, Some(250)),
+            (off, 1, None),
+        ];
+        for (extra, cpus, micros) in cases {
+            let bound = parse_with(extra).models.inline_execution_max(cpus);
+            assert_eq!(
+                bound,
+                micros.map(Duration::from_micros),
+                "{extra:?} on {cpus}"
+            );
+        }
         assert!(
             Config::try_parse_from(["g", "--inline-execution-max-microseconds", "10001"]).is_err()
         );
@@ -441,11 +440,7 @@ mod tests {
 
     #[test]
     fn reactor_threads_default_to_the_cpu_budget() {
-        let parse = |extra: &[&str]| {
-            let mut argv = vec!["g", "--model-repository", "m"];
-            argv.extend_from_slice(extra);
-            Config::parse_from(argv).reactor
-        };
+        let parse = |extra: &[&str]| parse_with(extra).reactor;
         assert_eq!(parse(&[]).threads(1), 1);
         assert_eq!(parse(&[]).threads(6), 6);
         assert_eq!(parse(&["--reactor-threads", "1"]).threads(6), 1);
