@@ -16,6 +16,7 @@ use onnx_gateway::config::ModelControlMode;
 use onnx_gateway::proto::model_infer_request::InferInputTensor;
 use onnx_gateway::proto::*;
 use onnx_gateway::scheduler::BatchingStrategy;
+use onnx_gateway::telemetry::stats::BATCH_FORMED_REASONS;
 use onnx_gateway::Config;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -212,18 +213,9 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{text}"))
 }
 
-const REASONS: [&str; 6] = [
-    "full",
-    "window_expired",
-    "no_delay",
-    "draining",
-    "adaptive_early",
-    "other",
-];
-
 /// (batches, rows) formed per reason for `model`, from /metrics.
 fn formed(text: &str, model: &str) -> Vec<(&'static str, f64, f64)> {
-    REASONS
+    BATCH_FORMED_REASONS
         .iter()
         .map(|reason| {
             let labels = [("model", model), ("reason", *reason)];

@@ -62,14 +62,7 @@ async fn contents_that_miss_the_shape_are_refused_naming_the_input() {
         typed_fp32(vec![1, 2], vec![1.0, 2.0]),
         typed_fp32(vec![1, 2], vec![1.0]),
     ];
-    let mut answers = client
-        .model_stream_infer(tokio_stream::iter(messages))
-        .await
-        .expect("stream opens")
-        .into_inner();
-    let first = answers.message().await.expect("first answer").expect("one");
-    assert_eq!(first.error_message, "");
-    let end = answers.message().await.expect_err("the stream ends");
+    let end = first_answer_then_end(&mut client, messages).await;
     assert_eq!(end.code(), Code::InvalidArgument);
     assert!(end.message().contains("has 1 elements"), "{end:?}");
     let served = client
@@ -81,6 +74,19 @@ async fn contents_that_miss_the_shape_are_refused_naming_the_input() {
         [1.0, 2.0]
     );
     server.stop().await.expect("clean stop");
+}
+
+/// Sends `messages` on one stream whose first message is good and second is refused: the first is
+/// answered without error, then the stream ends; returns the status it ends with.
+async fn first_answer_then_end(client: &mut Client, messages: Vec<ModelInferRequest>) -> Status {
+    let mut answers = client
+        .model_stream_infer(tokio_stream::iter(messages))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    let first = answers.message().await.expect("first answer").expect("one");
+    assert_eq!(first.error_message, "");
+    answers.message().await.expect_err("the stream ends")
 }
 
 fn typed_bytes(elements: usize) -> ModelInferRequest {
@@ -123,17 +129,7 @@ async fn what_prost_would_allocate_is_charged_before_it_decodes() {
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert_eq!(charged(status.message()) / 10_000, 640, "{status:?}");
     // On a stream the codec charges it too (the stream ends), before any handler saw it.
-    let mut answers = client
-        .model_stream_infer(tokio_stream::iter(vec![
-            typed_bytes(2),
-            typed_bytes(100_000),
-        ]))
-        .await
-        .expect("stream opens")
-        .into_inner();
-    let first = answers.message().await.expect("first answer").expect("one");
-    assert_eq!(first.error_message, "");
-    let end = answers.message().await.expect_err("the stream ends");
+    let end = first_answer_then_end(&mut client, vec![typed_bytes(2), typed_bytes(100_000)]).await;
     assert_eq!(end.code(), Code::ResourceExhausted, "{end:?}");
     assert_eq!(charged(end.message()) / 10_000, 640, "{end:?}");
     client

@@ -20,6 +20,11 @@ fn reservation(limit: u64) -> Arc<Reservation> {
 }
 
 /// Feeds `input` in frames of `frame` bytes; the plain stream, or the first error's text.
+/// A decoder of `compression` charging `r`, holding `hold`, with a 1 MiB message limit.
+fn gunzip(compression: Compression, r: &Arc<Reservation>, hold: Hold) -> Gunzip {
+    Gunzip::new(compression, Arc::clone(r), hold, 1 << 20)
+}
+
 fn run(gunzip: &mut Gunzip, input: &[u8], frame: usize) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     for piece in input.chunks(frame) {
@@ -44,12 +49,7 @@ fn compressed_messages_become_plain_ones_in_order_and_their_size_is_reserved() {
     expected.extend(framed(false, b""));
     for frame in [1, 7, 4096, input.len()] {
         let r = reservation(0);
-        let mut gunzip = Gunzip::new(
-            Compression::Gzip,
-            Arc::clone(&r),
-            Hold::UntilDropped,
-            1 << 20,
-        );
+        let mut gunzip = gunzip(Compression::Gzip, &r, Hold::UntilDropped);
         assert_eq!(
             run(&mut gunzip, &input, frame).unwrap(),
             expected,
@@ -59,7 +59,7 @@ fn compressed_messages_become_plain_ones_in_order_and_their_size_is_reserved() {
     }
     // A stream gives each message's size back once it was handed on.
     let r = reservation(0);
-    let mut gunzip = Gunzip::new(Compression::Gzip, Arc::clone(&r), Hold::PerMessage, 1 << 20);
+    let mut gunzip = gunzip(Compression::Gzip, &r, Hold::PerMessage);
     run(&mut gunzip, &input, 4096).unwrap();
     assert_eq!(r.bytes(), 0);
 }
@@ -69,12 +69,7 @@ fn a_bomb_is_refused_before_it_is_decompressed_into_memory() {
     let bomb = gzip(&vec![0u8; 8 << 20]);
     assert!(bomb.len() < 64 << 10);
     let r = reservation(0);
-    let mut gunzip = Gunzip::new(
-        Compression::Gzip,
-        Arc::clone(&r),
-        Hold::UntilDropped,
-        1 << 20,
-    );
+    let mut gunzip = gunzip(Compression::Gzip, &r, Hold::UntilDropped);
     let error = run(&mut gunzip, &framed(true, &bomb), 1 << 20).unwrap_err();
     assert!(
         error.contains("size limit, of 1048576 bytes, exceeded"),
@@ -86,12 +81,7 @@ fn a_bomb_is_refused_before_it_is_decompressed_into_memory() {
 #[test]
 fn the_decompressed_size_must_fit_the_budget() {
     let r = reservation(100_000);
-    let mut gunzip = Gunzip::new(
-        Compression::Deflate,
-        Arc::clone(&r),
-        Hold::UntilDropped,
-        1 << 20,
-    );
+    let mut gunzip = gunzip(Compression::Deflate, &r, Hold::UntilDropped);
     let mut encoder = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
     encoder.write_all(&[1u8; 200_000]).unwrap();
     let error = run(&mut gunzip, &framed(true, &encoder.finish().unwrap()), 512).unwrap_err();
@@ -101,8 +91,7 @@ fn the_decompressed_size_must_fit_the_budget() {
 
 #[test]
 fn broken_compressed_data_is_an_error() {
-    let r = reservation(0);
-    let mut gunzip = Gunzip::new(Compression::Gzip, r, Hold::UntilDropped, 1 << 20);
+    let mut gunzip = gunzip(Compression::Gzip, &reservation(0), Hold::UntilDropped);
     let error = run(&mut gunzip, &framed(true, b"not gzip at all"), 64).unwrap_err();
     assert!(error.contains("Error decompressing"), "{error}");
 }

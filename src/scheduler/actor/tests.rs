@@ -357,9 +357,10 @@ async fn higher_priority_runs_first() {
     h.scheduler.shutdown().await;
 }
 
-#[tokio::test]
-async fn request_whose_caller_left_is_dropped_before_it_runs() {
-    let db = ModelDynamicBatching::default();
+/// One request running behind a closed gate, a second whose caller leaves while it queues, and a
+/// third queued after that; opens the gate `opens` times and checks that the first and third ran,
+/// the second never did, and it counts as cancelled.
+async fn run_past_an_abandoned_request(db: ModelDynamicBatching, opens: usize) -> Harness {
     let mut h = start(batching_config(1, db, 1), Gate::Closed);
     let running = h.admitted(request(0.0, 1)).await;
     assert_eq!(h.started.recv().await, Some(1));
@@ -367,11 +368,17 @@ async fn request_whose_caller_left_is_dropped_before_it_runs() {
     abandoned.abort();
     let _ = abandoned.await;
     let kept = h.admitted(request(2.0, 1)).await;
-    h.open(3);
+    h.open(opens);
     assert!(running.await.unwrap().is_ok());
     assert!(kept.await.unwrap().is_ok());
     assert_eq!(h.first_values(), vec![0.0, 2.0]);
     assert_eq!(h.stats.failure(FailureReason::Canceled).count(), 1);
+    h
+}
+
+#[tokio::test]
+async fn request_whose_caller_left_is_dropped_before_it_runs() {
+    let h = run_past_an_abandoned_request(ModelDynamicBatching::default(), 3).await;
     h.scheduler.shutdown().await;
     assert_eq!(h.stats.pending.load(Relaxed), 0);
 }
@@ -881,19 +888,8 @@ async fn shutdown_runs_a_request_waiting_for_its_window_at_once() {
 
 #[tokio::test]
 async fn a_full_queue_takes_back_the_place_of_a_caller_that_left() {
-    let db = queue_of_one();
-    let mut h = start(batching_config(1, db, 1), Gate::Closed);
-    let running = h.admitted(request(0.0, 1)).await;
-    assert_eq!(h.started.recv().await, Some(1));
-    let abandoned = h.admitted(request(1.0, 1)).await;
-    abandoned.abort();
-    let _ = abandoned.await;
-    let kept = h.admitted(request(2.0, 1)).await;
-    h.open(2);
-    assert!(running.await.unwrap().is_ok());
-    assert!(kept.await.unwrap().is_ok());
-    assert_eq!(h.first_values(), vec![0.0, 2.0]);
-    assert_eq!(h.stats.failure(FailureReason::Canceled).count(), 1);
+    // With a queue of one, the third request is admitted only because the second's place came back.
+    let h = run_past_an_abandoned_request(queue_of_one(), 2).await;
     h.scheduler.shutdown().await;
 }
 
