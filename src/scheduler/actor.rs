@@ -209,7 +209,7 @@ impl Scheduler {
             // each waking the instance thread (a context switch apiece on a one-CPU pod). With one
             // client in flight there is nobody to wait for, and the yield is mostly skipped.
             let gathering = Gathering {
-                shared,
+                shared: &self.shared,
                 yielded: yield_first,
                 done: false,
             };
@@ -253,7 +253,7 @@ impl Shared {
 /// queued, running one batch right here when the model is cheap enough; dropped unfinished
 /// (cancelled while it yielded), it hands what queued to the idle instances.
 struct Gathering<'a> {
-    shared: &'a Shared,
+    shared: &'a Arc<Shared>,
     /// Whether it yielded (what it finds queued then tells whether yielding pays).
     yielded: bool,
     done: bool,

@@ -1165,3 +1165,113 @@ async fn a_cheap_model_with_a_delay_window_answers_every_lone_request() {
     assert_eq!(seen.lock().len(), 4);
     s.shutdown().await;
 }
+
+/// Records, at each execution, how many callers had their answer by then, and its thread.
+struct CountsAnswered {
+    answered: Arc<std::sync::atomic::AtomicUsize>,
+    seen: Arc<Mutex<Vec<(usize, Option<String>)>>>,
+}
+
+impl ModelExecutor for CountsAnswered {
+    fn execute(
+        &mut self,
+        inputs: Vec<NamedTensor>,
+        _outputs: &[String],
+    ) -> Result<Vec<NamedTensor>, ExecuteError> {
+        let thread = std::thread::current().name().map(str::to_string);
+        self.seen.lock().push((self.answered.load(Relaxed), thread));
+        Ok(inputs)
+    }
+}
+
+#[tokio::test]
+async fn an_inline_batch_answers_its_callers_before_the_batch_queued_behind_it_runs() {
+    // On the one-thread runtime the caller tasks and the scheduler share one thread, as on a
+    // one-CPU pod: the second batch must wait for the first batch's callers to take their answers
+    // (whose connection then writes them), not run before them.
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut settings =
+        SchedulerSettings::from_config(&batching_config(2, Default::default(), 1), 10).unwrap();
+    settings.inline_below = Some(Duration::from_secs(10));
+    let executor = CountsAnswered {
+        answered: answered.clone(),
+        seen: seen.clone(),
+    };
+    let stats = Arc::new(ModelStats::new("fake", "1"));
+    let s = Arc::new(Scheduler::start(settings, vec![Box::new(executor)], stats));
+    // Primes the cost (the instance thread runs this one), then waits for the instance to idle.
+    s.infer(request(0.0, 1)).await.unwrap();
+    answered.fetch_add(1, Relaxed);
+    while s.shared.core.lock().idle.is_empty() {
+        tokio::task::yield_now().await;
+    }
+    let callers: Vec<_> = (1..=4)
+        .map(|i| {
+            let (s, answered) = (s.clone(), answered.clone());
+            tokio::spawn(async move {
+                s.infer(request(i as f32, 1)).await.unwrap();
+                answered.fetch_add(1, Relaxed);
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    s.shutdown().await;
+    let seen = seen.lock().clone();
+    assert_eq!(
+        seen.len(),
+        3,
+        "a priming run and two full batches: {seen:?}"
+    );
+    for (_, thread) in &seen[1..] {
+        assert_ne!(thread.as_deref(), Some("fake-inst-0"), "{seen:?}");
+    }
+    assert_eq!(seen[1].0, 1, "the burst's first batch runs first: {seen:?}");
+    assert_eq!(
+        seen[2].0, 3,
+        "both callers of the first batch had their answer before the second ran: {seen:?}"
+    );
+}
+
+#[test]
+fn a_batch_held_between_inline_turns_runs_on_the_instance_thread_when_its_task_is_dropped() {
+    // The runtime goes away (shutdown) after the burst's first batch ran inline and before the
+    // task holding the second batch had its turn: that batch is not lost with the task.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let scheduler = runtime.block_on(async {
+        let mut settings =
+            SchedulerSettings::from_config(&batching_config(2, Default::default(), 1), 10).unwrap();
+        settings.inline_below = Some(Duration::from_secs(10));
+        let executor = RecordsThread(seen.clone());
+        let stats = Arc::new(ModelStats::new("fake", "1"));
+        let s = Arc::new(Scheduler::start(settings, vec![Box::new(executor)], stats));
+        s.infer(request(0.0, 1)).await.unwrap();
+        while s.shared.core.lock().idle.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        for i in 1..=4 {
+            let s = s.clone();
+            tokio::spawn(async move { s.infer(request(i as f32, 1)).await });
+        }
+        while seen.lock().len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        s
+    });
+    drop(runtime);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while seen.lock().len() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let seen = seen.lock().clone();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(seen[2].as_deref(), Some("fake-inst-0"), "{seen:?}");
+    assert_eq!(scheduler.shared.core.lock().busy, 0);
+    scheduler.shared.mailboxes[0].close();
+}
