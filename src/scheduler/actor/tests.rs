@@ -1166,10 +1166,13 @@ async fn a_cheap_model_with_a_delay_window_answers_every_lone_request() {
     s.shutdown().await;
 }
 
-/// Records, at each execution, how many callers had their answer by then, and its thread.
+/// How many callers had their answer when an execution started, and the execution's thread.
+type AnsweredAndThread = (usize, Option<String>);
+
+/// Records an `AnsweredAndThread` at each execution.
 struct CountsAnswered {
     answered: Arc<std::sync::atomic::AtomicUsize>,
-    seen: Arc<Mutex<Vec<(usize, Option<String>)>>>,
+    seen: Arc<Mutex<Vec<AnsweredAndThread>>>,
 }
 
 impl ModelExecutor for CountsAnswered {
