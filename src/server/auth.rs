@@ -34,16 +34,17 @@ impl Caller {
 }
 
 /// The caller a request's `authorization` header names, for any front door: None when nothing is
-/// protected or audited (the request path then pays nothing), a refusal for no or unknown token.
+/// protected or audited (the request path then pays nothing: `describe`, which names the call and
+/// its peer for the audit, is not even called), a refusal for no or unknown token.
 pub fn resolve_caller(
     access: &AccessControl,
     headers: &http::HeaderMap,
-    rpc: Arc<str>,
-    peer: Option<Arc<str>>,
+    describe: impl FnOnce() -> (Arc<str>, Option<Arc<str>>),
 ) -> Result<Option<Caller>, AuthError> {
     if !access.is_enabled() && !access.audit().is_enabled() {
         return Ok(None);
     }
+    let (rpc, peer) = describe();
     let call = CallContext {
         rpc: &rpc,
         peer: peer.as_deref(),
@@ -162,9 +163,8 @@ where
         if self.layer.exempt_health && path.starts_with("/grpc.health.v1.Health/") {
             return self.inner.call(request).boxed();
         }
-        let rpc: Arc<str> = Arc::from(path);
-        let peer = peer_of(request.extensions());
-        match resolve_caller(&self.layer.access, request.headers(), rpc, peer) {
+        let describe = || (Arc::from(path), peer_of(request.extensions()));
+        match resolve_caller(&self.layer.access, request.headers(), describe) {
             Ok(caller) => {
                 if let Some(caller) = caller {
                     request.extensions_mut().insert(caller);

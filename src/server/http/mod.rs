@@ -102,12 +102,15 @@ async fn authenticate(
             .extensions()
             .get::<MatchedPath>()
             .map_or("(no route)", MatchedPath::as_str);
-        let rpc = Arc::from(format!("HTTP {} {route}", request.method()));
-        let peer = request
-            .extensions()
-            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-            .map(|info| Arc::from(info.0.to_string()));
-        super::auth::resolve_caller(&state.server.access, request.headers(), rpc, peer)
+        let describe = || {
+            let rpc = Arc::from(format!("HTTP {} {route}", request.method()));
+            let peer = request
+                .extensions()
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|info| Arc::from(info.0.to_string()));
+            (rpc, peer)
+        };
+        super::auth::resolve_caller(&state.server.access, request.headers(), describe)
     };
     match caller {
         Ok(caller) => {
