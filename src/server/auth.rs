@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures::future::{BoxFuture, FutureExt};
+use futures::future::{Either, Ready};
 use http::{Request, Response};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
@@ -145,14 +145,12 @@ fn peer_of(extensions: &http::Extensions) -> Option<Arc<str>> {
 
 impl<S, B, RB> Service<Request<B>> for TokenAuth<S>
 where
-    S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    RB: Default + Send + 'static,
+    S: Service<Request<B>, Response = Response<RB>>,
+    RB: Default,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+    type Future = Either<S::Future, Ready<Result<Self::Response, Self::Error>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -161,7 +159,7 @@ where
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let path = request.uri().path();
         if self.layer.exempt_health && path.starts_with("/grpc.health.v1.Health/") {
-            return self.inner.call(request).boxed();
+            return Either::Left(self.inner.call(request));
         }
         let describe = || (Arc::from(path), peer_of(request.extensions()));
         match resolve_caller(&self.layer.access, request.headers(), describe) {
@@ -169,11 +167,14 @@ where
                 if let Some(caller) = caller {
                     request.extensions_mut().insert(caller);
                 }
-                self.inner.call(request).boxed()
+                Either::Left(self.inner.call(request))
             }
             Err(error) => {
                 let (parts, ()) = auth_status(error).into_http::<()>().into_parts();
-                futures::future::ready(Ok(Response::from_parts(parts, RB::default()))).boxed()
+                Either::Right(futures::future::ready(Ok(Response::from_parts(
+                    parts,
+                    RB::default(),
+                ))))
             }
         }
     }

@@ -3,17 +3,18 @@
 //! RESOURCE_EXHAUSTED naming the budget before its payload is read. The reservation also travels in
 //! the request's extensions (so a handler can add what decoding will cost) and in the response body
 //! (so the bytes stay held until the answer was sent).
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
 
 use super::budget::{BudgetExceeded, CountingBody, Framing, Hold, HoldingBody, MemoryBudget};
 use super::budget_gunzip::{Compression, Gunzip, DEFAULT_MAX_DECOMPRESSED_BYTES};
+use super::layer_future::{AfterResponse, ThenRespond};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -87,21 +88,15 @@ fn hold_for(path: &str) -> Hold {
     }
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
 impl<S, B, RB> Service<http::Request<B>> for GrpcBudget<S>
 where
-    S: Service<http::Request<GrpcCountingBody<B>>, Response = http::Response<RB>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    S: Service<http::Request<GrpcCountingBody<B>>, Response = http::Response<RB>>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
     type Response = http::Response<HoldingBody<RB>>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+    type Future = TaskLocalFuture<Arc<MemoryBudget>, ThenRespond<S::Future, HeldUntilSent>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -129,14 +124,21 @@ where
             failed: false,
         };
         let request = http::Request::from_parts(parts, body);
-        // The clone that was polled ready is the one to call; keep a fresh clone for next time.
-        let fresh = self.inner.clone();
-        let mut ready = std::mem::replace(&mut self.inner, fresh);
-        let budget = Arc::clone(&self.budget);
-        Box::pin(CALL_BUDGET.scope(budget, async move {
-            let response = ready.call(request).await?;
-            Ok(response.map(|body| HoldingBody::new(body, reservation)))
-        }))
+        // The service only builds its future here; the codec decodes (and reads the budget) while
+        // that future is polled, inside the scope.
+        let answer = ThenRespond::new(self.inner.call(request), HeldUntilSent(reservation));
+        CALL_BUDGET.scope(Arc::clone(&self.budget), answer)
+    }
+}
+
+/// The call's reservation, moved into its response body once the answer exists.
+pub struct HeldUntilSent(Arc<super::budget::Reservation>);
+
+impl<RB, E> AfterResponse<Result<http::Response<RB>, E>> for HeldUntilSent {
+    type Output = Result<http::Response<HoldingBody<RB>>, E>;
+
+    fn after(self, result: Result<http::Response<RB>, E>) -> Self::Output {
+        Ok(result?.map(|body| HoldingBody::new(body, self.0)))
     }
 }
 

@@ -7,7 +7,6 @@
 //! layer looks at the headers first and otherwise wraps the body to read the trailers as they pass.
 //! A response dropped before its status was sent (client gone, deadline, connection reset) counts as
 //! CANCELLED. The duration runs from the request's arrival to its status.
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -17,6 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use tonic::Code;
 use tower::{Layer, Service};
 
+use super::layer_future::{AfterResponse, ThenRespond};
 use crate::telemetry::metrics::GrpcMetrics;
 
 /// Wraps a gRPC server so each request is recorded in `GrpcMetrics`.
@@ -49,18 +49,14 @@ pub struct GrpcMetricsService<S> {
     metrics: Arc<GrpcMetrics>,
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for GrpcMetricsService<S>
 where
-    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    ReqBody: Send + 'static,
-    ResBody: Body + Unpin + Send + 'static,
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    ResBody: Body + Unpin,
 {
     type Response = http::Response<MetricsBody<ResBody>>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+    type Future = ThenRespond<S::Future, Recorder>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -73,36 +69,41 @@ where
             start: Instant::now(),
             recorded: false,
         };
-        // The clone that was polled ready is the one to call; keep a fresh clone for next time.
-        let fresh = self.inner.clone();
-        let mut ready = std::mem::replace(&mut self.inner, fresh);
-        Box::pin(async move {
-            let response = match ready.call(request).await {
-                Ok(response) => response,
-                Err(error) => {
-                    recorder.finish(Code::Unknown as i32);
-                    return Err(error);
-                }
-            };
-            let (parts, body) = response.into_parts();
-            let recorder = match grpc_status(&parts.headers) {
-                Some(code) => {
-                    recorder.finish(code);
-                    None
-                }
-                // No status in the headers and no body to carry trailers: not a gRPC answer.
-                None if body.is_end_stream() => {
-                    recorder.finish(Code::Unknown as i32);
-                    None
-                }
-                None => Some(recorder),
-            };
-            let body = MetricsBody {
-                inner: body,
-                recorder,
-            };
-            Ok(http::Response::from_parts(parts, body))
-        })
+        ThenRespond::new(self.inner.call(request), recorder)
+    }
+}
+
+impl<B: Body, E> AfterResponse<Result<http::Response<B>, E>> for Recorder {
+    type Output = Result<http::Response<MetricsBody<B>>, E>;
+
+    /// A status in the headers (trailers-only) is recorded now; otherwise the body carries the
+    /// recorder to the trailers.
+    fn after(self, result: Result<http::Response<B>, E>) -> Self::Output {
+        let response = match result {
+            Ok(response) => response,
+            Err(error) => {
+                self.finish(Code::Unknown as i32);
+                return Err(error);
+            }
+        };
+        let (parts, body) = response.into_parts();
+        let recorder = match grpc_status(&parts.headers) {
+            Some(code) => {
+                self.finish(code);
+                None
+            }
+            // No status in the headers and no body to carry trailers: not a gRPC answer.
+            None if body.is_end_stream() => {
+                self.finish(Code::Unknown as i32);
+                None
+            }
+            None => Some(self),
+        };
+        let body = MetricsBody {
+            inner: body,
+            recorder,
+        };
+        Ok(http::Response::from_parts(parts, body))
     }
 }
 
@@ -124,7 +125,7 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
 
 /// Records one request exactly once: with the status it saw, or CANCELLED when dropped first.
 #[derive(Debug)]
-struct Recorder {
+pub struct Recorder {
     metrics: Arc<GrpcMetrics>,
     method: &'static str,
     start: Instant,

@@ -29,6 +29,7 @@ use tokio::time::Sleep;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tower::{Layer, Service};
 
+use super::layer_future::{AfterResponse, ThenRespond};
 use super::uds_authority::AuthorityRewrite;
 
 const PREFACE_LEN: usize = 24;
@@ -395,13 +396,11 @@ fn connection_info<B>(request: &http::Request<B>) -> Option<&ConnectionInfo> {
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for ConnectionActivityService<S>
 where
     S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
-    S::Future: Send + 'static,
-    ResBody: Body + Unpin + Send + 'static,
+    ResBody: Body + Unpin,
 {
     type Response = http::Response<ActivityBody<ResBody>>;
     type Error = S::Error;
-    type Future =
-        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
+    type Future = ThenRespond<S::Future, RpcInFlight>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -413,14 +412,21 @@ where
         if let Some(tcp) = info.and_then(|info| info.tcp) {
             request.extensions_mut().insert(tcp);
         }
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let response = response.await?;
-            Ok(response.map(|inner| ActivityBody {
-                inner,
-                _guard: guard,
-            }))
-        })
+        ThenRespond::new(self.inner.call(request), RpcInFlight(guard))
+    }
+}
+
+/// Keeps an RPC counted as in flight on its connection: in the call's future, then in its body.
+pub struct RpcInFlight(Option<RpcGuard>);
+
+impl<B, E> AfterResponse<Result<http::Response<B>, E>> for RpcInFlight {
+    type Output = Result<http::Response<ActivityBody<B>>, E>;
+
+    fn after(self, result: Result<http::Response<B>, E>) -> Self::Output {
+        Ok(result?.map(|inner| ActivityBody {
+            inner,
+            _guard: self.0,
+        }))
     }
 }
 
