@@ -2,9 +2,11 @@
 //! request into a `ModelInferRequest` and call [`infer`], so validation (decode.rs), scheduling,
 //! statistics, tracing and encoding (encode.rs) exist once.
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures::future::Either;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -23,52 +25,89 @@ use crate::telemetry::stats::FailureReason;
 /// `reservation` holds the request's wire bytes against the memory budget; what decoding adds is
 /// reserved before it runs, and all of it is held until the answer is built (for ModelInfer, until
 /// it was sent).
-pub async fn infer(
-    state: &ServerState,
+pub fn infer<'a>(
+    state: &'a ServerState,
     request: ModelInferRequest,
     trace_parent: &opentelemetry::Context,
     reservation: Arc<Reservation>,
-) -> Result<ModelInferResponse, Error> {
-    infer_admitted(state, request, trace_parent, reservation, None).await
+) -> impl Future<Output = Result<ModelInferResponse, Error>> + Send + 'a {
+    infer_admitted(state, request, trace_parent, reservation, None)
 }
 
 /// As `infer`; a sequence request drops `admitted` once it is queued or refused, so a stream can
 /// hand its sequence requests to the sequence batcher in the order it received them.
-pub async fn infer_admitted(
-    state: &ServerState,
+///
+/// Not an `async fn`: the lookup, the reservation and the span happen before the future exists,
+/// which is then `decode_run_encode`'s alone. Each async level holds its arguments and the future
+/// below, and every level is copied whole when it is created, on every call.
+pub fn infer_admitted<'a>(
+    state: &'a ServerState,
     request: ModelInferRequest,
     trace_parent: &opentelemetry::Context,
     reservation: Arc<Reservation>,
     admitted: Option<tokio::sync::oneshot::Sender<()>>,
-) -> Result<ModelInferResponse, Error> {
+) -> impl Future<Output = Result<ModelInferResponse, Error>> + Send + 'a {
     let arrived = Instant::now();
-    let model = state.models.get(
-        &state.resolve_model_name(&request.model_name),
-        &request.model_version,
-    )?;
-    if let Err(exceeded) = reservation.grow(decoding_overhead(&request)) {
-        model
-            .stats
-            .record_failure(arrived.elapsed(), FailureReason::Rejected);
-        return Err(Error::from(exceeded));
-    }
+    let model = match admit(state, &request, &reservation, arrived) {
+        Ok(model) => model,
+        Err(error) => return Either::Left(std::future::ready(Err(error))),
+    };
     // Debug level: at the default log level (and without a trace exporter, whose filter takes debug
     // spans) this is Span::none() and costs nothing per request; --log-verbose or OTLP turn it on.
     let span = tracing::debug_span!("infer", request_id = %request.id, model = %model.name, version = model.version);
     // Continue the caller's trace when it sent a W3C traceparent.
     let _ = span.set_parent(trace_parent.clone());
-    decode_run_encode(state, &model, request, admitted, arrived)
-        .instrument(span)
-        .await
+    let call = Call {
+        state,
+        model,
+        admitted,
+        arrived,
+        _reservation: reservation,
+    };
+    Either::Right(decode_run_encode(call, request).instrument(span))
+}
+
+/// The model the request names, once what decoding it adds fits the memory budget.
+fn admit(
+    state: &ServerState,
+    request: &ModelInferRequest,
+    reservation: &Reservation,
+    arrived: Instant,
+) -> Result<Arc<LoadedModel>, Error> {
+    let model = state.models.get(
+        &state.resolve_model_name(&request.model_name),
+        &request.model_version,
+    )?;
+    if let Err(exceeded) = reservation.grow(decoding_overhead(request)) {
+        model
+            .stats
+            .record_failure(arrived.elapsed(), FailureReason::Rejected);
+        return Err(Error::from(exceeded));
+    }
+    Ok(model)
+}
+
+/// What one inference carries from its admission to its answer.
+struct Call<'a> {
+    state: &'a ServerState,
+    model: Arc<LoadedModel>,
+    admitted: Option<tokio::sync::oneshot::Sender<()>>,
+    arrived: Instant,
+    /// Held until the answer is built (see `infer`).
+    _reservation: Arc<Reservation>,
 }
 
 async fn decode_run_encode(
-    state: &ServerState,
-    model: &Arc<LoadedModel>,
+    call: Call<'_>,
     request: ModelInferRequest,
-    admitted: Option<tokio::sync::oneshot::Sender<()>>,
-    arrived: Instant,
 ) -> Result<ModelInferResponse, Error> {
+    let Call {
+        state,
+        ref model,
+        admitted,
+        arrived,
+        ..
+    } = call;
     let control = match &model.sequence {
         Some(_) => Some(super::sequence_params::sequence_control(
             &request.parameters,
@@ -89,8 +128,10 @@ async fn decode_run_encode(
     })?;
     let rows = request_rows(model, &decoded);
     let outcome = match (&model.sequence, control) {
+        // Boxed: its future is the largest of the branches, and every call's future (copied
+        // whole into the boxes tonic makes) would otherwise carry its size.
         (Some(sequence), Some(control)) => {
-            sequence.infer_admitted(decoded, control, admitted).await
+            Box::pin(sequence.infer_admitted(decoded, control, admitted)).await
         }
         _ => {
             let cache = state.cache.as_deref();
