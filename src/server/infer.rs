@@ -128,10 +128,8 @@ async fn decode_run_encode(
     })?;
     let rows = request_rows(model, &decoded);
     let outcome = match (&model.sequence, control) {
-        // Boxed: its future is the largest of the branches, and every call's future (copied
-        // whole into the boxes tonic makes) would otherwise carry its size.
         (Some(sequence), Some(control)) => {
-            Box::pin(sequence.infer_admitted(decoded, control, admitted)).await
+            sequence.infer_admitted(decoded, control, admitted).await
         }
         _ => {
             let cache = state.cache.as_deref();
