@@ -108,8 +108,9 @@ pub struct ModelArgs {
     /// A batch of a model whose recent batches took at most this many microseconds runs on the
     /// task of the request that formed it, not on an instance thread: the two context switches of
     /// that hand-off cost more than a cheap model's run. Longer batches always run on the model's
-    /// instance threads. What queued behind an inline batch runs on the same task while the batches
-    /// run there took less than this altogether, so the reactor is held at most about twice this.
+    /// instance threads. What queued behind an inline batch runs next on a task of its own, once
+    /// the first batch's answers were written, while each batch takes less than this and for at
+    /// most this per turn of the reactor, so the reactor is held at most about twice this.
     /// 0 turns it off. Default: 100, or 2000 where the CPU budget is one CPU (there the instance
     /// thread has no core of its own: the hand-off buys no parallelism, only context switches).
     #[arg(long, env = "ONNX_GATEWAY_INLINE_EXECUTION_MAX_MICROSECONDS", value_parser = clap::value_parser!(u64).range(0..=10_000))]
