@@ -1087,6 +1087,25 @@ impl ModelExecutor for SlowAfterTheFirst {
     }
 }
 
+/// Starts a `max_batch_size: 2` model on `executor` whose batches run inline under `inline_below`,
+/// primes its cost with one request (which its instance thread runs) and waits for the instance to
+/// go idle, so that the next batches form on the requests' tasks.
+async fn primed_for_inline(
+    executor: Box<dyn ModelExecutor>,
+    inline_below: Duration,
+) -> Arc<Scheduler> {
+    let mut settings =
+        SchedulerSettings::from_config(&batching_config(2, Default::default(), 1), 10).unwrap();
+    settings.inline_below = Some(inline_below);
+    let stats = Arc::new(ModelStats::new("fake", "1"));
+    let s = Arc::new(Scheduler::start(settings, vec![executor], stats));
+    s.infer(request(0.0, 1)).await.unwrap();
+    while s.shared.core.lock().idle.is_empty() {
+        tokio::task::yield_now().await;
+    }
+    s
+}
+
 /// Primes a `max_batch_size: 2` model's cost with one fast request (run by its instance thread),
 /// then sends six at once from one task, so that they queue in one reactor tick; returns the thread
 /// of each execution of the burst, whose runs take at least `later_runs_take`.
@@ -1095,19 +1114,11 @@ async fn threads_of_a_burst(
     later_runs_take: Duration,
 ) -> Vec<Option<String>> {
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let mut settings =
-        SchedulerSettings::from_config(&batching_config(2, Default::default(), 1), 10).unwrap();
-    settings.inline_below = Some(inline_below);
-    let stats = Arc::new(ModelStats::new("fake", "1"));
     let executor = SlowAfterTheFirst {
         records: RecordsThread(seen.clone()),
         later_runs_take,
     };
-    let s = Scheduler::start(settings, vec![Box::new(executor)], stats);
-    s.infer(request(0.0, 1)).await.unwrap();
-    while s.shared.core.lock().idle.is_empty() {
-        tokio::task::yield_now().await;
-    }
+    let s = primed_for_inline(Box::new(executor), inline_below).await;
     let burst = (1..=6).map(|i| s.infer(request(i as f32, 1)));
     for answer in futures::future::join_all(burst).await {
         assert_eq!(answer.unwrap().outputs[0].tensor.shape, vec![1, 2]);
@@ -1194,21 +1205,13 @@ async fn an_inline_batch_answers_its_callers_before_the_batch_queued_behind_it_r
     // (whose connection then writes them), not run before them.
     let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let mut settings =
-        SchedulerSettings::from_config(&batching_config(2, Default::default(), 1), 10).unwrap();
-    settings.inline_below = Some(Duration::from_secs(10));
     let executor = CountsAnswered {
         answered: answered.clone(),
         seen: seen.clone(),
     };
-    let stats = Arc::new(ModelStats::new("fake", "1"));
-    let s = Arc::new(Scheduler::start(settings, vec![Box::new(executor)], stats));
-    // Primes the cost (the instance thread runs this one), then waits for the instance to idle.
-    s.infer(request(0.0, 1)).await.unwrap();
+    let s = primed_for_inline(Box::new(executor), Duration::from_secs(10)).await;
+    // The priming request's caller had its answer.
     answered.fetch_add(1, Relaxed);
-    while s.shared.core.lock().idle.is_empty() {
-        tokio::task::yield_now().await;
-    }
     let callers: Vec<_> = (1..=4)
         .map(|i| {
             let (s, answered) = (s.clone(), answered.clone());
@@ -1248,16 +1251,8 @@ fn a_batch_held_between_inline_turns_runs_on_the_instance_thread_when_its_task_i
         .unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let scheduler = runtime.block_on(async {
-        let mut settings =
-            SchedulerSettings::from_config(&batching_config(2, Default::default(), 1), 10).unwrap();
-        settings.inline_below = Some(Duration::from_secs(10));
-        let executor = RecordsThread(seen.clone());
-        let stats = Arc::new(ModelStats::new("fake", "1"));
-        let s = Arc::new(Scheduler::start(settings, vec![Box::new(executor)], stats));
-        s.infer(request(0.0, 1)).await.unwrap();
-        while s.shared.core.lock().idle.is_empty() {
-            tokio::task::yield_now().await;
-        }
+        let executor = Box::new(RecordsThread(seen.clone()));
+        let s = primed_for_inline(executor, Duration::from_secs(10)).await;
         for i in 1..=4 {
             let s = s.clone();
             tokio::spawn(async move { s.infer(request(i as f32, 1)).await });
