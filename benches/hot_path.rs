@@ -90,7 +90,11 @@ fn bench_decode(c: &mut Criterion, model: &LoadedModel, req: &ModelInferRequest)
     c.bench_function(&format!("decode/{name}"), |b| {
         b.iter_batched(
             || req.clone(),
-            |r| black_box(decode::decode_request(r, model, &shm).expect("valid")),
+            |r| {
+                black_box(
+                    decode::decode_request(r, model, &shm, tracing::Span::none()).expect("valid"),
+                )
+            },
             BatchSize::SmallInput,
         )
     });
@@ -98,7 +102,7 @@ fn bench_decode(c: &mut Criterion, model: &LoadedModel, req: &ModelInferRequest)
     c.bench_function(&format!("decode/{name}/from_wire"), |b| {
         b.iter(|| {
             let r = ModelInferRequest::decode(wire.clone()).expect("decodes");
-            black_box(decode::decode_request(r, model, &shm).expect("valid"))
+            black_box(decode::decode_request(r, model, &shm, tracing::Span::none()).expect("valid"))
         })
     });
 }

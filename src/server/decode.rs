@@ -13,7 +13,7 @@ use crate::proto::model_infer_request::InferInputTensor;
 use crate::proto::{InferParameter, InferTensorContents, ModelInferRequest};
 use crate::scheduler::InferRequest;
 use crate::shm::{ShmError, ShmOutput, ShmRegistry};
-use crate::tensor::names::shown;
+use crate::tensor::names::{shown, shown_str};
 use crate::tensor::{
     decode_length_prefixed_exact, element_count, shape_matches, DataType, NamedTensor, Tensor,
     TensorData,
@@ -82,10 +82,13 @@ pub struct DecodedRequest {
 }
 
 /// Decodes and validates a request against the model it was routed to.
+/// `span` is the request's own (see `infer`), handed in because looking up the current one costs a
+/// dispatcher lookup on every request even when tracing is off.
 pub fn decode_request(
     mut req: ModelInferRequest,
     model: &LoadedModel,
     shm: &ShmRegistry,
+    span: tracing::Span,
 ) -> Result<DecodedRequest, RequestError> {
     let name = &model.name;
     check_single_source(&req, name)?;
@@ -143,7 +146,7 @@ pub fn decode_request(
         requested_outputs,
         priority,
         timeout,
-        span: tracing::Span::current(),
+        span,
     };
     Ok(DecodedRequest {
         request,
@@ -188,20 +191,17 @@ fn shm_outputs(
 }
 
 fn check_input_names(req: &ModelInferRequest, model: &LoadedModel) -> Result<(), RequestError> {
-    let mut seen = HashSet::new();
-    for input in &req.inputs {
-        if !seen.insert(input.name.as_str()) {
-            return Err(invalid(format!(
-                "input '{}' is given more than once",
-                shown(&input.name)
-            )));
-        }
+    if let Some(name) = repeated_name(&req.inputs) {
+        return Err(invalid(format!(
+            "input '{}' is given more than once",
+            shown(name)
+        )));
     }
     let missing: Vec<&str> = model
         .inputs
         .iter()
         .map(|s| s.name.as_str())
-        .filter(|n| !seen.contains(n))
+        .filter(|n| !req.inputs.iter().any(|i| i.name == *n))
         .collect();
     if !missing.is_empty() {
         return Err(invalid(format!(
@@ -212,6 +212,27 @@ fn check_input_names(req: &ModelInferRequest, model: &LoadedModel) -> Result<(),
         )));
     }
     Ok(())
+}
+
+/// Up to this many inputs, names are compared pairwise: cheaper than hashing each name, which is
+/// what every request with a few inputs would otherwise pay.
+const PAIRWISE_NAME_CHECK_MAX: usize = 16;
+
+/// The first input name that repeats an earlier one. Pairwise for a few inputs; past that through a
+/// set, so a request with thousands of inputs costs linear time, not quadratic.
+fn repeated_name(inputs: &[InferInputTensor]) -> Option<&str> {
+    if inputs.len() <= PAIRWISE_NAME_CHECK_MAX {
+        return inputs
+            .iter()
+            .enumerate()
+            .find(|(i, input)| inputs[..*i].iter().any(|e| e.name == input.name))
+            .map(|(_, input)| input.name.as_str());
+    }
+    let mut seen = HashSet::with_capacity(inputs.len());
+    inputs
+        .iter()
+        .find(|input| !seen.insert(input.name.as_str()))
+        .map(|input| input.name.as_str())
 }
 
 fn check_shape(
@@ -284,10 +305,14 @@ fn join(dims: &[i64]) -> String {
         .join(",")
 }
 
-/// The shape the graph receives: the config's `reshape` applied to the non-batch dims.
-fn model_shape(spec: &TensorSpec, shape: &[i64], batched: bool) -> Vec<i64> {
+/// The shape the graph receives: the config's `reshape` applied to the non-batch dims. Without a
+/// reshape it is the client's shape, moved rather than copied.
+fn model_shape(spec: &TensorSpec, shape: Vec<i64>, batched: bool) -> Vec<i64> {
+    if spec.reshape.is_none() {
+        return shape;
+    }
     if !batched {
-        return spec.model_dims(shape);
+        return spec.model_dims(&shape);
     }
     let mut out = vec![shape[0]];
     out.extend(spec.model_dims(&shape[1..]));
@@ -302,8 +327,9 @@ fn decode_tensor(
     registry: &ShmRegistry,
 ) -> Result<Tensor, RequestError> {
     let full_name = input.name.as_str();
-    let name = shown(full_name).to_string();
-    let name = name.as_str();
+    // Errors name the input as `shown` cuts it; only a name too long to show whole is copied.
+    let name = shown_str(full_name);
+    let name = name.as_ref();
     let count = element_count(&input.shape).map_err(|e| invalid(format!("input '{name}': {e}")))?;
     let shm = match shm_location(full_name, &input.parameters)? {
         Some(loc) => Some(
@@ -329,13 +355,8 @@ fn decode_tensor(
         (None, None) if count == 0 => empty_data(spec.dtype),
         (None, None) => return Err(invalid(format!("input '{name}' has no data"))),
     };
-    Tensor::new(
-        name,
-        spec.dtype,
-        model_shape(spec, &input.shape, batched),
-        data,
-    )
-    .map_err(|e| invalid(e.to_string()))
+    let shape = model_shape(spec, std::mem::take(&mut input.shape), batched);
+    Tensor::new(name, spec.dtype, shape, data).map_err(|e| invalid(e.to_string()))
 }
 
 fn empty_data(dtype: DataType) -> TensorData {
@@ -566,4 +587,33 @@ fn scheduling_parameters(
         None => None,
     };
     Ok((priority, timeout))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs(names: &[&str]) -> Vec<InferInputTensor> {
+        names
+            .iter()
+            .map(|name| InferInputTensor {
+                name: name.to_string(),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_repeated_input_name_is_found_pairwise_and_through_the_set() {
+        assert_eq!(repeated_name(&inputs(&["a", "b", "a"])), Some("a"));
+        assert_eq!(repeated_name(&inputs(&["a", "b", "c"])), None);
+        let mut many: Vec<String> = (0..PAIRWISE_NAME_CHECK_MAX + 8)
+            .map(|i| format!("in{i}"))
+            .collect();
+        let distinct: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert_eq!(repeated_name(&inputs(&distinct)), None);
+        many.push("in3".into());
+        let repeated: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert_eq!(repeated_name(&inputs(&repeated)), Some("in3"));
+    }
 }

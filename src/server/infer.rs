@@ -55,13 +55,16 @@ pub fn infer_admitted<'a>(
     // Debug level: at the default log level (and without a trace exporter, whose filter takes debug
     // spans) this is Span::none() and costs nothing per request; --log-verbose or OTLP turn it on.
     let span = tracing::debug_span!("infer", request_id = %request.id, model = %model.name, version = model.version);
-    // Continue the caller's trace when it sent a W3C traceparent.
-    let _ = span.set_parent(trace_parent.clone());
+    // Continue the caller's trace when it sent a W3C traceparent (a span that is off records none).
+    if !span.is_disabled() {
+        let _ = span.set_parent(trace_parent.clone());
+    }
     let call = Call {
         state,
         model,
         admitted,
         arrived,
+        span: span.clone(),
         _reservation: reservation,
     };
     Either::Right(decode_run_encode(call, request).instrument(span))
@@ -93,6 +96,8 @@ struct Call<'a> {
     model: Arc<LoadedModel>,
     admitted: Option<tokio::sync::oneshot::Sender<()>>,
     arrived: Instant,
+    /// The span the call runs in, which the scheduler's request carries on.
+    span: tracing::Span,
     /// Held until the answer is built (see `infer`).
     _reservation: Arc<Reservation>,
 }
@@ -106,6 +111,7 @@ async fn decode_run_encode(
         ref model,
         admitted,
         arrived,
+        span,
         ..
     } = call;
     let control = match &model.sequence {
@@ -119,7 +125,7 @@ async fn decode_run_encode(
         request: decoded,
         shm_outputs,
         classifications,
-    } = decode_request(request, model, &state.shm).map_err(|e| {
+    } = decode_request(request, model, &state.shm, span).map_err(|e| {
         model
             .stats
             .record_failure(arrived.elapsed(), FailureReason::Rejected);

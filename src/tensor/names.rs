@@ -1,5 +1,6 @@
 //! Client-supplied names (models, tensors, regions) echoed in error texts are cut to a bounded
 //! length: a 10 KB name must not make an error larger than clients' metadata limits.
+use std::borrow::Cow;
 use std::fmt;
 
 /// The most bytes of a name an error text repeats.
@@ -15,6 +16,15 @@ pub struct Shown<'a>(pub &'a str);
 /// Shorthand for `Shown(name)` in `format!` arguments.
 pub fn shown(name: &str) -> Shown<'_> {
     Shown(name)
+}
+
+/// The text `shown` displays, borrowed when the name is short enough to show whole (the usual case,
+/// so a name kept for later errors costs no copy).
+pub fn shown_str(name: &str) -> Cow<'_, str> {
+    if name.len() <= MAX_SHOWN_NAME_BYTES {
+        return Cow::Borrowed(name);
+    }
+    Cow::Owned(shown(name).to_string())
 }
 
 impl fmt::Display for Shown<'_> {
@@ -57,6 +67,13 @@ mod tests {
     #[test]
     fn short_names_are_shown_whole() {
         assert_eq!(shown("input0").to_string(), "input0");
+    }
+
+    #[test]
+    fn shown_str_borrows_a_short_name_and_cuts_a_long_one_as_shown_does() {
+        assert!(matches!(shown_str("input0"), Cow::Borrowed("input0")));
+        let name = "n".repeat(10_000);
+        assert_eq!(shown_str(&name), shown(&name).to_string());
     }
 
     #[test]
