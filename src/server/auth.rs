@@ -7,7 +7,6 @@ use std::task::{Context, Poll};
 
 use futures::future::{Either, Ready};
 use http::{Request, Response};
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 
 use super::listeners::ConnectionInfo;
@@ -132,15 +131,9 @@ pub struct TokenAuth<S> {
 /// The peer address the listener recorded for the connection (TCP, or TCP under TLS); None on a
 /// Unix socket.
 fn peer_of(extensions: &http::Extensions) -> Option<Arc<str>> {
-    let addr = extensions
-        .get::<TcpConnectInfo>()
-        .and_then(|i| i.remote_addr())
-        .or_else(|| {
-            extensions
-                .get::<TlsConnectInfo<ConnectionInfo>>()
-                .and_then(|i| i.get_ref().remote_addr())
-        });
-    addr.map(|a| Arc::from(a.to_string()))
+    super::listeners::connection_info(extensions)
+        .and_then(ConnectionInfo::remote_addr)
+        .map(|a| Arc::from(a.to_string()))
 }
 
 impl<S, B, RB> Service<Request<B>> for TokenAuth<S>

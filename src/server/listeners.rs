@@ -204,8 +204,8 @@ impl Drop for RpcGuard {
     }
 }
 
-/// What tonic puts in each request's extensions for a bounded connection. The TCP peer address is
-/// kept so that the layer can restore tonic's own `TcpConnectInfo` (`Request::remote_addr`).
+/// What tonic puts in each request's extensions for a bounded connection: its activity, and the
+/// TCP peer address for the audit log.
 #[derive(Debug, Clone)]
 pub struct ConnectionInfo {
     activity: Arc<ConnectionActivity>,
@@ -366,7 +366,8 @@ pub fn uds_incoming(
 }
 
 /// Counts each RPC as in flight on its connection from its arrival until its response body is
-/// done, for the idle timeout; also restores tonic's `TcpConnectInfo` for `Request::remote_addr`.
+/// done, for the idle timeout. (tonic's `Request::remote_addr` finds nothing behind this listener;
+/// the gateway reads the peer from [`ConnectionInfo::remote_addr`], which costs no insert per call.)
 #[derive(Debug, Clone, Default)]
 pub struct ConnectionActivityLayer;
 
@@ -384,8 +385,8 @@ pub struct ConnectionActivityService<S> {
     inner: S,
 }
 
-fn connection_info<B>(request: &http::Request<B>) -> Option<&ConnectionInfo> {
-    let extensions = request.extensions();
+/// The bounded connection a request came on, as tonic records it (plain, or under TLS).
+pub fn connection_info(extensions: &http::Extensions) -> Option<&ConnectionInfo> {
     extensions.get::<ConnectionInfo>().or_else(|| {
         extensions
             .get::<tonic::transport::server::TlsConnectInfo<ConnectionInfo>>()
@@ -406,12 +407,8 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
-        let info = connection_info(&request).cloned();
-        let guard = info.as_ref().map(|info| info.activity.start());
-        if let Some(tcp) = info.and_then(|info| info.tcp) {
-            request.extensions_mut().insert(tcp);
-        }
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let guard = connection_info(request.extensions()).map(|info| info.activity.start());
         ThenRespond::new(self.inner.call(request), RpcInFlight(guard))
     }
 }

@@ -8,9 +8,10 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 /// `span.set_parent(parent_context_from_headers(request.metadata().as_ref()))` with
 /// `tracing_opentelemetry::OpenTelemetrySpanExt`.
 pub fn parent_context_from_headers(headers: &http::HeaderMap) -> opentelemetry::Context {
-    // Most requests carry no trace: skip the propagator's parsing (once per request).
+    // Most requests carry no trace: skip the propagator's parsing (once per request), and the
+    // thread-local lookup of the current context, which at the front door is always empty.
     if !headers.contains_key("traceparent") {
-        return opentelemetry::Context::current();
+        return opentelemetry::Context::new();
     }
     TraceContextPropagator::new().extract(&HeaderExtractor(headers))
 }
