@@ -114,13 +114,10 @@ fn method_name(path: &str) -> &str {
 
 /// The numeric `grpc-status` in a header map, if there is a readable one.
 fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
-    headers
-        .get("grpc-status")?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    // A name built once: looking up by `&str` parses and validates the name on every response.
+    static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+    let value = headers.get(&GRPC_STATUS)?.as_bytes();
+    std::str::from_utf8(value).ok()?.trim().parse().ok()
 }
 
 /// Records one request exactly once: with the status it saw, or CANCELLED when dropped first.
