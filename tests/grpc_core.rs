@@ -141,6 +141,61 @@ async fn health_and_metadata() {
     server.stop().await.unwrap();
 }
 
+/// Calls `path` with an empty message on a plain tonic channel: a method the gateway may not have.
+async fn call_path(
+    server: &TestServer,
+    path: &'static str,
+) -> Result<ServerLiveResponse, tonic::Status> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.grpc_addr))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let codec = tonic_prost::ProstCodec::<ServerLiveRequest, ServerLiveResponse>::default();
+    grpc.unary(
+        tonic::Request::new(ServerLiveRequest {}),
+        http::uri::PathAndQuery::from_static(path),
+        codec,
+    )
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// Inference calls bypass tonic's router (`server/inference_first.rs`); both sides of the split
+/// still answer what they did: the inference service its methods and UNIMPLEMENTED for others,
+/// the router the other services and UNIMPLEMENTED for services it does not have.
+#[tokio::test]
+async fn calls_reach_their_service_on_either_side_of_the_inference_shortcut() {
+    let server = TestServer::start(&example_models()).await;
+    let live = call_path(&server, "/inference.GRPCInferenceService/ServerLive").await;
+    assert!(live.expect("ServerLive").live);
+    for path in [
+        "/inference.GRPCInferenceService/NoSuchMethod",
+        "/inference.GRPCInferenceServiceX/ServerLive",
+        "/no.such.Service/ServerLive",
+    ] {
+        let status = call_path(&server, path).await.expect_err(path);
+        assert_eq!(status.code(), Code::Unimplemented, "{path}: {status:?}");
+    }
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        tonic::transport::Channel::from_shared(format!("http://{}", server.grpc_addr))
+            .expect("endpoint")
+            .connect_lazy(),
+    );
+    let checked = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health through the router");
+    assert_eq!(
+        checked.into_inner().status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}
+
 #[tokio::test]
 async fn add_sub_raw_and_typed() {
     let server = TestServer::start(&example_models()).await;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tonic::service::Routes;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tower::layer::util::{Identity as NoLayer, Stack};
 
@@ -14,6 +15,7 @@ use super::auth::TokenAuthLayer;
 use super::budget_grpc::GrpcBudgetLayer;
 use super::grpc::InferenceService;
 use super::grpc_metrics_layer::GrpcMetricsLayer;
+use super::inference_first::InferenceFirst;
 use super::listeners::{self, ConnectionActivityLayer, ConnectionLimits};
 use super::state::ServerState;
 use crate::config::{GrpcArgs, TlsArgs};
@@ -155,14 +157,40 @@ pub(crate) async fn serve_grpc(
     result
 }
 
-/// A listener's server with its layers: connection activity outermost, then metrics, then
+/// The layers every call passes: connection activity outermost, then metrics, then
 /// authentication, then the budget.
-type GrpcRouter = tonic::transport::server::Router<
-    Stack<
-        GrpcBudgetLayer,
-        Stack<TokenAuthLayer, Stack<GrpcMetricsLayer, Stack<ConnectionActivityLayer, NoLayer>>>,
-    >,
+type GrpcLayers = Stack<
+    GrpcBudgetLayer,
+    Stack<TokenAuthLayer, Stack<GrpcMetricsLayer, Stack<ConnectionActivityLayer, NoLayer>>>,
 >;
+
+/// One listener's server: tonic's transport with the layers, over the services.
+struct GrpcRouter {
+    server: Server<GrpcLayers>,
+    services: InferenceFirst<GrpcInferenceServiceServer<InferenceService>>,
+}
+
+impl GrpcRouter {
+    async fn serve_with_incoming_shutdown<I, IO, IE>(
+        self,
+        incoming: I,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> Result<(), tonic::transport::Error>
+    where
+        I: tokio_stream::Stream<Item = Result<IO, IE>>,
+        IO: tokio::io::AsyncRead
+            + tokio::io::AsyncWrite
+            + tonic::transport::server::Connected
+            + Unpin
+            + Send
+            + 'static,
+        IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.server
+            .serve_with_incoming_shutdown(self.services, incoming, signal)
+            .await
+    }
+}
 
 /// One listener's server: transport settings, then the layers, then the services.
 fn grpc_router(
@@ -200,7 +228,7 @@ fn grpc_router(
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
-    Ok(builder
+    let server = builder
         // Outermost: any RPC, even one refused below, keeps its connection from counting as idle.
         .layer(ConnectionActivityLayer)
         // Then metrics, so every call is counted, refused ones included.
@@ -211,11 +239,14 @@ fn grpc_router(
         .layer(
             GrpcBudgetLayer::new(Arc::clone(&state.budget))
                 .max_decompressed_bytes(args.max_message_bytes as u64),
-        )
-        .add_service(health)
+        );
+    let others = Routes::new(health)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(inference))
+        .add_service(reflection_v1alpha);
+    Ok(GrpcRouter {
+        server,
+        services: InferenceFirst::new(inference, others),
+    })
 }
 
 /// Triton's TLS flags → rustls config; mutual TLS requires client certificates.

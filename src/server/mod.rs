@@ -16,6 +16,7 @@ pub mod grpc_metrics_layer;
 pub mod grpc_server;
 pub mod http;
 pub mod infer;
+pub mod inference_first;
 pub mod layer_future;
 pub mod listeners;
 pub mod model_control;
