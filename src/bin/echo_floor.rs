@@ -46,6 +46,12 @@ struct Args {
     /// makes. The floor of bench/floors.sh is the default.
     #[arg(long)]
     current_thread: bool,
+    /// Serve the service directly instead of through tonic's router (an axum router), as the
+    /// gateway serves its inference calls (server/inference_first.rs): a floor without the
+    /// router's per-call cost. The floor of bench/floors.sh keeps the router, as a tonic server
+    /// built with `add_service` has.
+    #[arg(long)]
+    without_router: bool,
 }
 
 /// Answers ModelInfer with its own inputs; every other RPC is UNIMPLEMENTED.
@@ -168,13 +174,18 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let incoming = TcpIncoming::bind(args.listen)?.with_nodelay(Some(true));
     println!("listening addr={}", incoming.local_addr()?);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        Server::builder()
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = stop_rx.await;
-            }),
-    );
+    let stopped = async move {
+        let _ = stop_rx.await;
+    };
+    let server = if args.without_router {
+        tokio::spawn(Server::builder().serve_with_incoming_shutdown(service, incoming, stopped))
+    } else {
+        tokio::spawn(
+            Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, stopped),
+        )
+    };
     report_until_stopped(Arc::clone(&successes)).await?;
     let _ = stop_tx.send(());
     server.await??;
