@@ -125,11 +125,11 @@ pub(crate) async fn serve_grpc(
     if let Some((uds, path)) = uds {
         tracing::info!(path = %path.display(), "gRPC listening on Unix socket");
         // Peers on the socket share the pod: no TLS there.
-        let router = grpc_router(&state, &args, None, auth.clone(), health_service.clone())?;
+        let uds_server = layered_server(&state, &args, None, auth.clone(), health_service.clone())?;
         let mut stop = stop.clone();
         let limits = limits.clone();
         servers.push(tokio::spawn(async move {
-            let result = router
+            let result = uds_server
                 .serve_with_incoming_shutdown(
                     listeners::uds_incoming(uds, limits.clone()),
                     async move {
@@ -142,12 +142,12 @@ pub(crate) async fn serve_grpc(
         }));
     }
     let tls_on = tls.is_some();
-    let router = grpc_router(&state, &args, tls, auth, health_service)?;
+    let tcp_server = layered_server(&state, &args, tls, auth, health_service)?;
     let mut stop_tcp = stop.clone();
     // TCP_NODELAY is set on each connection there: without it a small response can sit behind
     // Nagle's algorithm until the client's delayed ACK (~40 ms), a 40-50 ms p99 on small tensors.
     let incoming = listeners::tcp_incoming(tcp, limits, tls_on);
-    let tcp = router.serve_with_incoming_shutdown(incoming, async move {
+    let tcp = tcp_server.serve_with_incoming_shutdown(incoming, async move {
         let _ = stop_tcp.wait_for(|s| *s).await;
     });
     let result = tcp.await.map_err(anyhow::Error::from);
@@ -164,13 +164,13 @@ type GrpcLayers = Stack<
     Stack<TokenAuthLayer, Stack<GrpcMetricsLayer, Stack<ConnectionActivityLayer, NoLayer>>>,
 >;
 
-/// One listener's server: tonic's transport with the layers, over the services.
-struct GrpcRouter {
+/// One listener's server: tonic's transport with the layers, over the services (inference first).
+struct LayeredServer {
     server: Server<GrpcLayers>,
     services: InferenceFirst<GrpcInferenceServiceServer<InferenceService>>,
 }
 
-impl GrpcRouter {
+impl LayeredServer {
     async fn serve_with_incoming_shutdown<I, IO, IE>(
         self,
         incoming: I,
@@ -193,7 +193,7 @@ impl GrpcRouter {
 }
 
 /// One listener's server: transport settings, then the layers, then the services.
-fn grpc_router(
+fn layered_server(
     state: &Arc<ServerState>,
     args: &GrpcArgs,
     tls: Option<ServerTlsConfig>,
@@ -201,7 +201,7 @@ fn grpc_router(
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-) -> anyhow::Result<GrpcRouter> {
+) -> anyhow::Result<LayeredServer> {
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -243,7 +243,7 @@ fn grpc_router(
     let others = Routes::new(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
-    Ok(GrpcRouter {
+    Ok(LayeredServer {
         server,
         services: InferenceFirst::new(inference, others),
     })
