@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::Connected;
 use tower::{Layer, Service};
 
 use super::layer_future::{AfterResponse, ThenRespond};
@@ -209,15 +209,13 @@ impl Drop for RpcGuard {
 #[derive(Debug, Clone)]
 pub struct ConnectionInfo {
     activity: Arc<ConnectionActivity>,
-    tcp: Option<TcpConnectInfo>,
+    peer: Option<std::net::SocketAddr>,
 }
 
 impl ConnectionInfo {
-    /// The TCP peer, under TLS too (where tonic's `Request::remote_addr` finds no
-    /// `TcpConnectInfo`, since the connect info is `TlsConnectInfo<ConnectionInfo>`); `None` on the
-    /// Unix socket.
+    /// The TCP peer, under TLS too; `None` on the Unix socket.
     pub fn remote_addr(&self) -> Option<std::net::SocketAddr> {
-        self.tcp.as_ref().and_then(|tcp| tcp.remote_addr)
+        self.peer
     }
 }
 
@@ -295,7 +293,7 @@ impl Connected for BoundedConnection<TcpStream> {
     fn connect_info(&self) -> ConnectionInfo {
         ConnectionInfo {
             activity: Arc::clone(&self.activity),
-            tcp: Some(self.inner.connect_info()),
+            peer: self.inner.connect_info().remote_addr(),
         }
     }
 }
@@ -306,7 +304,7 @@ impl Connected for BoundedConnection<AuthorityRewrite<UnixStream>> {
     fn connect_info(&self) -> ConnectionInfo {
         ConnectionInfo {
             activity: Arc::clone(&self.activity),
-            tcp: None,
+            peer: None,
         }
     }
 }
