@@ -115,6 +115,13 @@ pub struct ModelArgs {
     /// thread has no core of its own: the hand-off buys no parallelism, only context switches).
     #[arg(long, env = "ONNX_GATEWAY_INLINE_EXECUTION_MAX_MICROSECONDS", value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub inline_execution_max_microseconds: Option<u64>,
+    /// A batch run inline (above) of 8 or more requests, of a model whose recent batches took at
+    /// least this many microseconds, answers its first half one reactor turn before the second,
+    /// so that closed-loop clients send their next requests while the server still answers
+    /// instead of taking turns with it. Only while the model's learned cost is mostly per row:
+    /// the batches then formed are about half as large. 0 turns it off.
+    #[arg(long, env = "ONNX_GATEWAY_SPLIT_ANSWERS_MIN_MICROSECONDS", default_value_t = 150, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub split_answers_min_microseconds: u64,
 }
 
 impl ModelArgs {
@@ -124,6 +131,13 @@ impl ModelArgs {
         let micros = self
             .inline_execution_max_microseconds
             .unwrap_or(if cpu_budget <= 1 { 2000 } else { 100 });
+        (micros > 0).then(|| Duration::from_micros(micros))
+    }
+
+    /// The shortest recent batch whose answers may be split (`--split-answers-min-microseconds`);
+    /// None when splitting is off.
+    pub fn split_answers_from(&self) -> Option<Duration> {
+        let micros = self.split_answers_min_microseconds;
         (micros > 0).then(|| Duration::from_micros(micros))
     }
 }

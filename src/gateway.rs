@@ -68,6 +68,7 @@ impl Gateway {
                 inline_execution_max: config
                     .models
                     .inline_execution_max(crate::runtime::cpu_budget()),
+                split_answers_from: config.models.split_answers_from(),
             })
             .with_model_keys(security::setup::model_keys(&config.security)?),
         );

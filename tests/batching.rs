@@ -530,3 +530,53 @@ async fn a_request_whose_deadline_passes_in_the_queue_never_runs() {
     assert_eq!(executions_by_size(&stats), BTreeMap::from([(4, 1)]));
     server.stop().await.unwrap();
 }
+
+/// The value of `name{model="…"}` on /metrics.
+async fn model_counter(server: &TestServer, name: &str, model: &str) -> f64 {
+    let text = admin_get(server, "/metrics").await;
+    let label = format!("model=\"{model}\"");
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(&label))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} for {model} in:\n{text}"))
+}
+
+/// A batch whose answers leave in two halves still gives every caller its own rows. Batches of
+/// 16 from 16 callers (a window far longer than the test, so each batch is exactly one round);
+/// every batch after the first runs on the request's task (the first, with no cost known yet,
+/// runs on the instance thread), and its answers are split: a shortest run of 1 µs, and batches
+/// all alike, whose cost shape cannot be told, keep the split on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_split_in_halves_each_reach_their_own_caller() {
+    let batching =
+        "dynamic_batching { preferred_batch_size: [ 16 ] max_queue_delay_microseconds: 30000000 }";
+    let repo = repository(&[("halves", add_sub_config("halves", 16, batching, 1))]);
+    let mut config = onnx_gateway::Config::for_repository(repo.path());
+    config.models.inline_execution_max_microseconds = Some(10_000);
+    config.models.split_answers_min_microseconds = 1;
+    let server = TestServer::start_with(config).await;
+    const ROUNDS: u32 = 3;
+    for round in 0..ROUNDS {
+        let mut tasks = Vec::new();
+        for i in 0..16 {
+            let seed = round * 100 + i;
+            tasks.push((seed, send(&server, infer_request("halves", seed, 1)).await));
+        }
+        for (seed, task) in tasks {
+            assert_add_sub(&answer(task).await.expect("answered"), seed, 1);
+        }
+    }
+    let stats = server.statistics("halves").await;
+    assert_eq!(
+        executions_by_size(&stats),
+        BTreeMap::from([(16, u64::from(ROUNDS))])
+    );
+    let split = model_counter(&server, "onnx_gateway_batch_answers_split_total", "halves").await;
+    assert_eq!(
+        split,
+        f64::from(ROUNDS - 1),
+        "every batch run inline was split"
+    );
+    server.stop().await.unwrap();
+}

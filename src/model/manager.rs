@@ -127,6 +127,8 @@ pub struct ManagerSettings {
     /// Batches of models whose recent batches took at most this long run on the request's task
     /// (`--inline-execution-max-microseconds`); None: always on an instance thread.
     pub inline_execution_max: Option<Duration>,
+    /// See `SchedulerSettings::split_answers_from` (`--split-answers-min-microseconds`).
+    pub split_answers_from: Option<Duration>,
 }
 
 /// `--model-load-timeout-secs` when not set.
@@ -142,6 +144,7 @@ impl Default for ManagerSettings {
             auto_warmup: false,
             default_batching_strategy: crate::scheduler::BatchingStrategy::Triton,
             inline_execution_max: None,
+            split_answers_from: None,
         }
     }
 }
@@ -612,6 +615,7 @@ impl ModelManager {
         )
         .map_err(invalid)?;
         settings.inline_below = self.settings.inline_execution_max;
+        settings.split_answers_from = self.settings.split_answers_from;
         let mut config = config;
         crate::scheduler::settings::report_strategy(&mut config, &settings);
         // Completion only names groups (and adds one CPU group when there was none), so the plan

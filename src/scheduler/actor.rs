@@ -65,6 +65,9 @@ struct Shared {
     timekeeper: Notify,
     /// Some caller left while its request waited: the timekeeper removes such requests.
     sweep_wanted: AtomicBool,
+    /// Whether the next inline batch answers in two halves (`Core::splits_answers` as of the last
+    /// batch that finished), read without the lock by the task that runs it.
+    split_answers: AtomicBool,
     /// Why the model cannot serve any more (an instance was lost); None while healthy.
     failure: Mutex<Option<String>>,
 }
@@ -96,6 +99,7 @@ impl Scheduler {
             ctx,
             timekeeper: Notify::new(),
             sweep_wanted: AtomicBool::new(false),
+            split_answers: AtomicBool::new(false),
             failure: Mutex::new(None),
         });
         let handle = tokio::runtime::Handle::current();

@@ -2,6 +2,7 @@
 //! own ONNX Runtime sessions. The contract with the rest of the engine is `Scheduler::infer`.
 pub mod actor;
 pub mod adaptive;
+mod answer_split;
 pub mod policy;
 pub mod sequence;
 pub mod settings;

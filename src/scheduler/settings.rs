@@ -45,6 +45,10 @@ pub struct SchedulerSettings {
     /// the model's recent batches took at most this long (`--inline-execution-max-microseconds`);
     /// None never does.
     pub inline_below: Option<std::time::Duration>,
+    /// An inline batch of 8 or more requests answers its first half one reactor turn before the
+    /// second while the model's recent batches took at least this long and its cost is mostly per
+    /// row (`--split-answers-min-microseconds`, see `answer_split`); None never does.
+    pub split_answers_from: Option<std::time::Duration>,
 }
 
 impl SchedulerSettings {
@@ -97,6 +101,7 @@ impl SchedulerSettings {
             preserve_ordering,
             instances: crate::model::instance_plan::plan(&config.name, &config.instance_group)?,
             inline_below: None,
+            split_answers_from: None,
         })
     }
 }

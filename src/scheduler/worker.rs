@@ -124,6 +124,29 @@ pub(crate) struct BatchCost {
     pub took: Duration,
 }
 
+/// What running one batch left behind.
+#[derive(Debug, Default)]
+pub(crate) struct Ran {
+    /// Its cost, when it ran (a failed execution has none).
+    pub cost: Option<BatchCost>,
+    /// The half of its answers held back for a later reactor turn, when it was split.
+    pub later: Option<LaterAnswers>,
+}
+
+/// Answers held back one reactor turn (see `answer_split`). Dropping them sends them, so whoever
+/// holds them (the task that waits the turn, or that task dropped unrun as the runtime stops),
+/// every caller gets its own outcome.
+#[derive(Debug)]
+pub(crate) struct LaterAnswers(Vec<(Responder, Outcome)>);
+
+impl Drop for LaterAnswers {
+    fn drop(&mut self) {
+        for (responder, outcome) in self.0.drain(..) {
+            responder.send(outcome);
+        }
+    }
+}
+
 /// Holds back answers of batches that finished early until every batch dispatched before them
 /// has been answered (`preserve_ordering`).
 #[derive(Debug, Default)]
@@ -174,6 +197,32 @@ pub(crate) struct WorkerContext {
 }
 
 impl WorkerContext {
+    /// Hands the first `first` replies to their callers and returns the rest; all of them, and
+    /// None, when `first` is None or the model preserves ordering (a held-back half would let the
+    /// next batch's answers overtake it).
+    pub(crate) fn deliver_first<I>(
+        &self,
+        seq: u64,
+        replies: I,
+        first: Option<usize>,
+    ) -> Option<LaterAnswers>
+    where
+        I: IntoIterator<Item = (Responder, Outcome)>,
+    {
+        match first.filter(|_| self.orderer.is_none()) {
+            Some(first) => {
+                let mut now: Vec<_> = replies.into_iter().collect();
+                let later = LaterAnswers(now.split_off(first.min(now.len())));
+                self.deliver(seq, now);
+                Some(later)
+            }
+            None => {
+                self.deliver(seq, replies);
+                None
+            }
+        }
+    }
+
     /// Hands each reply to its caller, in dispatch order when the model preserves ordering. Without
     /// ordering the replies are sent as they come, never collected.
     pub(crate) fn deliver<I>(&self, seq: u64, replies: I)
@@ -210,16 +259,18 @@ struct Waiting {
     responder: Responder,
 }
 
-/// Runs one batch and answers its callers; returns its cost when it ran. A panic outside the
-/// executor's own call (assembly and splitting are guarded there too) unwinds out of here: the
-/// callers are answered as their responders drop, and the caller of this function decides the
-/// instance's fate.
+/// Runs one batch and answers its callers; returns its cost when it ran. With `first_half`, it
+/// answers that many callers now and returns the rest (`answer_split`), unless its model keeps
+/// the answer order. A panic outside the executor's own call (assembly and splitting are guarded
+/// there too) unwinds out of here: the callers are answered as their responders drop, and the
+/// caller of this function decides the instance's fate.
 pub(crate) fn run_batch(
     executor: &mut dyn ModelExecutor,
     ctx: &WorkerContext,
     instance: usize,
     batch: Batch,
-) -> Option<BatchCost> {
+    first_half: Option<usize>,
+) -> Ran {
     let span = tracing::debug_span!(
         "execute_batch",
         model = %ctx.model,
@@ -275,11 +326,20 @@ pub(crate) fn run_batch(
                     let outputs = select_outputs(outputs, &w.requested_outputs);
                     (w.responder, Ok(InferResponse { outputs, timings }))
                 });
-            ctx.deliver(batch.seq, replies);
-            Some(BatchCost {
+            let later = ctx.deliver_first(batch.seq, replies, first_half);
+            if later.is_some() {
+                ctx.stats
+                    .batches_answered_in_halves
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            let cost = BatchCost {
                 rows: batch.rows,
                 took: t.input + t.infer + t.output,
-            })
+            };
+            Ran {
+                cost: Some(cost),
+                later,
+            }
         }
         Err(error) => {
             tracing::warn!(model = %ctx.model, instance, %error, "batch execution failed");
@@ -287,7 +347,7 @@ pub(crate) fn run_batch(
                 .into_iter()
                 .map(|w| (w.responder, Err(error.clone())));
             ctx.deliver(batch.seq, replies);
-            None
+            Ran::default()
         }
     }
 }
@@ -430,6 +490,123 @@ mod tests {
             other => panic!("expected an execution error, got {other:?}"),
         }
         assert_eq!(stats.pending.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
+
+    /// Answers with its inputs, as its outputs.
+    struct Echo;
+
+    impl ModelExecutor for Echo {
+        fn execute(
+            &mut self,
+            inputs: Vec<NamedTensor>,
+            _outputs: &[String],
+        ) -> Result<Vec<NamedTensor>, ExecuteError> {
+            Ok(inputs)
+        }
+    }
+
+    fn row(value: u8) -> NamedTensor {
+        use crate::tensor::{DataType, Tensor, TensorData};
+        NamedTensor {
+            name: "IN".into(),
+            tensor: Tensor::new(
+                "IN",
+                DataType::Uint8,
+                vec![1, 1],
+                TensorData::Fixed(vec![value].into()),
+            )
+            .unwrap(),
+        }
+    }
+
+    /// A batch of `requests` one-row requests whose input is their index, and their answers.
+    fn batch_of(stats: &Arc<ModelStats>, requests: u8) -> (Batch, Vec<oneshot::Receiver<Outcome>>) {
+        let now = Instant::now();
+        let (jobs, answers) = (0..requests)
+            .map(|i| {
+                let (responder, rx) = responder(stats);
+                let job = Job {
+                    inputs: vec![row(i)],
+                    requested_outputs: Vec::new(),
+                    rows: 1,
+                    span: Span::none(),
+                    queue_span: Span::none(),
+                    enqueued: now,
+                    responder,
+                };
+                (job, rx)
+            })
+            .unzip();
+        let batch = Batch {
+            seq: 0,
+            rows: usize::from(requests),
+            dispatched: now,
+            jobs,
+        };
+        (batch, answers)
+    }
+
+    fn context(stats: &Arc<ModelStats>, preserve_ordering: bool) -> WorkerContext {
+        WorkerContext {
+            model: "m".into(),
+            stats: stats.clone(),
+            orderer: preserve_ordering.then(|| Arc::new(Orderer::default())),
+            batched: true,
+        }
+    }
+
+    /// The input each answer echoed, None for a caller not answered yet.
+    fn echoed(answers: &mut [oneshot::Receiver<Outcome>]) -> Vec<Option<u8>> {
+        answers
+            .iter_mut()
+            .map(|rx| {
+                let answer = rx.try_recv().ok()?.expect("an answer");
+                match &answer.outputs[0].tensor.data {
+                    crate::tensor::TensorData::Fixed(bytes) => Some(bytes[0]),
+                    other => panic!("unexpected data {other:?}"),
+                }
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_split_batch_answers_its_first_half_now_and_the_rest_when_released() {
+        let stats = Arc::new(ModelStats::new("m", "1"));
+        let (batch, mut answers) = batch_of(&stats, 9);
+        let ran = run_batch(&mut Echo, &context(&stats, false), 0, batch, Some(4));
+        assert_eq!(ran.cost.map(|c| c.rows), Some(9));
+        let later = ran.later.expect("nine requests are split");
+        let now = echoed(&mut answers);
+        assert_eq!(now[..4], [Some(0), Some(1), Some(2), Some(3)]);
+        assert!(now[4..].iter().all(Option::is_none), "{now:?}");
+        assert_eq!(stats.pending.load(std::sync::atomic::Ordering::Relaxed), 5);
+        drop(later);
+        let rest = echoed(&mut answers[4..]);
+        assert_eq!(rest, [Some(4), Some(5), Some(6), Some(7), Some(8)]);
+        assert_eq!(stats.pending.load(std::sync::atomic::Ordering::Relaxed), 0);
+        let split = stats
+            .batches_answered_in_halves
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(split, 1);
+    }
+
+    #[tokio::test]
+    async fn ordered_models_and_unsplit_runs_answer_everyone_at_once() {
+        let stats = Arc::new(ModelStats::new("m", "1"));
+        for preserve_ordering in [true, false] {
+            let requests = 8;
+            let (batch, mut answers) = batch_of(&stats, requests);
+            let ctx = context(&stats, preserve_ordering);
+            let first_half = preserve_ordering.then_some(4);
+            let ran = run_batch(&mut Echo, &ctx, 0, batch, first_half);
+            assert!(ran.later.is_none(), "{preserve_ordering}");
+            let all = echoed(&mut answers);
+            assert_eq!(all, (0..requests).map(Some).collect::<Vec<_>>());
+        }
+        let split = stats
+            .batches_answered_in_halves
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(split, 0);
     }
 
     fn waiting(stats: &Arc<ModelStats>, requested: &[&str]) -> Waiting {

@@ -142,6 +142,12 @@ pub const BATCH_WAIT_SECONDS: MetricDef = def(
     Hist,
     "How long the oldest request of each formed batch had waited in the queue, in seconds",
 );
+pub const BATCH_ANSWERS_SPLIT_TOTAL: MetricDef = def(
+    "onnx_gateway_batch_answers_split_total",
+    Counter,
+    "Batches whose answers were sent in two halves, one reactor turn apart, so that closed-loop \
+     clients send while the server still answers (--split-answers-min-microseconds)",
+);
 
 // --- gRPC transport ---
 pub const GRPC_REQUESTS_TOTAL: MetricDef = def(
@@ -308,7 +314,7 @@ pub const TRITON_COMPAT_METRICS: [MetricDef; 15] = [
 ];
 
 /// Every metric family the gateway can expose.
-pub const ALL_METRICS: [MetricDef; 44] = [
+pub const ALL_METRICS: [MetricDef; 45] = [
     INFERENCE_REQUEST_SUCCESS,
     INFERENCE_REQUEST_FAILURE,
     INFERENCE_COUNT,
@@ -353,6 +359,7 @@ pub const ALL_METRICS: [MetricDef; 44] = [
     BATCH_FORMED_TOTAL,
     BATCH_FORMED_ROWS_TOTAL,
     BATCH_WAIT_SECONDS,
+    BATCH_ANSWERS_SPLIT_TOTAL,
 ];
 
 /// The `Content-Type` of [`render`]'s output.
@@ -529,6 +536,12 @@ fn render_batches_formed(out: &mut Exposition, models: &[Arc<ModelStats>]) {
     for m in models {
         let labels = [("model", m.model.clone()), ("version", m.version.clone())];
         out.histogram(BATCH_WAIT_SECONDS.name, &labels, &m.batch_wait_seconds);
+    }
+    out.family(&BATCH_ANSWERS_SPLIT_TOTAL);
+    for m in models {
+        let labels = [("model", m.model.clone()), ("version", m.version.clone())];
+        let split = Num::U(m.batches_answered_in_halves.load(Relaxed));
+        out.sample(BATCH_ANSWERS_SPLIT_TOTAL.name, "", &labels, split);
     }
 }
 

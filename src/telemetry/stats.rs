@@ -198,6 +198,8 @@ pub struct ModelStats {
     pub batches_formed: [BatchFormed; BATCH_FORMED_REASONS.len()],
     /// How long each formed batch's oldest request had waited.
     pub batch_wait_seconds: Histogram,
+    /// Batches whose answers left in two halves, a reactor turn apart (`scheduler::answer_split`).
+    pub batches_answered_in_halves: AtomicU64,
 }
 
 impl ModelStats {
@@ -225,6 +227,7 @@ impl ModelStats {
             cache_miss: DurationStat::default(),
             batches_formed: Default::default(),
             batch_wait_seconds: Histogram::new(&BATCH_WAIT_BUCKETS_SECONDS),
+            batches_answered_in_halves: AtomicU64::new(0),
         }
     }
 

@@ -3,23 +3,34 @@
 //! thread or task in between. Only when nothing can run does it mark itself idle and block on its
 //! mailbox, where an arriving request or the timekeeper puts its next batch.
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 use tokio::runtime::Handle;
 use tokio::time::Instant;
 
-use super::super::worker::{panic_message, run_batch, Batch, BatchCost};
+use super::super::answer_split::LastSplit;
+use super::super::worker::{panic_message, run_batch, Batch, BatchCost, LaterAnswers, Ran};
 use super::super::ModelExecutor;
 use super::queue::{Formed, Released};
 use super::Shared;
 
-/// One instance's executor, behind a lock that is never contended (see `Shared::executors`).
-pub(super) struct ExecutorSlot(Mutex<Box<dyn ModelExecutor>>);
+/// One instance's executor and what its runs keep, behind a lock that is never contended (see
+/// `Shared::executors`).
+pub(super) struct ExecutorSlot(Mutex<Slot>);
+
+struct Slot {
+    executor: Box<dyn ModelExecutor>,
+    last_split: LastSplit,
+}
 
 impl ExecutorSlot {
     pub fn new(executor: Box<dyn ModelExecutor>) -> Self {
-        Self(Mutex::new(executor))
+        Self(Mutex::new(Slot {
+            executor,
+            last_split: LastSplit::default(),
+        }))
     }
 }
 
@@ -100,8 +111,8 @@ fn run_instance(instance: usize, shared: &Shared, handle: &Handle) {
     let mailbox = &shared.mailboxes[instance];
     let mut next = mailbox.take();
     while let Some(batch) = next {
-        match run_guarded(shared, instance, batch) {
-            Ok(cost) => next = after_batch(shared, instance, cost).or_else(|| mailbox.take()),
+        match run_guarded(shared, instance, batch, false) {
+            Ok(ran) => next = after_batch(shared, instance, ran.cost).or_else(|| mailbox.take()),
             Err(()) => return,
         }
     }
@@ -129,13 +140,17 @@ pub(super) fn run_inline(shared: &Arc<Shared>, instance: usize, first: Batch) {
 /// instance's thread, and None also means nothing was left to run.
 fn run_one_inline(shared: &Shared, instance: usize, batch: Batch) -> Option<Batch> {
     let started = Instant::now();
-    let Ok(cost) = run_guarded(shared, instance, batch) else {
+    let split = shared.split_answers.load(Ordering::Relaxed);
+    let Ok(ran) = run_guarded(shared, instance, batch, split) else {
         // The instance is lost: its thread, blocked on the mailbox, exits.
         shared.mailboxes[instance].close();
         return None;
     };
     let took = started.elapsed();
-    let next = after_batch(shared, instance, cost)?;
+    if let Some(later) = ran.later {
+        answer_next_turn(later);
+    }
+    let next = after_batch(shared, instance, ran.cost)?;
     match shared.settings.inline_below {
         Some(bound) if took < bound => Some(next),
         _ => {
@@ -143,6 +158,16 @@ fn run_one_inline(shared: &Shared, instance: usize, batch: Batch) -> Option<Batc
             None
         }
     }
+}
+
+/// Sends the held-back half of a batch's answers once the reactor has had a turn, in which the
+/// connections write the first half: the clients send their next requests while these are still
+/// being answered. Spawned before anything that runs the next batch, so it goes first.
+pub(super) fn answer_next_turn(later: LaterAnswers) {
+    tokio::spawn(async move {
+        tokio::task::yield_now().await;
+        drop(later);
+    });
 }
 
 /// Gives a busy instance's next batch to its thread.
@@ -169,13 +194,21 @@ impl InlineNext {
         let turn_bound = self.shared.settings.inline_below.unwrap_or_default();
         while self.batch.is_some() {
             tokio::task::yield_now().await;
+            if self.shared.split_answers.load(Ordering::Relaxed) {
+                // The first turn sent the held-back half of the last batch's answers
+                // (`answer_next_turn`, which went first); the second lets its callers take them
+                // before this batch holds the reactor.
+                tokio::task::yield_now().await;
+            }
             // Then what queued runs back to back: one more write for all of it, not one per batch
             // (which cost add_sub at 64 in flight 15%), until the turn has held the reactor for
             // the inline bound.
             let turn = Instant::now();
             while let Some(batch) = self.batch.take() {
                 self.batch = run_one_inline(&self.shared, self.instance, batch);
-                if turn.elapsed() >= turn_bound {
+                // A batch whose answers are split ends the turn too: its second half goes first.
+                if turn.elapsed() >= turn_bound || self.shared.split_answers.load(Ordering::Relaxed)
+                {
                     break;
                 }
             }
@@ -193,11 +226,23 @@ impl Drop for InlineNext {
 
 /// Runs one batch on `instance`'s executor. A panic outside the executor's own guard loses the
 /// instance (its state can no longer be trusted): the model is marked, and Err is returned.
-fn run_guarded(shared: &Shared, instance: usize, batch: Batch) -> Result<Option<BatchCost>, ()> {
+fn run_guarded(
+    shared: &Shared,
+    instance: usize,
+    batch: Batch,
+    split_answers: bool,
+) -> Result<Ran, ()> {
     let seq = batch.seq;
     let ran = catch_unwind(AssertUnwindSafe(|| {
-        let mut executor = shared.executors[instance].0.lock();
-        run_batch(executor.as_mut(), &shared.ctx, instance, batch)
+        let mut slot = shared.executors[instance].0.lock();
+        let Slot {
+            executor,
+            last_split,
+        } = &mut *slot;
+        let first_half = split_answers
+            .then(|| last_split.first_half(batch.jobs.len()))
+            .flatten();
+        run_batch(executor.as_mut(), &shared.ctx, instance, batch, first_half)
     }));
     ran.map_err(|panic| {
         let reason = format!(
@@ -220,7 +265,11 @@ fn after_batch(shared: &Shared, instance: usize, cost: Option<BatchCost>) -> Opt
         core.busy -= 1;
         if let Some(cost) = cost {
             core.policy.observe_execution(cost.rows, cost.took);
-            core.observe_cost(cost.took);
+            core.observe_cost(cost.rows, cost.took, shared.settings.split_answers_from);
+            let split = core.splits_answers();
+            if shared.split_answers.swap(split, Ordering::Relaxed) != split {
+                tracing::debug!(model = %shared.settings.model, split, cost_line = ?core.cost_line(), "whether inline batches answer in two halves changed");
+            }
         }
         core.expire(now, &mut released);
         match core.form(now, &shared.stats, &mut released) {

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::time::Instant;
 
+use super::super::answer_split::AnswerSplit;
 use super::super::policy::{BatchPolicy, Next, PolicyConfig};
 use super::super::worker::{Batch, Job};
 use super::super::{ExecuteError, SchedulerError};
@@ -30,6 +31,8 @@ pub(super) struct Core {
     gather_record: GatherRecord,
     /// What the model's recent batches took (a moving average), once one ran.
     pub recent_cost: Option<std::time::Duration>,
+    /// Whether inline batches answer in two halves, learned from the model's runs.
+    answer_split: AnswerSplit,
     next_seq: u64,
     /// The instant the timekeeper sleeps until; None while it waits for a notification only.
     armed: Option<Instant>,
@@ -82,6 +85,7 @@ impl Core {
             gathering: false,
             gather_record: GatherRecord::default(),
             recent_cost: None,
+            answer_split: AnswerSplit::default(),
             next_seq: 0,
             armed: None,
             #[cfg(test)]
@@ -193,12 +197,31 @@ impl Core {
         cheap && !self.stopping
     }
 
-    /// Folds one batch's run time into `recent_cost`.
-    pub fn observe_cost(&mut self, took: std::time::Duration) {
-        self.recent_cost = Some(match self.recent_cost {
+    /// Folds one batch's run time into `recent_cost`, and lets the answer split learn from it
+    /// (`split_from`: `SchedulerSettings::split_answers_from`).
+    pub fn observe_cost(
+        &mut self,
+        rows: usize,
+        took: std::time::Duration,
+        split_from: Option<std::time::Duration>,
+    ) {
+        let recent = match self.recent_cost {
             None => took,
             Some(recent) => (recent * 3 + took) / 4,
-        });
+        };
+        self.recent_cost = Some(recent);
+        self.answer_split.observe(rows, took, recent, split_from);
+    }
+
+    /// Whether the next inline batch answers its first half a reactor turn before the second
+    /// (`answer_split`), as the last batch that ran decided.
+    pub fn splits_answers(&self) -> bool {
+        self.answer_split.splitting()
+    }
+
+    /// The learned `(fixed, per_row)` cost in seconds, when known (for the logs).
+    pub fn cost_line(&self) -> Option<(f64, f64)> {
+        self.answer_split.line()
     }
 
     /// Hands batches to idle instances while the policy says run; fails what waits when no

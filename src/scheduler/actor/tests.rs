@@ -1094,9 +1094,20 @@ async fn primed_for_inline(
     executor: Box<dyn ModelExecutor>,
     inline_below: Duration,
 ) -> Arc<Scheduler> {
-    let mut settings =
-        SchedulerSettings::from_config(&batching_config(2, Default::default(), 1), 10).unwrap();
+    primed_for_inline_with(executor, 2, inline_below, None).await
+}
+
+/// As `primed_for_inline`, with a `max_batch_size` and `SchedulerSettings::split_answers_from`.
+async fn primed_for_inline_with(
+    executor: Box<dyn ModelExecutor>,
+    max_batch_size: i32,
+    inline_below: Duration,
+    split_answers_from: Option<Duration>,
+) -> Arc<Scheduler> {
+    let config = batching_config(max_batch_size, Default::default(), 1);
+    let mut settings = SchedulerSettings::from_config(&config, 64).unwrap();
     settings.inline_below = Some(inline_below);
+    settings.split_answers_from = split_answers_from;
     let stats = Arc::new(ModelStats::new("fake", "1"));
     let s = Arc::new(Scheduler::start(settings, vec![executor], stats));
     s.infer(request(0.0, 1)).await.unwrap();
@@ -1274,4 +1285,82 @@ fn a_batch_held_between_inline_turns_runs_on_the_instance_thread_when_its_task_i
     assert_eq!(seen[2].as_deref(), Some("fake-inst-0"), "{seen:?}");
     assert_eq!(scheduler.shared.core.lock().busy, 0);
     scheduler.shared.mailboxes[0].close();
+}
+
+#[tokio::test]
+async fn a_batch_answered_in_two_halves_answers_all_its_callers_before_the_next_batch_runs() {
+    // Sixteen callers, batches of eight, every batch's answers split (no shortest run). On the
+    // one-thread runtime, as on a one-CPU pod: the first half of the first batch's answers goes
+    // out, the second half a turn later, and only then does the batch queued behind it run.
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let executor = CountsAnswered {
+        answered: answered.clone(),
+        seen: seen.clone(),
+    };
+    let s = primed_for_inline_with(
+        Box::new(executor),
+        8,
+        Duration::from_secs(10),
+        Some(Duration::ZERO),
+    )
+    .await;
+    answered.fetch_add(1, Relaxed);
+    assert!(
+        s.shared.split_answers.load(Relaxed),
+        "the priming run turns it on"
+    );
+    let callers: Vec<_> = (1..=16)
+        .map(|i| {
+            let (s, answered) = (s.clone(), answered.clone());
+            tokio::spawn(async move {
+                let answer = s.infer(request(i as f32, 1)).await.unwrap();
+                assert_eq!(out_values(&answer, "IN"), vec![i as f32, i as f32 + 1.0]);
+                answered.fetch_add(1, Relaxed);
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    s.shutdown().await;
+    let seen = seen.lock().clone();
+    assert_eq!(
+        seen.len(),
+        3,
+        "a priming run and two batches of 8: {seen:?}"
+    );
+    assert_eq!(
+        seen[2].0, 9,
+        "all eight callers of the first batch had their answer before the second ran: {seen:?}"
+    );
+    assert_eq!(answered.load(Relaxed), 17);
+}
+
+#[test]
+fn held_back_answers_reach_their_callers_when_the_runtime_stops_before_their_turn() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stats = Arc::new(ModelStats::new("fake", "1"));
+    let (tx, mut rx) = oneshot::channel();
+    runtime.block_on(async {
+        let ctx = WorkerContext {
+            model: "fake".into(),
+            stats: stats.clone(),
+            orderer: None,
+            batched: true,
+        };
+        let replies = vec![(
+            Responder::new(tx, stats.clone()),
+            Err(SchedulerError::TimedOut),
+        )];
+        let later = ctx.deliver_first(0, replies, Some(0)).expect("held back");
+        instance::answer_next_turn(later);
+    });
+    assert!(rx.try_recv().is_err(), "not sent before its turn");
+    drop(runtime);
+    assert!(matches!(rx.try_recv(), Ok(Err(SchedulerError::TimedOut))));
+    assert_eq!(stats.pending.load(Relaxed), 0);
 }
