@@ -1209,6 +1209,29 @@ impl ModelExecutor for CountsAnswered {
     }
 }
 
+/// Sends `callers` one-row requests at once, each from a task of its own that checks its answer
+/// (`CountsAnswered` echoes its input) and counts it in `answered`; then shuts the model down.
+async fn answer_a_burst(
+    s: &Arc<Scheduler>,
+    answered: &Arc<std::sync::atomic::AtomicUsize>,
+    callers: usize,
+) {
+    let callers: Vec<_> = (1..=callers)
+        .map(|i| {
+            let (s, answered) = (s.clone(), answered.clone());
+            tokio::spawn(async move {
+                let answer = s.infer(request(i as f32, 1)).await.unwrap();
+                assert_eq!(out_values(&answer, "IN"), vec![i as f32, i as f32 + 1.0]);
+                answered.fetch_add(1, Relaxed);
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    s.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_inline_batch_answers_its_callers_before_the_batch_queued_behind_it_runs() {
     // On the one-thread runtime the caller tasks and the scheduler share one thread, as on a
@@ -1223,19 +1246,7 @@ async fn an_inline_batch_answers_its_callers_before_the_batch_queued_behind_it_r
     let s = primed_for_inline(Box::new(executor), Duration::from_secs(10)).await;
     // The priming request's caller had its answer.
     answered.fetch_add(1, Relaxed);
-    let callers: Vec<_> = (1..=4)
-        .map(|i| {
-            let (s, answered) = (s.clone(), answered.clone());
-            tokio::spawn(async move {
-                s.infer(request(i as f32, 1)).await.unwrap();
-                answered.fetch_add(1, Relaxed);
-            })
-        })
-        .collect();
-    for caller in callers {
-        caller.await.unwrap();
-    }
-    s.shutdown().await;
+    answer_a_burst(&s, &answered, 4).await;
     let seen = seen.lock().clone();
     assert_eq!(
         seen.len(),
@@ -1310,20 +1321,7 @@ async fn a_batch_answered_in_two_halves_answers_all_its_callers_before_the_next_
         s.shared.split_answers.load(Relaxed),
         "the priming run turns it on"
     );
-    let callers: Vec<_> = (1..=16)
-        .map(|i| {
-            let (s, answered) = (s.clone(), answered.clone());
-            tokio::spawn(async move {
-                let answer = s.infer(request(i as f32, 1)).await.unwrap();
-                assert_eq!(out_values(&answer, "IN"), vec![i as f32, i as f32 + 1.0]);
-                answered.fetch_add(1, Relaxed);
-            })
-        })
-        .collect();
-    for caller in callers {
-        caller.await.unwrap();
-    }
-    s.shutdown().await;
+    answer_a_burst(&s, &answered, 16).await;
     let seen = seen.lock().clone();
     assert_eq!(
         seen.len(),
