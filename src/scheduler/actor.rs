@@ -28,7 +28,7 @@ mod instance;
 mod queue;
 mod timekeeper;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -65,9 +65,9 @@ struct Shared {
     timekeeper: Notify,
     /// Some caller left while its request waited: the timekeeper removes such requests.
     sweep_wanted: AtomicBool,
-    /// Whether the next inline batch answers in two halves (`Core::splits_answers` as of the last
-    /// batch that finished), read without the lock by the task that runs it.
-    split_answers: AtomicBool,
+    /// What the next inline batch does beyond running (`Core::inline_plan` as of the last batch
+    /// that finished, an `answer_split::Plan`), read without the lock by the task that runs it.
+    inline_plan: AtomicU8,
     /// Why the model cannot serve any more (an instance was lost); None while healthy.
     failure: Mutex<Option<String>>,
 }
@@ -99,7 +99,7 @@ impl Scheduler {
             ctx,
             timekeeper: Notify::new(),
             sweep_wanted: AtomicBool::new(false),
-            split_answers: AtomicBool::new(false),
+            inline_plan: AtomicU8::new(0),
             failure: Mutex::new(None),
         });
         let handle = tokio::runtime::Handle::current();

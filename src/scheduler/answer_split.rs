@@ -6,15 +6,17 @@
 //! batch's answers one reactor turn before the second lets the client send while the server still
 //! answers, so the next batch forms while the server works: a pipeline. Its batches are about half
 //! as large. That is free for a model whose cost grows with its rows and costs up to twice the runs
-//! for one whose cost is mostly fixed per run, so the split follows the cost shape learned from
-//! the model's own runs.
+//! for one whose cost is mostly fixed per run (a GPU launch), so the split follows the cost shape
+//! learned from the model's own runs. Once two groups take turns they stay so, whatever the model
+//! costs; so the shape is learned first, from a few batches run (not answered) in halves, which
+//! leaves the clients in step.
 use std::time::Duration;
 
 use super::adaptive::CostModel;
 
 /// Fewest requests in a batch worth splitting: in a smaller one, the half that leaves early is
 /// too few requests to keep the client busy while the rest is answered.
-const MIN_REQUESTS: usize = 8;
+pub(crate) const MIN_REQUESTS: usize = 8;
 
 /// The largest part of a batch's cost that may be fixed per run. Halving a batch then costs at most
 /// this much more compute per request: `fixed / (fixed + per_row · rows)`. About what the split
@@ -23,61 +25,117 @@ const MIN_REQUESTS: usize = 8;
 /// (the MLP's fixed cost came out between 0 and 26 µs against 30 µs a row).
 const MAX_FIXED_SHARE: f64 = 0.10;
 
-/// The learned decision for one model.
-#[derive(Debug, Clone)]
-pub(crate) struct AnswerSplit {
-    cost: CostModel,
-    /// What the cost shape last said. True until the shape is known: the split itself makes the
-    /// batches of different sizes that the shape is learned from (lockstep batches are all alike).
-    fixed_share_small: bool,
-    /// The decision for the next batches.
-    splitting: bool,
+/// Batches seen with the cost shape known and then lost again (its batches all alike) before a
+/// few are run in halves to check it.
+const REPROBE_EVERY: u32 = 1000;
+/// Batches run in halves in a row when the shape is checked again: one timed half alone would
+/// leave the fit to one run's noise.
+const PROBES_PER_CHECK: u32 = 3;
+
+/// What the next batch run on the reactor does beyond running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub(crate) enum Plan {
+    /// Runs once and answers everyone at once.
+    #[default]
+    Whole = 0,
+    /// Answers its first half one reactor turn before the second.
+    AnswerInHalves = 1,
+    /// Runs as two executions of half its requests each, back to back, and answers everyone in
+    /// the same turn: a run of another size, timed, for the cost shape to be learned from, that
+    /// leaves the clients in step (splitting the answers to learn would start the two groups it
+    /// is meant to decide about).
+    RunInHalves = 2,
 }
 
-impl Default for AnswerSplit {
-    fn default() -> Self {
-        AnswerSplit {
-            cost: CostModel::default(),
-            fixed_share_small: true,
-            splitting: false,
+impl Plan {
+    pub fn from_u8(value: u8) -> Plan {
+        match value {
+            1 => Plan::AnswerInHalves,
+            2 => Plan::RunInHalves,
+            _ => Plan::Whole,
         }
     }
 }
 
+/// The learned decision for one model.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AnswerSplit {
+    cost: CostModel,
+    /// What the cost shape last said; None until it was known once.
+    fixed_share_small: Option<bool>,
+    /// The decision for the next batches.
+    plan: Plan,
+    /// Batches since the shape was last checked, and the runs in halves still to make for it.
+    since_check: u32,
+    probes_left: u32,
+}
+
 impl AnswerSplit {
-    /// Learns from one run of `rows` rows that took `took` and decides whether the next batches'
-    /// answers leave in two halves: the model's runs lately took at least `min_run` (a shorter
-    /// batch answers almost at once anyway, and a second write would cost more than the overlap
-    /// gains) and halving its batches costs little. While the run sizes seen are too alike to tell
-    /// the fixed cost from the per-row cost, the last verdict on the cost stands.
+    /// Learns from one run of `rows` rows that took `took` and plans the next batch. Its answers
+    /// leave in two halves when the model's runs lately took at least `min_run` (a shorter batch
+    /// answers almost at once anyway, and a second write would cost more than the overlap gains)
+    /// and halving its batches costs little. Until the cost shape was known once, and for a few
+    /// batches every `REPROBE_EVERY` while it cannot be told (all batches alike), long batches are
+    /// run in halves to learn it; in between, the last verdict stands.
     pub fn observe(
         &mut self,
         rows: usize,
         took: Duration,
         recent_cost: Duration,
         min_run: Option<Duration>,
-    ) -> bool {
+    ) -> Plan {
         self.cost.observe(rows, took);
         // Both are judged for the batches as they would be unsplit: while the answers are split,
-        // the batches are about half that.
-        let unsplit: u32 = if self.splitting { 2 } else { 1 };
-        if let Some((fixed, per_row)) = self.cost.line() {
+        // the batches are about half that, and a batch run in halves runs halves.
+        let unsplit: u32 = if self.plan == Plan::Whole { 1 } else { 2 };
+        let line = self.cost.line();
+        if let Some((fixed, per_row)) = line {
             let whole = fixed + per_row * f64::from(unsplit) * rows.max(1) as f64;
-            self.fixed_share_small = whole > 0.0 && fixed <= MAX_FIXED_SHARE * whole;
+            self.fixed_share_small = Some(whole > 0.0 && fixed <= MAX_FIXED_SHARE * whole);
         }
         let long = min_run.is_some_and(|min| recent_cost * unsplit >= min);
-        self.splitting = long && self.fixed_share_small;
-        self.splitting
+        self.plan = if long && self.fixed_share_small == Some(true) {
+            Plan::AnswerInHalves
+        } else if long && line.is_none() && self.wants_a_check() {
+            Plan::RunInHalves
+        } else {
+            Plan::Whole
+        };
+        self.plan
     }
 
-    /// The decision the last run gave.
-    pub fn splitting(&self) -> bool {
-        self.splitting
+    /// Whether the next batch should be run in halves to learn the shape (counts the batches).
+    fn wants_a_check(&mut self) -> bool {
+        if self.fixed_share_small.is_none() {
+            return true;
+        }
+        self.since_check = self.since_check.saturating_add(1);
+        if self.since_check >= REPROBE_EVERY {
+            self.since_check = 0;
+            self.probes_left = PROBES_PER_CHECK;
+        }
+        if self.probes_left == 0 {
+            return false;
+        }
+        self.probes_left -= 1;
+        true
+    }
+
+    /// The plan the last run gave.
+    pub fn plan(&self) -> Plan {
+        self.plan
     }
 
     /// The learned `(fixed, per_row)` cost in seconds, when the run sizes seen tell them apart.
     pub fn line(&self) -> Option<(f64, f64)> {
         self.cost.line()
+    }
+
+    /// Takes the shape as known and mostly per row, for tests that need the split on.
+    #[cfg(test)]
+    pub fn assume_per_row_cost(&mut self) {
+        self.fixed_share_small = Some(true);
     }
 }
 
@@ -117,73 +175,103 @@ mod tests {
 
     impl AnswerSplit {
         /// One run, with its own time as the recent cost.
-        fn ran(&mut self, rows: usize, us: f64) -> bool {
+        fn ran(&mut self, rows: usize, us: f64) -> Plan {
             self.observe(rows, micros(us), micros(us), MIN_RUN)
         }
     }
 
-    /// Feeds runs cycling through `sizes`, each costing `fixed + per_row · rows` µs.
-    fn learned(fixed: f64, per_row: f64, sizes: &[usize], runs: usize) -> AnswerSplit {
-        let mut split = AnswerSplit::default();
-        for rows in sizes.iter().cycle().take(runs) {
-            split.ran(*rows, fixed + per_row * *rows as f64);
+    /// Runs batches of `rows` the way the scheduler would on what each plan says, each costing
+    /// `fixed + per_row · rows` µs; returns the plans.
+    fn drive(
+        split: &mut AnswerSplit,
+        fixed: f64,
+        per_row: f64,
+        rows: usize,
+        batches: usize,
+    ) -> Vec<Plan> {
+        let cost = |rows: usize| fixed + per_row * rows as f64;
+        let mut plans = Vec::new();
+        let mut plan = split.plan();
+        for _ in 0..batches {
+            plan = match plan {
+                Plan::RunInHalves => {
+                    split.ran(rows / 2, cost(rows / 2));
+                    split.ran(rows - rows / 2, cost(rows - rows / 2))
+                }
+                // Split answers make the next batches about half as large.
+                Plan::AnswerInHalves => split.ran(rows / 2, cost(rows / 2)),
+                Plan::Whole => split.ran(rows, cost(rows)),
+            };
+            plans.push(plan);
         }
-        split
+        plans
     }
 
     #[test]
-    fn only_long_batches_are_split_and_only_when_the_split_is_on() {
-        assert!(AnswerSplit::default().ran(16, 400.0));
-        assert!(AnswerSplit::default().ran(16, 150.0));
-        assert!(!AnswerSplit::default().ran(16, 149.0), "a short run");
-        let mut off = AnswerSplit::default();
-        assert!(
-            !off.observe(16, micros(400.0), micros(400.0), None),
-            "switched off"
+    fn nothing_is_split_before_the_cost_shape_is_known_it_is_run_in_halves_to_learn_it() {
+        let mut split = AnswerSplit::default();
+        assert_eq!(split.ran(16, 400.0), Plan::RunInHalves);
+        assert_eq!(
+            AnswerSplit::default().ran(16, 149.0),
+            Plan::Whole,
+            "a short run"
         );
-        assert!(!off.splitting());
+        let mut off = AnswerSplit::default();
+        assert_eq!(
+            off.observe(16, micros(400.0), micros(400.0), None),
+            Plan::Whole
+        );
+    }
+
+    #[test]
+    fn a_model_whose_cost_grows_with_its_rows_learns_it_then_splits_its_answers() {
+        // The benchmark's MLP: about 30 µs a row and little per run.
+        let mut split = AnswerSplit::default();
+        let plans = drive(&mut split, 5.0, 30.0, 16, 40);
+        let learning = plans
+            .iter()
+            .take_while(|p| **p == Plan::RunInHalves)
+            .count();
+        assert!(learning <= 3, "{plans:?}");
+        assert!(
+            plans[learning..].iter().all(|p| *p == Plan::AnswerInHalves),
+            "{plans:?}"
+        );
+    }
+
+    #[test]
+    fn a_model_with_a_large_fixed_cost_never_splits_its_answers() {
+        // A launch-bound model: 400 µs a run whatever its size. It is learned, left whole, and
+        // checked again now and then while its batches are all alike; never split.
+        let mut split = AnswerSplit::default();
+        let plans = drive(&mut split, 400.0, 1.0, 16, 5000);
+        assert!(!plans.contains(&Plan::AnswerInHalves));
+        let checks = plans.iter().filter(|p| **p == Plan::RunInHalves).count();
+        assert!(
+            checks <= 3 + 5 * PROBES_PER_CHECK as usize,
+            "{checks} runs in halves"
+        );
     }
 
     #[test]
     fn a_split_model_is_judged_long_by_what_its_batches_would_take_unsplit() {
         let mut split = AnswerSplit::default();
-        assert!(split.ran(16, 200.0));
-        // Split, its batches take half as long: still long enough, as unsplit they would not be
-        // shorter than before.
-        assert!(split.ran(8, 100.0));
-        assert!(split.ran(8, 100.0));
+        split.assume_per_row_cost();
+        assert_eq!(split.ran(16, 200.0), Plan::AnswerInHalves);
+        // Split, its batches take half as long: still long enough unsplit.
+        assert_eq!(split.ran(8, 100.0), Plan::AnswerInHalves);
         // Only once they would be short unsplit too does the split stop.
-        assert!(!split.ran(8, 70.0));
-        assert!(!split.ran(8, 100.0), "unsplit, 100 µs is short");
-    }
-
-    #[test]
-    fn a_model_whose_cost_grows_with_its_rows_keeps_splitting() {
-        // The benchmark's MLP: about 30 µs a row and little per run.
-        let split = learned(5.0, 30.0, &[16, 8, 5, 11], 40);
-        assert!(split.splitting());
-    }
-
-    #[test]
-    fn a_model_with_a_large_fixed_cost_stops_splitting_and_stays_stopped() {
-        // A launch-bound model: 400 µs a run whatever its size.
-        let mut split = learned(400.0, 1.0, &[16, 8], 8);
-        assert!(!split.splitting());
-        // Unsplit, its batches are all alike again: the line cannot be told any more, and the
-        // verdict it gave stands.
-        for _ in 0..200 {
-            split.ran(16, 416.0);
-        }
-        assert!(split.line().is_none());
-        assert!(!split.splitting());
+        assert_eq!(split.ran(8, 70.0), Plan::Whole);
+        assert_eq!(split.ran(8, 100.0), Plan::Whole, "unsplit, 100 µs is short");
     }
 
     #[test]
     fn the_verdict_follows_the_share_of_the_fixed_cost() {
-        // Split batches of 7 to 9 would be 14 to 18 unsplit; 10% of a batch of 14 at 20 µs a row
-        // is 31 µs of fixed cost.
-        assert!(learned(28.0, 20.0, &[8, 7, 9], 60).splitting());
-        assert!(!learned(34.0, 20.0, &[8, 7, 9], 60).splitting());
+        // Split batches of 8 would be 16 unsplit; 10% of a batch of 16 at 20 µs a row is 35.6 µs
+        // of fixed cost.
+        let plans = |fixed| drive(&mut AnswerSplit::default(), fixed, 20.0, 16, 60);
+        assert_eq!(plans(33.0).last(), Some(&Plan::AnswerInHalves));
+        assert_eq!(plans(38.0).last(), Some(&Plan::Whole));
     }
 
     #[test]
@@ -192,20 +280,33 @@ mod tests {
         // more compute per request. Judged at their own size, the split batches of 8 would look
         // like 17%, past the bound, and each run would flip the verdict.
         let mut split = AnswerSplit::default();
-        let mut flips = 0;
-        for rows in [16, 8, 9, 8, 10, 8, 11, 8].iter().cycle().take(200) {
-            let before = split.splitting();
-            flips += usize::from(before != split.ran(*rows, 50.0 + 30.0 * *rows as f64));
-        }
-        assert!(split.splitting());
-        assert_eq!(flips, 1, "on once, at the first run");
+        let plans = drive(&mut split, 50.0, 30.0, 16, 200);
+        let learning = plans
+            .iter()
+            .take_while(|p| **p == Plan::RunInHalves)
+            .count();
+        assert!(
+            plans[learning..].iter().all(|p| *p == Plan::AnswerInHalves),
+            "{plans:?}"
+        );
     }
 
     #[test]
-    fn sizes_too_alike_to_tell_keep_the_split_so_it_can_learn() {
-        let split = learned(400.0, 1.0, &[16], 50);
-        assert!(split.line().is_none());
-        assert!(split.splitting());
+    fn a_verdict_whose_shape_was_lost_is_checked_again_in_a_few_runs_in_halves() {
+        let mut split = AnswerSplit::default();
+        drive(&mut split, 400.0, 1.0, 16, 10);
+        // All alike for long enough that the line cannot be told.
+        let plans = drive(&mut split, 400.0, 1.0, 16, REPROBE_EVERY as usize * 2);
+        let checks: Vec<usize> = plans
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| **p == Plan::RunInHalves)
+            .map(|(i, _)| i)
+            .collect();
+        assert!(
+            !checks.is_empty() && checks.len() <= 2 * PROBES_PER_CHECK as usize,
+            "{checks:?}"
+        );
     }
 
     #[test]

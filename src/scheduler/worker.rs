@@ -116,6 +116,23 @@ pub(crate) struct Batch {
     pub jobs: Vec<Job>,
 }
 
+impl Batch {
+    /// Splits it into its first half of requests and the rest, both keeping its place in the
+    /// answer order and its dispatch time.
+    pub(crate) fn halve(mut self) -> (Batch, Batch) {
+        let rest = self.jobs.split_off(self.jobs.len() / 2);
+        let rest_rows: usize = rest.iter().map(|job| job.rows).sum();
+        let rest = Batch {
+            seq: self.seq,
+            rows: rest_rows,
+            dispatched: self.dispatched,
+            jobs: rest,
+        };
+        self.rows -= rest_rows;
+        (self, rest)
+    }
+}
+
 /// What one successful execution cost its instance, for the policy to learn from.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BatchCost {

@@ -10,7 +10,7 @@ use parking_lot::{Condvar, Mutex};
 use tokio::runtime::Handle;
 use tokio::time::Instant;
 
-use super::super::answer_split::LastSplit;
+use super::super::answer_split::{LastSplit, Plan, MIN_REQUESTS};
 use super::super::worker::{panic_message, run_batch, Batch, BatchCost, LaterAnswers, Ran};
 use super::super::ModelExecutor;
 use super::queue::{Formed, Released};
@@ -140,8 +140,13 @@ pub(super) fn run_inline(shared: &Arc<Shared>, instance: usize, first: Batch) {
 /// instance's thread, and None also means nothing was left to run.
 fn run_one_inline(shared: &Shared, instance: usize, batch: Batch) -> Option<Batch> {
     let started = Instant::now();
-    let split = shared.split_answers.load(Ordering::Relaxed);
-    let Ok(ran) = run_guarded(shared, instance, batch, split) else {
+    let plan = inline_plan(shared);
+    let ran = match plan {
+        Plan::RunInHalves => run_first_half_alone(shared, instance, batch)
+            .and_then(|rest| run_guarded(shared, instance, rest, false)),
+        _ => run_guarded(shared, instance, batch, plan == Plan::AnswerInHalves),
+    };
+    let Ok(ran) = ran else {
         // The instance is lost: its thread, blocked on the mailbox, exits.
         shared.mailboxes[instance].close();
         return None;
@@ -158,6 +163,28 @@ fn run_one_inline(shared: &Shared, instance: usize, batch: Batch) -> Option<Batc
             None
         }
     }
+}
+
+/// The plan the last batch that finished made for the next inline one.
+fn inline_plan(shared: &Shared) -> Plan {
+    Plan::from_u8(shared.inline_plan.load(Ordering::Relaxed))
+}
+
+/// Runs the first half of a batch large enough as an execution of its own, its cost learned as
+/// any batch's, and returns the rest to run next (`Plan::RunInHalves`). Its callers are answered,
+/// but their task cannot take the answer before this one yields, after the rest ran: the clients
+/// stay in step. Err: the instance was lost (the rest's callers learn it as their jobs drop).
+fn run_first_half_alone(shared: &Shared, instance: usize, batch: Batch) -> Result<Batch, ()> {
+    if batch.jobs.len() < MIN_REQUESTS || shared.ctx.orderer.is_some() {
+        return Ok(batch);
+    }
+    let (first, rest) = batch.halve();
+    if let Some(cost) = run_guarded(shared, instance, first, false)?.cost {
+        let mut core = shared.core.lock();
+        core.policy.observe_execution(cost.rows, cost.took);
+        core.observe_cost(cost.rows, cost.took, shared.settings.split_answers_from);
+    }
+    Ok(rest)
 }
 
 /// Sends the held-back half of a batch's answers once the reactor has had a turn, in which the
@@ -194,7 +221,7 @@ impl InlineNext {
         let turn_bound = self.shared.settings.inline_below.unwrap_or_default();
         while self.batch.is_some() {
             tokio::task::yield_now().await;
-            if self.shared.split_answers.load(Ordering::Relaxed) {
+            if inline_plan(&self.shared) == Plan::AnswerInHalves {
                 // The first turn sent the held-back half of the last batch's answers
                 // (`answer_next_turn`, which went first); the second lets its callers take them
                 // before this batch holds the reactor.
@@ -207,7 +234,7 @@ impl InlineNext {
             while let Some(batch) = self.batch.take() {
                 self.batch = run_one_inline(&self.shared, self.instance, batch);
                 // A batch whose answers are split ends the turn too: its second half goes first.
-                if turn.elapsed() >= turn_bound || self.shared.split_answers.load(Ordering::Relaxed)
+                if turn.elapsed() >= turn_bound || inline_plan(&self.shared) == Plan::AnswerInHalves
                 {
                     break;
                 }
@@ -266,9 +293,9 @@ fn after_batch(shared: &Shared, instance: usize, cost: Option<BatchCost>) -> Opt
         if let Some(cost) = cost {
             core.policy.observe_execution(cost.rows, cost.took);
             core.observe_cost(cost.rows, cost.took, shared.settings.split_answers_from);
-            let split = core.splits_answers();
-            if shared.split_answers.swap(split, Ordering::Relaxed) != split {
-                tracing::debug!(model = %shared.settings.model, split, cost_line = ?core.cost_line(), "whether inline batches answer in two halves changed");
+            let plan = core.inline_plan();
+            if shared.inline_plan.swap(plan as u8, Ordering::Relaxed) != plan as u8 {
+                tracing::debug!(model = %shared.settings.model, ?plan, cost_line = ?core.cost_line(), "the plan for inline batches changed");
             }
         }
         core.expire(now, &mut released);

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::time::Instant;
 
-use super::super::answer_split::AnswerSplit;
+use super::super::answer_split::{AnswerSplit, Plan};
 use super::super::policy::{BatchPolicy, Next, PolicyConfig};
 use super::super::worker::{Batch, Job};
 use super::super::{ExecuteError, SchedulerError};
@@ -213,10 +213,16 @@ impl Core {
         self.answer_split.observe(rows, took, recent, split_from);
     }
 
-    /// Whether the next inline batch answers its first half a reactor turn before the second
-    /// (`answer_split`), as the last batch that ran decided.
-    pub fn splits_answers(&self) -> bool {
-        self.answer_split.splitting()
+    /// What the next inline batch does beyond running (`answer_split::Plan`), as the last batch
+    /// that ran decided.
+    pub fn inline_plan(&self) -> Plan {
+        self.answer_split.plan()
+    }
+
+    /// Takes the model's cost as known and mostly per row, so that its answers are split.
+    #[cfg(test)]
+    pub fn assume_per_row_cost(&mut self) {
+        self.answer_split.assume_per_row_cost();
     }
 
     /// The learned `(fixed, per_row)` cost in seconds, when known (for the logs).
