@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::super::answer_split::{LastSplit, Plan, MIN_REQUESTS};
 use super::super::worker::{panic_message, run_batch, Batch, BatchCost, LaterAnswers, Ran};
 use super::super::ModelExecutor;
-use super::queue::{Formed, Released};
+use super::queue::{Core, Formed, Released};
 use super::Shared;
 
 /// One instance's executor and what its runs keep, behind a lock that is never contended (see
@@ -180,9 +180,7 @@ fn run_first_half_alone(shared: &Shared, instance: usize, batch: Batch) -> Resul
     }
     let (first, rest) = batch.halve();
     if let Some(cost) = run_guarded(shared, instance, first, false)?.cost {
-        let mut core = shared.core.lock();
-        core.policy.observe_execution(cost.rows, cost.took);
-        core.observe_cost(cost.rows, cost.took, shared.settings.split_answers_from);
+        learn_cost(shared, &mut shared.core.lock(), cost);
     }
     Ok(rest)
 }
@@ -291,8 +289,7 @@ fn after_batch(shared: &Shared, instance: usize, cost: Option<BatchCost>) -> Opt
         let mut core = shared.core.lock();
         core.busy -= 1;
         if let Some(cost) = cost {
-            core.policy.observe_execution(cost.rows, cost.took);
-            core.observe_cost(cost.rows, cost.took, shared.settings.split_answers_from);
+            learn_cost(shared, &mut core, cost);
             let plan = core.inline_plan();
             if shared.inline_plan.swap(plan as u8, Ordering::Relaxed) != plan as u8 {
                 tracing::debug!(model = %shared.settings.model, ?plan, cost_line = ?core.cost_line(), "the plan for inline batches changed");
@@ -313,6 +310,12 @@ fn after_batch(shared: &Shared, instance: usize, cost: Option<BatchCost>) -> Opt
     };
     released.settle(&shared.stats, &shared.timekeeper);
     next
+}
+
+/// Lets the batch policy and the core's cost records learn what one execution cost.
+fn learn_cost(shared: &Shared, core: &mut Core, cost: BatchCost) {
+    core.policy.observe_execution(cost.rows, cost.took);
+    core.observe_cost(cost.rows, cost.took, shared.settings.split_answers_from);
 }
 
 /// An instance hit a panic outside the executor: its state can no longer be trusted, so it stops.
