@@ -22,7 +22,7 @@ pub(crate) const MIN_REQUESTS: usize = 8;
 /// this much more compute per request: `fixed / (fixed + per_row · rows)`. About what the split
 /// can gain: the share of time a one-CPU server idles while a closed-loop client takes its turn
 /// (7-12% for the benchmark's MLP), and wide enough for the noise of a fit over timed runs
-/// (the MLP's fixed cost came out between 0 and 26 µs against 30 µs a row).
+/// (inside the gateway the MLP's fixed cost came out between 0 and 47 µs against 20-35 µs a row).
 const MAX_FIXED_SHARE: f64 = 0.10;
 
 /// Batches seen with the cost shape known and then lost again (its batches all alike) before a

@@ -31,7 +31,8 @@ pub(super) struct Core {
     gather_record: GatherRecord,
     /// What the model's recent batches took (a moving average), once one ran.
     pub recent_cost: Option<std::time::Duration>,
-    /// Whether inline batches answer in two halves, learned from the model's runs.
+    /// What inline batches do beyond running (answer in halves, run in halves to learn), learned
+    /// from the model's runs.
     answer_split: AnswerSplit,
     next_seq: u64,
     /// The instant the timekeeper sleeps until; None while it waits for a notification only.
