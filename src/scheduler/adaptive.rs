@@ -171,6 +171,11 @@ impl WaitYield {
         }
     }
 
+    /// Whether a wait the strategy chose is in progress (not yet ended by a dispatch).
+    pub fn waiting(&self) -> bool {
+        self.current.is_some()
+    }
+
     /// A batch left the queue at `now`, ending any wait.
     pub fn on_dispatch(&mut self, now: Instant) {
         self.rows *= WAIT_DECAY;

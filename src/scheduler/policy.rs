@@ -173,6 +173,9 @@ pub enum DispatchReason {
     Draining,
     /// The adaptive strategy judged that waiting would cost more than it could gain.
     AdaptiveEarly,
+    /// The adaptive strategy waited for more requests, then dispatched before the window's end:
+    /// what arrived made waiting stop paying, or the arrivals stopped.
+    AdaptiveWaited,
 }
 
 impl DispatchReason {
@@ -183,6 +186,7 @@ impl DispatchReason {
             DispatchReason::NoDelay => "no_delay",
             DispatchReason::Draining => "draining",
             DispatchReason::AdaptiveEarly => "adaptive_early",
+            DispatchReason::AdaptiveWaited => "adaptive_waited",
         }
     }
 }
@@ -474,8 +478,10 @@ impl<T: Batchable> BatchPolicy<T> {
                 let Some(adaptive) = &mut self.adaptive else {
                     return Next::WaitUntil(wake);
                 };
+                let waited = adaptive.waits.waiting();
                 match adaptive.wait_until(scan.rows, now) {
                     Some(give_up) => return Next::WaitUntil(wake.min(give_up)),
+                    None if waited => (scan.count, DispatchReason::AdaptiveWaited),
                     None => (scan.count, DispatchReason::AdaptiveEarly),
                 }
             }
@@ -1136,6 +1142,7 @@ mod tests {
             DispatchReason::NoDelay,
             DispatchReason::Draining,
             DispatchReason::AdaptiveEarly,
+            DispatchReason::AdaptiveWaited,
         ] {
             assert!(BATCH_FORMED_REASONS.contains(&reason.label()), "{reason:?}");
         }
@@ -1255,7 +1262,16 @@ mod tests {
         let next = p.next_batch(t1 + US * 25);
         assert_eq!(
             reason_of(&p, next),
-            (vec![1, 2], DispatchReason::AdaptiveEarly)
+            (vec![1, 2], DispatchReason::AdaptiveWaited),
+            "a batch dispatched after a wait says so"
+        );
+        // A batch that goes at once, with no wait before it, is told apart: 41 rows are more
+        // than one fixed cost brings.
+        p.push(rows(3, 41), 0, None, t1 + US * 2000).unwrap();
+        let next = p.next_batch(t1 + US * 2000);
+        assert_eq!(
+            reason_of(&p, next),
+            (vec![3], DispatchReason::AdaptiveEarly)
         );
     }
 
@@ -1366,7 +1382,7 @@ mod tests {
             assert_eq!(batch, vec![i]);
             assert!(matches!(
                 reason,
-                DispatchReason::AdaptiveEarly | DispatchReason::WindowExpired
+                DispatchReason::AdaptiveWaited | DispatchReason::WindowExpired
             ));
         }
         assert_eq!(waits.first(), Some(&0), "the first one tries");

@@ -130,7 +130,7 @@ pub const BATCH_FORMED_TOTAL: MetricDef = def(
     "onnx_gateway_batch_formed_total",
     Counter,
     "Batches the dynamic batcher formed, by why it dispatched them then \
-     (full, window_expired, no_delay, draining, adaptive_early)",
+     (full, window_expired, no_delay, draining, adaptive_early, adaptive_waited)",
 );
 pub const BATCH_FORMED_ROWS_TOTAL: MetricDef = def(
     "onnx_gateway_batch_formed_rows_total",

@@ -39,12 +39,13 @@ pub const BATCH_WAIT_BUCKETS_SECONDS: [f64; 16] = [
 
 /// The `reason` labels of batches formed: the scheduler's dispatch reasons (kept in step by a test
 /// in scheduler/policy.rs), then `other` for any label not listed, so the label set stays bounded.
-pub const BATCH_FORMED_REASONS: [&str; 6] = [
+pub const BATCH_FORMED_REASONS: [&str; 7] = [
     "full",
     "window_expired",
     "no_delay",
     "draining",
     "adaptive_early",
+    "adaptive_waited",
     "other",
 ];
 
