@@ -180,14 +180,28 @@ class Gateway:
         except (urllib.error.URLError, OSError):
             return False
 
-    def successes(self, model):
+    # The counters read around each measurement: successes, and what the batcher formed from them.
+    # key: (metric, a label the sample must also carry, or "").
+    COUNTERS = {
+        "successes": ("nv_inference_request_success", ""),
+        "rows": ("nv_inference_count", ""),
+        "executions": ("nv_inference_exec_count", ""),
+        "answers_split": ("onnx_gateway_batch_answers_split_total", ""),
+        "adaptive_waited": ("onnx_gateway_batch_formed_total", 'reason="adaptive_waited"'),
+    }
+
+    def counters(self, model):
         with urllib.request.urlopen(f"http://{self.admin}/metrics", timeout=10) as r:
             text = r.read().decode()
-        total = 0.0
+        totals = dict.fromkeys(self.COUNTERS, 0.0)
         for line in text.splitlines():
-            if line.startswith("nv_inference_request_success{") and f'model="{model}"' in line:
-                total += float(line.rsplit(" ", 1)[1])
-        return int(total)
+            for key, (metric, label) in self.COUNTERS.items():
+                if line.startswith(metric + "{") and f'model="{model}"' in line and label in line:
+                    totals[key] += float(line.rsplit(" ", 1)[1])
+        return totals
+
+    def successes(self, model):
+        return int(self.counters(model)["successes"])
 
     def stop(self):
         stop_process(self.proc)
@@ -230,7 +244,7 @@ def h2load(server, model, body, in_flight, duration):
         "-H", "content-type: application/grpc", "-H", "te: trailers",
         f"http://{server.addr}/inference.GRPCInferenceService/ModelInfer",
     ]
-    before = server.successes(model)
+    before = server_counters(server, model)
     server_cpu = cpu_seconds(server.proc.pid)
     started = time.monotonic()
     proc = subprocess.Popen(pinned(CLIENT_CORE, argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -239,7 +253,8 @@ def h2load(server, model, body, in_flight, duration):
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.monotonic() - started
     server_cpu = cpu_seconds(server.proc.pid) - server_cpu
-    count = server.successes(model) - before
+    after = server_counters(server, model)
+    count = int(after["successes"] - before["successes"])
     if proc.returncode != 0:
         raise RuntimeError(f"h2load failed ({proc.returncode}):\n{output}")
     m = re.search(r"finished in ([\d.]+)(ms|s)", output)
@@ -265,6 +280,31 @@ def h2load(server, model, body, in_flight, duration):
         "client_cpu_us_per_req": client_cpu / per * 1e6,
         "client_core_use": client_cpu / secs,
         "mean_latency_us": to_us(t.group(5), t.group(6)) if t else None,
+        **batching(before, after),
+    }
+
+
+def server_counters(server, model):
+    """The gateway's counters for `model`; the echo floor has only its successes."""
+    if isinstance(server, Gateway):
+        return server.counters(model)
+    return {"successes": server.successes(model)}
+
+
+def batching(before, after):
+    """What the gateway's batcher formed during a measurement: mean rows per execution, the share
+    of executions whose answers left in two halves (scheduler/answer_split.rs), and the share of
+    batches the adaptive strategy dispatched after a wait of its own choosing."""
+    if "executions" not in before:
+        return {}
+    executions = after["executions"] - before["executions"]
+    if executions <= 0:
+        return {"mean_batch": None, "answers_split_share": None, "adaptive_waited_share": None}
+    share = lambda key: (after[key] - before[key]) / executions
+    return {
+        "mean_batch": (after["rows"] - before["rows"]) / executions,
+        "answers_split_share": share("answers_split"),
+        "adaptive_waited_share": share("adaptive_waited"),
     }
 
 
@@ -396,10 +436,14 @@ def report(results, comps, latencies, info, load_averages):
     lines += ["", "The CPU-cost ratio is the floor's server CPU per row over the gateway's (median of rounds): "
               "where the server's core is the limit (16 and 64 in flight) it is the throughput ratio both would "
               "reach on a core of their own, and a shared machine's other tenants disturb it less than "
-              "throughput (see `server core use` below); at 1 in flight it compares cost per request only.",
+              "throughput (see `server core use` below); at 1 in flight it compares cost per request only. "
+              "`mean batch` and `answers split` are what the gateway's batcher formed during the measurement: rows "
+              "per execution, the share of executions whose answers left in two halves "
+              "(`onnx_gateway_batch_answers_split_total`), and the share of batches the adaptive strategy "
+              "dispatched after a wait of its own choosing (`reason=\"adaptive_waited\"`).",
               "", "## Measurements (median of rounds)", "",
-              "| case | req/s | rows/s | server CPU us/row | server core use | client CPU us/req | client core use | h2load mean latency us | in-process p50/p99 us |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| case | req/s | rows/s | server CPU us/row | server core use | client CPU us/req | client core use | h2load mean latency us | in-process p50/p99 us | mean batch | answers split | adaptive waited |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for case in results[0]:
         vals = [r[case] for r in results]
         med = lambda k: statistics.median(v[k] for v in vals) if all(v.get(k) is not None for v in vals) else None
@@ -407,7 +451,8 @@ def report(results, comps, latencies, info, load_averages):
         lines.append(f"| {case} | {fmt(med('req_per_s'))} | {fmt(med('rows_per_s'))} | "
                      f"{fmt(med('server_cpu_us_per_row'), 1)} | {fmt(med('server_core_use'), 2)} | "
                      f"{fmt(med('client_cpu_us_per_req'), 1)} | {fmt(med('client_core_use'), 2)} | "
-                     f"{fmt(med('mean_latency_us'), 1)} | {p} |")
+                     f"{fmt(med('mean_latency_us'), 1)} | {p} | {fmt(med('mean_batch'), 2)} | "
+                     f"{fmt(med('answers_split_share'), 3)} | {fmt(med('adaptive_waited_share'), 3)} |")
     lines += ["", f"## Latency through the gateway (loadgen, {LATENCY_DURATION:g} s after a 1 s warm-up, once)", "",
               "| model | in flight | req/s | p50 ms | p99 ms | loadgen CPU us/req |", "|---|---:|---:|---:|---:|---:|"]
     for (model, c), line in latencies.items():
