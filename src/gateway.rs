@@ -180,6 +180,7 @@ impl Gateway {
         }));
 
         tokio::pin!(shutdown);
+        let poll_baseline = poll_baseline(&config, &state).await;
         // A SIGTERM while models load must not wait for the loading to finish (Kubernetes may be
         // scaling down a pod that never became ready).
         let loaded = tokio::select! {
@@ -199,9 +200,10 @@ impl Gateway {
             Some(Ok(())) => {
                 state.readiness.mark_started();
                 tracing::info!(ready = state.is_ready(), "startup complete");
-                if config.models.model_control_mode == ModelControlMode::Poll {
+                if let Some(before) = poll_baseline {
                     let every = Duration::from_secs(config.models.repository_poll_secs.max(1));
-                    tokio::spawn(poll_repository(Arc::clone(&state), every, stop_rx.clone()));
+                    let state = Arc::clone(&state);
+                    tokio::spawn(poll_repository(state, every, stop_rx.clone(), before));
                 }
                 tokio::select! {
                     _ = &mut shutdown => {}
@@ -323,15 +325,27 @@ async fn load_models(config: &Config, state: &Arc<ServerState>) -> anyhow::Resul
     Ok(())
 }
 
-/// Poll mode: applies added, changed and removed models every --repository-poll-secs until stopped.
+/// Poll mode: the repository as it was before the startup load read it, which the first poll
+/// compares against. Taken before loading, not once serving starts: a model added while the
+/// others loaded, or after readiness but before the poller's first scan, would otherwise be in
+/// the baseline already and never be loaded.
+async fn poll_baseline(config: &Config, state: &ServerState) -> Option<poll::Scan> {
+    if config.models.model_control_mode != ModelControlMode::Poll {
+        return None;
+    }
+    let names = state.models.repository_models().await.unwrap_or_default();
+    Some(scan_off_reactor(state.models.repository(), names).await)
+}
+
+/// Poll mode: applies added, changed and removed models every --repository-poll-secs until stopped,
+/// starting from the `before` scan.
 async fn poll_repository(
     state: Arc<ServerState>,
     every: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    mut before: poll::Scan,
 ) {
     let repo = state.models.repository().to_path_buf();
-    let names = state.models.repository_models().await.unwrap_or_default();
-    let mut before = scan_off_reactor(&repo, names).await;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

@@ -39,14 +39,17 @@ from harness import (
 DEADLINE_S = 30.0
 
 
-def wait_for(predicate, what: str, timeout: float = DEADLINE_S):
+def wait_for(predicate, what: str, timeout: float = DEADLINE_S, gateway: Gateway | None = None):
+    """Polls `predicate` until it is truthy; on timeout fails with `gateway`'s log, when given,
+    so that a failure on CI says what the server was doing."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"not {what} after {timeout}s")
+            log = f"; gateway stderr:\n{gateway.stderr()}" if gateway is not None else ""
+            pytest.fail(f"not {what} after {timeout}s{log}")
         time.sleep(0.02)
 
 
@@ -148,7 +151,7 @@ def test_sigterm_under_load_answers_everything_accepted_and_exits_zero(gateway_f
         gateway.process.send_signal(signal.SIGTERM)
         # Readiness turns off at once, on both the gRPC health service and the HTTP endpoint ...
         wait_for(lambda: grpc_health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING, "NOT_SERVING")
-        wait_for(lambda: http_ready(gateway) == 400, "HTTP not-ready")
+        wait_for(lambda: http_ready(gateway) == 400, "HTTP not-ready", gateway=gateway)
         not_ready_at = time.monotonic()
         # ... while requests go on being served through the drain delay.
         wait_for(
@@ -189,7 +192,7 @@ def test_drain_finishes_queued_requests_before_exiting(gateway_factory, repo_cop
         futures = [
             pool.submit(infer_add_sub, c, a, b, client_timeout=DEADLINE_S) for c, (a, b) in zip(clients, inputs)
         ]
-        wait_for(lambda: pending_requests(gateway, "add_sub") == 3, "3 requests queued")
+        wait_for(lambda: pending_requests(gateway, "add_sub") == 3, "3 requests queued", gateway=gateway)
         gateway.process.send_signal(signal.SIGTERM)
         for future, (a, b) in zip(futures, inputs):
             result = future.result(timeout=DEADLINE_S)
@@ -212,7 +215,7 @@ def test_exit_timeout_bounds_the_drain(gateway_factory, repo_copy):
     a, b = add_sub_inputs()
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(infer_add_sub, client, a, b, client_timeout=DEADLINE_S)
-        wait_for(lambda: pending_requests(gateway, "add_sub") == 1, "the request queued")
+        wait_for(lambda: pending_requests(gateway, "add_sub") == 1, "the request queued", gateway=gateway)
         gateway.process.send_signal(signal.SIGTERM)
         assert gateway.process.wait(timeout=DEADLINE_S) == 0, gateway.stderr()
         with pytest.raises(InferenceServerException) as cut:
@@ -257,7 +260,7 @@ def test_poll_swaps_in_a_new_version_without_failing_a_request(gateway_factory, 
     try:
         load.wait_for_results(20)
         shutil.copytree(repository / "add_sub" / "1", repository / "add_sub" / "2")
-        wait_for(lambda: client.get_model_metadata("add_sub").versions == ["2"], "version 2 serving")
+        wait_for(lambda: client.get_model_metadata("add_sub").versions == ["2"], "version 2 serving", gateway=gateway)
         wait_for(
             lambda: any(version == "2" for _, _, version in load.snapshot()[-20:]),
             "responses from version 2",
@@ -284,11 +287,11 @@ def test_poll_adds_removes_and_survives_a_broken_reload(gateway_factory, repo_co
     client = gateway.client()
 
     shutil.copytree(MODELS / "digits_classifier", repository / "digits_classifier")
-    wait_for(lambda: client.is_model_ready("digits_classifier"), "the added model ready")
+    wait_for(lambda: client.is_model_ready("digits_classifier"), "the added model ready", gateway=gateway)
     assert client.is_server_ready()
 
     shutil.rmtree(repository / "digits_classifier")
-    wait_for(lambda: not client.is_model_ready("digits_classifier"), "the removed model gone")
+    wait_for(lambda: not client.is_model_ready("digits_classifier"), "the removed model gone", gateway=gateway)
     names = [m["name"] for m in client.get_model_repository_index(as_json=True)["models"]]
     assert names == ["add_sub"]
 
@@ -302,8 +305,42 @@ def test_poll_adds_removes_and_survives_a_broken_reload(gateway_factory, repo_co
 
     # Fixed in place: the next scan loads it.
     shutil.copy(repository / "add_sub" / "1" / "model.onnx", broken / "model.onnx")
-    wait_for(lambda: client.get_model_metadata("add_sub").versions == ["2"], "the repaired version serving")
+    wait_for(
+        lambda: client.get_model_metadata("add_sub").versions == ["2"],
+        "the repaired version serving",
+        gateway=gateway,
+    )
     assert_add_sub_serves(client)
+
+
+def test_poll_loads_a_model_added_while_the_others_load(gateway_factory, repo_copy):
+    """The poller's baseline is the repository before the startup load, so a model added while
+    the startup models load (or before the poller's first scan) is found at the first poll. A
+    baseline taken once serving started would already hold it, and it would never load."""
+    repository = repo_copy("add_sub")
+    slow = repository / "slow_warmup"
+    shutil.copytree(MODELS / "mlp_bench", slow)
+    config = (slow / "config.pbtxt").read_text().replace('name: "mlp_bench"', 'name: "slow_warmup"')
+    # About 1000 runs at batch 64 (1-2 s here): the startup load lasts long enough to add a model.
+    warmup = (
+        'model_warmup [ { name: "long" batch_size: 64 count: 1000 inputs { key: "input" '
+        "value { data_type: TYPE_FP32 dims: [ 256 ] zero_data: true } } } ]\n"
+    )
+    (slow / "config.pbtxt").write_text(config + warmup)
+    gateway = gateway_factory(
+        repository, "--model-control-mode", "poll", "--repository-poll-secs", "1", wait_ready=False
+    )
+    client = gateway.client()
+    gateway.wait_live()
+    assert not client.is_server_ready(), "the warm-up should still be running"
+    shutil.copytree(MODELS / "digits_classifier", repository / "digits_classifier")
+    gateway.wait_ready()
+    wait_for(
+        lambda: client.is_model_ready("digits_classifier"),
+        "the model added during startup ready",
+        gateway=gateway,
+    )
+    assert client.is_model_ready("slow_warmup") and client.is_model_ready("add_sub")
 
 
 # ---- model control: explicit ------------------------------------------------------------------
