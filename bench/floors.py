@@ -411,12 +411,32 @@ def fmt(x, digits=0):
     return "-" if x is None else f"{x:,.{digits}f}"
 
 
+# Spread of a floor's rate across rounds above which the report says the machine's speed moved.
+CANARY_SPREAD = 0.15
+
+
+def canary_lines(results):
+    """The floors' own rates per round: on a shared machine they move with the other tenants, and a
+    reader needs them to tell a quiet run from a disturbed one (the ratios move less, but do move)."""
+    lines = []
+    for case, key in [("echo m=1", "req_per_s"), ("in-process b16", "rows_per_s")]:
+        rates = [r[case][key] for r in results if case in r and r[case].get(key)]
+        if not rates:
+            continue
+        spread = max(rates) / min(rates) - 1.0
+        warning = (f" (spread {spread:.0%}: above {CANARY_SPREAD:.0%}, the machine's speed moved during the "
+                   "run; read its ratios with care)" if spread > CANARY_SPREAD else f" (spread {spread:.0%})")
+        lines.append(f"- {case}, {key.replace('_', ' ')} per round: " + " / ".join(fmt(x) for x in rates) + warning)
+    return ["", "Machine canary (the floors' own rates):", ""] + lines if lines else []
+
+
 def report(results, comps, latencies, info, load_averages):
     lines = ["# Gateway vs floors", ""]
     lines.append(f"commit {info['commit']}; {info['cpu']}, {info['nproc']} CPUs visible, cgroup cpu.max "
                  f"{info['cgroup_cpu_max']}; server on core {SERVER_CORE}, client on core {CLIENT_CORE}; "
                  f"{ROUNDS} rounds of {DURATION:g} s per measurement; {info['h2load']}; load average at "
                  f"each round's start: {', '.join(load_averages)}")
+    lines += canary_lines(results)
     lines += ["", "## Ratios (per round, median)", "",
               "| comparison | " + " | ".join(f"round {r + 1}" for r in range(ROUNDS)) +
               " | median | target | CPU-cost ratio (median) |",
