@@ -207,6 +207,14 @@ mod tests {
         plans
     }
 
+    /// How many batches ran in halves, to learn the cost shape, before the first other plan.
+    fn runs_in_halves_first(plans: &[Plan]) -> usize {
+        plans
+            .iter()
+            .take_while(|p| **p == Plan::RunInHalves)
+            .count()
+    }
+
     #[test]
     fn nothing_is_split_before_the_cost_shape_is_known_it_is_run_in_halves_to_learn_it() {
         let mut split = AnswerSplit::default();
@@ -228,10 +236,7 @@ mod tests {
         // The benchmark's MLP: about 30 µs a row and little per run.
         let mut split = AnswerSplit::default();
         let plans = drive(&mut split, 5.0, 30.0, 16, 40);
-        let learning = plans
-            .iter()
-            .take_while(|p| **p == Plan::RunInHalves)
-            .count();
+        let learning = runs_in_halves_first(&plans);
         assert!(learning <= 3, "{plans:?}");
         assert!(
             plans[learning..].iter().all(|p| *p == Plan::AnswerInHalves),
@@ -281,10 +286,7 @@ mod tests {
         // like 17%, past the bound, and each run would flip the verdict.
         let mut split = AnswerSplit::default();
         let plans = drive(&mut split, 50.0, 30.0, 16, 200);
-        let learning = plans
-            .iter()
-            .take_while(|p| **p == Plan::RunInHalves)
-            .count();
+        let learning = runs_in_halves_first(&plans);
         assert!(
             plans[learning..].iter().all(|p| *p == Plan::AnswerInHalves),
             "{plans:?}"

@@ -1197,6 +1197,24 @@ struct CountsAnswered {
     seen: Arc<Mutex<Vec<AnsweredAndThread>>>,
 }
 
+impl CountsAnswered {
+    /// An executor with fresh counters, and the counters: callers answered (the tests add to it),
+    /// and what each execution saw.
+    fn with_counters() -> (
+        Self,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<Mutex<Vec<AnsweredAndThread>>>,
+    ) {
+        let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let executor = CountsAnswered {
+            answered: answered.clone(),
+            seen: seen.clone(),
+        };
+        (executor, answered, seen)
+    }
+}
+
 impl ModelExecutor for CountsAnswered {
     fn execute(
         &mut self,
@@ -1237,12 +1255,7 @@ async fn an_inline_batch_answers_its_callers_before_the_batch_queued_behind_it_r
     // On the one-thread runtime the caller tasks and the scheduler share one thread, as on a
     // one-CPU pod: the second batch must wait for the first batch's callers to take their answers
     // (whose connection then writes them), not run before them.
-    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let executor = CountsAnswered {
-        answered: answered.clone(),
-        seen: seen.clone(),
-    };
+    let (executor, answered, seen) = CountsAnswered::with_counters();
     let s = primed_for_inline(Box::new(executor), Duration::from_secs(10)).await;
     // The priming request's caller had its answer.
     answered.fetch_add(1, Relaxed);
@@ -1303,12 +1316,7 @@ async fn a_batch_answered_in_two_halves_answers_all_its_callers_before_the_next_
     // Sixteen callers, batches of eight, every batch's answers split (no shortest run). On the
     // one-thread runtime, as on a one-CPU pod: the first half of the first batch's answers goes
     // out, the second half a turn later, and only then does the batch queued behind it run.
-    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let executor = CountsAnswered {
-        answered: answered.clone(),
-        seen: seen.clone(),
-    };
+    let (executor, answered, seen) = CountsAnswered::with_counters();
     let s = primed_for_inline_with(
         Box::new(executor),
         8,
