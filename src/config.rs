@@ -206,8 +206,9 @@ pub struct GrpcArgs {
         default_value_t = 300
     )]
     pub grpc_idle_timeout_secs: u64,
-    /// gRPC connections open at once, TCP and Unix socket together; one more is refused with an
-    /// HTTP/2 GOAWAY naming the limit (closed under TLS). 0 disables the limit.
+    /// gRPC connections open at once, TCP and Unix socket together; one more is closed before any
+    /// HTTP/2 byte, which a client reports as UNAVAILABLE and retries after its backoff. 0 disables
+    /// the limit.
     #[arg(
         long,
         env = "ONNX_GATEWAY_GRPC_MAX_CONNECTIONS",
@@ -324,6 +325,14 @@ pub struct HttpArgs {
     /// HTTP port (HTTP/1.1 and cleartext HTTP/2); 0 picks a free port (the chosen one is logged).
     #[arg(long, env = "ONNX_GATEWAY_HTTP_PORT", default_value_t = 8000)]
     pub http_port: u16,
+    /// HTTP/REST connections open at once; one more is answered 503 with Retry-After and closed
+    /// (closed without an answer under TLS). 0 disables the limit.
+    #[arg(
+        long,
+        env = "ONNX_GATEWAY_HTTP_MAX_CONNECTIONS",
+        default_value_t = 1024
+    )]
+    pub http_max_connections: usize,
     /// Largest HTTP request body accepted, in bytes, after decompression.
     #[arg(long, env = "ONNX_GATEWAY_HTTP_MAX_BODY_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub http_max_body_bytes: usize,

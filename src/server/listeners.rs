@@ -1,10 +1,10 @@
 //! Accepting gRPC connections with bounds: how many may be open, how long one may take to start
 //! HTTP/2, how long one may stay idle.
 //!
-//! - **Connection cap** (`--grpc-max-connections`, TCP and Unix socket together): a connection past
-//!   the cap is never handed to hyper; it is closed before any HTTP/2 byte (see
-//!   [`ConnectionLimits::refuse`] for why not a GOAWAY), and the server logs a warning naming the
-//!   flag.
+//! - **Connection cap** (`--grpc-max-connections`, TCP and Unix socket together; see
+//!   `connection_cap`): a connection past the cap is never handed to hyper; it is closed before any
+//!   HTTP/2 byte (see [`ConnectionLimits::refuse`] for why not a GOAWAY), and the server logs a
+//!   warning naming the flag.
 //! - **Handshake timeout** (`--grpc-handshake-timeout-secs`): the 24 bytes of the HTTP/2 client
 //!   preface must arrive within it, or the connection is closed. Under TLS the same bound is the TLS
 //!   handshake's (tonic's own timeout), and the preface inside TLS is covered by the idle timeout.
@@ -22,23 +22,17 @@ use std::time::{Duration, Instant};
 
 use futures::Stream;
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 use tonic::transport::server::Connected;
 use tower::{Layer, Service};
 
+use super::connection_cap::{ConnectionCap, ConnectionSlot};
 use super::layer_future::{AfterResponse, ThenRespond};
 use super::uds_authority::AuthorityRewrite;
 
 const PREFACE_LEN: usize = 24;
-/// How long a refused connection may hold a socket while it is closed.
-const REFUSAL_TIME: Duration = Duration::from_secs(2);
-/// Refused connections being closed at once; past this one is dropped at once (it may be reset).
-const MAX_CONCURRENT_REFUSALS: usize = 64;
-/// Shortest time between two warnings about refused connections.
-const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(10);
 /// Pause after a failed accept (out of file descriptors), so the accept loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
@@ -47,12 +41,7 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 pub struct ConnectionLimits {
     handshake_timeout: Option<Duration>,
     idle_timeout: Option<Duration>,
-    max_connections: usize,
-    slots: Option<Arc<Semaphore>>,
-    refusals: Arc<Semaphore>,
-    refused: Arc<AtomicU64>,
-    started: Instant,
-    last_warning_ms: Arc<AtomicU64>,
+    cap: ConnectionCap,
 }
 
 impl ConnectionLimits {
@@ -66,12 +55,7 @@ impl ConnectionLimits {
         Self {
             handshake_timeout: secs(handshake_timeout_secs),
             idle_timeout: secs(idle_timeout_secs),
-            max_connections,
-            slots: (max_connections > 0).then(|| Arc::new(Semaphore::new(max_connections))),
-            refusals: Arc::new(Semaphore::new(MAX_CONCURRENT_REFUSALS)),
-            refused: Arc::new(AtomicU64::new(0)),
-            started: Instant::now(),
-            last_warning_ms: Arc::new(AtomicU64::new(0)),
+            cap: ConnectionCap::new("gRPC", "--grpc-max-connections", max_connections),
         }
     }
 
@@ -80,19 +64,11 @@ impl ConnectionLimits {
     }
 
     /// A slot for a new connection, or `None` when the cap is reached.
-    fn admit(&self) -> Option<Option<OwnedSemaphorePermit>> {
-        match &self.slots {
-            None => Some(None),
-            Some(slots) => Arc::clone(slots).try_acquire_owned().ok().map(Some),
-        }
+    fn admit(&self) -> Option<ConnectionSlot> {
+        self.cap.admit()
     }
 
-    fn bound<S>(
-        &self,
-        inner: S,
-        slot: Option<OwnedSemaphorePermit>,
-        plaintext: bool,
-    ) -> BoundedConnection<S> {
+    fn bound<S>(&self, inner: S, slot: ConnectionSlot, plaintext: bool) -> BoundedConnection<S> {
         // Under TLS tonic bounds the handshake, and the bytes seen here are TLS records.
         let handshake = self
             .handshake_timeout
@@ -116,47 +92,12 @@ impl ConnectionLimits {
     /// before any HTTP/2 byte is sent, so a gRPC client counts it as a failed connection attempt:
     /// the call fails with UNAVAILABLE and the client backs off before it reconnects. (A SETTINGS
     /// and GOAWAY would name the limit, but C-core clients treat that connection as established and
-    /// reconnect at once, hundreds of times a second.) The client's bytes are read until it closes,
-    /// as closing with unread bytes would reset the connection instead.
-    fn refuse<S>(&self, mut stream: S)
+    /// reconnect at once, hundreds of times a second.)
+    fn refuse<S>(&self, stream: S)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        self.warn_refused();
-        let Ok(permit) = Arc::clone(&self.refusals).try_acquire_owned() else {
-            return;
-        };
-        tokio::spawn(async move {
-            let _permit = permit;
-            let close = async {
-                stream.shutdown().await?;
-                let mut sink = [0u8; 1024];
-                while stream.read(&mut sink).await? > 0 {}
-                io::Result::Ok(())
-            };
-            let _ = tokio::time::timeout(REFUSAL_TIME, close).await;
-        });
-    }
-
-    /// One warning per [`REFUSAL_LOG_PERIOD`] at most, with the count, so a flood cannot flood
-    /// the log too.
-    fn warn_refused(&self) {
-        let refused = self.refused.fetch_add(1, Ordering::AcqRel) + 1;
-        let now = self.started.elapsed().as_millis() as u64;
-        let last = self.last_warning_ms.load(Ordering::Acquire);
-        let due = refused == 1 || now.saturating_sub(last) >= REFUSAL_LOG_PERIOD.as_millis() as u64;
-        if due
-            && self
-                .last_warning_ms
-                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            tracing::warn!(
-                limit = self.max_connections,
-                refused_total = refused,
-                "gRPC connection refused: --grpc-max-connections reached"
-            );
-        }
+        self.cap.refuse(stream, bytes::Bytes::new());
     }
 }
 
@@ -224,7 +165,7 @@ impl ConnectionInfo {
 pub struct BoundedConnection<S> {
     inner: S,
     activity: Arc<ConnectionActivity>,
-    _slot: Option<OwnedSemaphorePermit>,
+    _slot: ConnectionSlot,
     handshake: Option<Pin<Box<Sleep>>>,
     preface_read: usize,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,

@@ -8,6 +8,7 @@ pub mod budget_gunzip;
 pub mod classification;
 pub mod codec;
 pub mod codec_prescan;
+pub mod connection_cap;
 pub mod cuda_shm;
 pub mod decode;
 pub mod encode;

@@ -306,6 +306,36 @@ def test_queue_full_is_503_with_retry_after(gateway_factory, repo_copy):
     client.close()
 
 
+def test_connections_past_the_cap_are_answered_503(gateway_factory, repo_copy):
+    gateway = gateway_factory(repo_copy("add_sub"), "--http-max-connections", "2")
+    host, port = gateway.http_addr.rsplit(":", 1)
+    # Two keep-alive connections hold both slots (readiness was checked over gRPC, not HTTP).
+    held = [http.client.HTTPConnection(host, int(port), timeout=30) for _ in range(2)]
+
+    def ready_on(conn) -> int:
+        conn.request("GET", "/v2/health/ready")
+        response = conn.getresponse()
+        response.read()
+        return response.status
+
+    assert [ready_on(conn) for conn in held] == [200, 200]
+    status, headers, body = raw(gateway, "GET", "/v2/health/ready")
+    assert_json_error(status, body, 503, "--http-max-connections")
+    assert headers.get("retry-after") == "1"
+    assert headers.get("connection") == "close"
+    gateway.wait_for_log(re.compile(r"HTTP connection refused: --http-max-connections reached.*limit=2"))
+    # The held connections still serve, gRPC is not capped by HTTP's cap, and a slot frees
+    # once a held connection closes (the server sees the close on its own time: poll, bounded).
+    assert [ready_on(conn) for conn in held] == [200, 200]
+    assert gateway.client().is_server_ready()
+    held[0].close()
+    deadline = time.monotonic() + 30
+    while raw(gateway, "GET", "/v2/health/ready")[0] != 200:
+        assert time.monotonic() < deadline, "no slot freed after a held connection closed"
+        time.sleep(0.05)
+    held[1].close()
+
+
 def test_repository_load_unload_over_http(gateway_factory, repo_copy):
     gateway = gateway_factory(repo_copy("add_sub"), "--model-control-mode=explicit", "--strict-readiness=false")
     client = http_client(gateway)

@@ -1,6 +1,7 @@
 //! The HTTP listener: HTTP/1.1 with keep-alive and cleartext HTTP/2 (h2c, by prior knowledge) on
 //! one port, optionally TLS (h2 and http/1.1 by ALPN), with a graceful stop: on `stop` it accepts
 //! no more connections, lets requests in progress finish and closes idle keep-alive connections.
+//! At most `--http-max-connections` are open at once: one more is answered 503 and closed.
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::extract::ConnectInfo;
 use axum::Router;
+use bytes::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -21,6 +23,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use crate::config::HttpArgs;
+use crate::server::connection_cap::ConnectionCap;
 
 /// A client that opens a connection must finish its TLS handshake or request head within this
 /// time, so idle half-open connections cannot pile up.
@@ -30,6 +33,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct HttpListener {
     tcp: TcpListener,
     tls: Option<TlsAcceptor>,
+    cap: ConnectionCap,
 }
 
 impl HttpListener {
@@ -40,7 +44,8 @@ impl HttpListener {
             .await
             .with_context(|| format!("cannot bind HTTP address {addr}"))?;
         let tls = tls_acceptor(args)?;
-        Ok(Self { tcp, tls })
+        let cap = ConnectionCap::new("HTTP", "--http-max-connections", args.http_max_connections);
+        Ok(Self { tcp, tls, cap })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -75,6 +80,15 @@ impl HttpListener {
             };
             // Without it a small response can wait behind Nagle's algorithm for a delayed ACK.
             let _ = stream.set_nodelay(true);
+            let Some(slot) = self.cap.admit() else {
+                // Plain text can carry an answer; under TLS there is no session to carry it in.
+                let farewell = match self.tls {
+                    None => refusal_answer(self.cap.limit()),
+                    Some(_) => Bytes::new(),
+                };
+                self.cap.refuse(stream, farewell);
+                continue;
+            };
             // The peer address for the audit log, as axum's `ConnectInfo` (read by authentication).
             let service = TowerToHyperService::new(router.clone().map_request(
                 move |mut request: http::Request<hyper::body::Incoming>| {
@@ -85,6 +99,7 @@ impl HttpListener {
             let (builder, watcher, tls) =
                 (Arc::clone(&builder), graceful.watcher(), self.tls.clone());
             tokio::spawn(async move {
+                let _slot = slot;
                 let result = match tls {
                     None => {
                         let conn = builder.serve_connection(TokioIo::new(stream), service);
@@ -109,6 +124,24 @@ impl HttpListener {
         drop(self.tcp);
         graceful.shutdown().await;
     }
+}
+
+/// What a connection past the cap reads: an HTTP/1.1 503 in the protocol's JSON error form, with
+/// Retry-After as for a full queue, so clients back off and retry. An h2c client reads it as a
+/// protocol error, which also ends in a retry.
+fn refusal_answer(limit: usize) -> Bytes {
+    let body = serde_json::json!({
+        "error": format!(
+            "the server has its maximum of {limit} HTTP connections open \
+             (--http-max-connections); retry later"
+        )
+    })
+    .to_string();
+    Bytes::from(format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    ))
 }
 
 /// The HTTP TLS flags → a rustls acceptor (ring), mutual TLS when asked.
@@ -168,4 +201,36 @@ fn read_certs(flag: &str, path: &Path) -> anyhow::Result<Vec<CertificateDer<'sta
         path.display()
     );
     Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_refusal_is_a_whole_503_naming_the_flag() {
+        let answer = refusal_answer(7);
+        let text = std::str::from_utf8(&answer).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
+        assert!(
+            head.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("\r\nretry-after: 1\r\n"), "{head}");
+        assert!(head.contains("\r\nconnection: close"), "{head}");
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length: "))
+            .expect("a content-length")
+            .parse()
+            .unwrap();
+        assert_eq!(length, body.len());
+        let error: serde_json::Value = serde_json::from_str(body).unwrap();
+        let message = error["error"].as_str().unwrap();
+        assert!(
+            message.contains("maximum of 7 HTTP connections"),
+            "{message}"
+        );
+        assert!(message.contains("--http-max-connections"), "{message}");
+    }
 }
