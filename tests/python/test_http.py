@@ -468,6 +468,49 @@ def test_http_over_tls_and_mutual_tls(gateway_factory, repo_copy, tmp_path):
         raw(gateway, "GET", "/v2/health/ready")
 
 
+def test_tls_connections_past_the_cap_are_closed_before_the_handshake(gateway_factory, repo_copy, tmp_path):
+    import ssl
+
+    from tls_certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    gateway = gateway_factory(
+        repo_copy("add_sub"), "--http-use-ssl=true", "--http-server-cert", str(pki.server_cert),
+        "--http-server-key", str(pki.server_key), "--http-max-connections", "1",
+    )
+    host, port = gateway.http_addr.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=str(pki.ca_cert))
+    context.check_hostname = False
+
+    def ready_on(conn) -> int:
+        conn.request("GET", "/v2/health/ready")
+        response = conn.getresponse()
+        response.read()
+        return response.status
+
+    held = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
+    assert ready_on(held) == 200
+    extra = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        ready_on(extra)
+    extra.close()
+    gateway.wait_for_log(re.compile(r"HTTP connection refused: --http-max-connections reached.*limit=1"))
+    assert ready_on(held) == 200
+    held.close()
+    deadline = time.monotonic() + 30
+    while True:
+        fresh = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
+        try:
+            if ready_on(fresh) == 200:
+                break
+        except (ssl.SSLError, ConnectionError, OSError):
+            pass
+        finally:
+            fresh.close()
+        assert time.monotonic() < deadline, "no slot freed after the held connection closed"
+        time.sleep(0.05)
+
+
 def test_bad_http_tls_config_stops_startup(tmp_path, repo_copy):
     from harness import run_gateway_to_exit
 
