@@ -333,6 +333,15 @@ pub struct HttpArgs {
         default_value_t = 1024
     )]
     pub http_max_connections: usize,
+    /// Seconds an HTTP connection may stay open with no request in progress before it is closed
+    /// (as --grpc-idle-timeout-secs; an idle HTTP/1.1 keep-alive connection is closed sooner, 30 s
+    /// after it starts waiting for its next request head). 0 disables the bound.
+    #[arg(
+        long,
+        env = "ONNX_GATEWAY_HTTP_IDLE_TIMEOUT_SECS",
+        default_value_t = 300
+    )]
+    pub http_idle_timeout_secs: u64,
     /// Largest HTTP request body accepted, in bytes, after decompression.
     #[arg(long, env = "ONNX_GATEWAY_HTTP_MAX_BODY_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub http_max_body_bytes: usize,

@@ -1,5 +1,6 @@
-//! The HTTP/REST listener in-process: HTTP/1.1 keep-alive (several requests on one connection) and
-//! cleartext HTTP/2 by prior knowledge (h2c) on the same port, against the real `Gateway`.
+//! The HTTP/REST listener in-process: HTTP/1.1 keep-alive (several requests on one connection),
+//! cleartext HTTP/2 by prior knowledge (h2c) on the same port, and the idle bound, against the real
+//! `Gateway`.
 mod common;
 
 use std::net::SocketAddr;
@@ -20,9 +21,11 @@ struct Running {
 }
 
 async fn start() -> Running {
-    let gateway = Gateway::bind(Config::for_repository(common::example_models()))
-        .await
-        .expect("gateway binds");
+    start_with(Config::for_repository(common::example_models())).await
+}
+
+async fn start_with(config: Config) -> Running {
+    let gateway = Gateway::bind(config).await.expect("gateway binds");
     let http = gateway.http_addr().expect("HTTP is on by default");
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(gateway.serve(async move {
@@ -150,6 +153,77 @@ async fn h2c_prior_knowledge_on_the_same_port() {
     let body = response.into_body().collect().await.unwrap().to_bytes();
     let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert!(error["error"].as_str().unwrap().contains("/v2/nope"));
+    server.stop.send(()).unwrap();
+    server.task.await.unwrap().unwrap();
+}
+
+/// An h2c client on `server`'s HTTP port, its connection driven by a task of its own that ends
+/// when the server closes the connection.
+async fn h2c_client(
+    server: &Running,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let stream = TcpStream::connect(server.http).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2c handshake");
+    (
+        sender,
+        tokio::spawn(async move {
+            let _ = conn.await;
+        }),
+    )
+}
+
+#[tokio::test]
+async fn an_idle_h2c_connection_is_closed_but_not_one_with_a_request_in_progress() {
+    // A lone request on add_sub waits out a 2 s delay window: longer than the 1 s idle bound.
+    let repo = common::repo_with(&["add_sub"]);
+    let config_path = repo.path().join("add_sub/config.pbtxt");
+    let text = std::fs::read_to_string(&config_path).unwrap().replace(
+        "dynamic_batching {}",
+        "dynamic_batching { max_queue_delay_microseconds: 2000000 }",
+    );
+    std::fs::write(&config_path, text).unwrap();
+    let mut config = Config::for_repository(repo.path());
+    config.http.http_idle_timeout_secs = 1;
+    let server = start_with(config).await;
+
+    let (sender, busy_connection) = h2c_client(&server).await;
+    let output = ready_then_infer(|r| {
+        let mut sender = sender.clone();
+        async move {
+            let response = sender
+                .send_request(r)
+                .await
+                .expect("answered on the same connection");
+            let status = response.status().as_u16();
+            (
+                status,
+                response.into_body().collect().await.unwrap().to_bytes(),
+            )
+        }
+    })
+    .await;
+    assert_eq!(
+        output,
+        expected(),
+        "the 2 s request was answered on its connection"
+    );
+    // Then, with nothing in progress, the server closes it; bounded far above the 1 s bound.
+    tokio::time::timeout(std::time::Duration::from_secs(20), busy_connection)
+        .await
+        .expect("the idle connection was closed")
+        .unwrap();
+
+    let (_idle_sender, never_used) = h2c_client(&server).await;
+    tokio::time::timeout(std::time::Duration::from_secs(20), never_used)
+        .await
+        .expect("a connection that never sent a request was closed")
+        .unwrap();
     server.stop.send(()).unwrap();
     server.task.await.unwrap().unwrap();
 }

@@ -1,5 +1,6 @@
-//! Accepting gRPC connections with bounds: how many may be open, how long one may take to start
-//! HTTP/2, how long one may stay idle.
+//! Accepting connections with bounds: how many may be open, how long one may take to start
+//! HTTP/2, how long one may stay idle. gRPC's listeners use all three; the HTTP door uses the cap
+//! and the idle bound (`--http-max-connections`, `--http-idle-timeout-secs`).
 //!
 //! - **Connection cap** (`--grpc-max-connections`, TCP and Unix socket together; see
 //!   `connection_cap`): a connection past the cap is never handed to hyper; it is closed before any
@@ -41,6 +42,8 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 pub struct ConnectionLimits {
     handshake_timeout: Option<Duration>,
     idle_timeout: Option<Duration>,
+    /// The flag that sets `idle_timeout`, named when a connection is closed for it.
+    idle_flag: &'static str,
     cap: ConnectionCap,
 }
 
@@ -55,8 +58,23 @@ impl ConnectionLimits {
         Self {
             handshake_timeout: secs(handshake_timeout_secs),
             idle_timeout: secs(idle_timeout_secs),
+            idle_flag: "--grpc-idle-timeout-secs",
             cap: ConnectionCap::new("gRPC", "--grpc-max-connections", max_connections),
         }
+    }
+
+    /// The HTTP door's bounds: no preface to wait for (HTTP/1.1 has its own head-read bound).
+    pub fn http(idle_timeout_secs: u64, max_connections: usize) -> Self {
+        Self {
+            handshake_timeout: None,
+            idle_timeout: (idle_timeout_secs > 0).then(|| Duration::from_secs(idle_timeout_secs)),
+            idle_flag: "--http-idle-timeout-secs",
+            cap: ConnectionCap::new("HTTP", "--http-max-connections", max_connections),
+        }
+    }
+
+    pub fn max_connections(&self) -> usize {
+        self.cap.limit()
     }
 
     pub fn handshake_timeout(&self) -> Option<Duration> {
@@ -64,11 +82,18 @@ impl ConnectionLimits {
     }
 
     /// A slot for a new connection, or `None` when the cap is reached.
-    fn admit(&self) -> Option<ConnectionSlot> {
+    pub fn admit(&self) -> Option<ConnectionSlot> {
         self.cap.admit()
     }
 
-    fn bound<S>(&self, inner: S, slot: ConnectionSlot, plaintext: bool) -> BoundedConnection<S> {
+    /// `inner` with the bounds applied, holding `slot`. `plaintext`: the bytes read are HTTP/2's
+    /// own, so the preface can be waited for.
+    pub fn bound<S>(
+        &self,
+        inner: S,
+        slot: ConnectionSlot,
+        plaintext: bool,
+    ) -> BoundedConnection<S> {
         // Under TLS tonic bounds the handshake, and the bytes seen here are TLS records.
         let handshake = self
             .handshake_timeout
@@ -85,6 +110,7 @@ impl ConnectionLimits {
             handshake,
             preface_read: 0,
             idle,
+            idle_flag: self.idle_flag,
         }
     }
 
@@ -97,7 +123,15 @@ impl ConnectionLimits {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        self.cap.refuse(stream, bytes::Bytes::new());
+        self.refuse_with(stream, bytes::Bytes::new());
+    }
+
+    /// Closes a connection past the cap after writing `farewell` to it (see `ConnectionCap`).
+    pub fn refuse_with<S>(&self, stream: S, farewell: bytes::Bytes)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.cap.refuse(stream, farewell);
     }
 }
 
@@ -169,6 +203,7 @@ pub struct BoundedConnection<S> {
     handshake: Option<Pin<Box<Sleep>>>,
     preface_read: usize,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    idle_flag: &'static str,
 }
 
 impl<S> BoundedConnection<S> {
@@ -192,10 +227,11 @@ impl<S> BoundedConnection<S> {
         while timer.as_mut().poll(cx).is_ready() {
             match self.activity.idle_deadline(*timeout) {
                 Some(deadline) if deadline <= Instant::now() => {
-                    tracing::debug!("gRPC connection closed: idle past --grpc-idle-timeout-secs");
+                    let flag = self.idle_flag;
+                    tracing::debug!("connection closed: idle past {flag}");
                     return Err(io::Error::new(
                         io::ErrorKind::TimedOut,
-                        "connection idle past --grpc-idle-timeout-secs",
+                        format!("connection idle past {flag}"),
                     ));
                 }
                 Some(deadline) => timer.as_mut().reset(deadline.into()),

@@ -1,7 +1,9 @@
 //! The HTTP listener: HTTP/1.1 with keep-alive and cleartext HTTP/2 (h2c, by prior knowledge) on
 //! one port, optionally TLS (h2 and http/1.1 by ALPN), with a graceful stop: on `stop` it accepts
 //! no more connections, lets requests in progress finish and closes idle keep-alive connections.
-//! At most `--http-max-connections` are open at once: one more is answered 503 and closed.
+//! At most `--http-max-connections` are open at once: one more is answered 503 and closed. A
+//! connection with no request in progress for `--http-idle-timeout-secs` is closed (the bounds
+//! are gRPC's, from `listeners`).
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -20,10 +22,11 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
-use tower::ServiceExt;
+use tonic::transport::server::Connected;
+use tower::{Layer, ServiceExt};
 
 use crate::config::HttpArgs;
-use crate::server::connection_cap::ConnectionCap;
+use crate::server::listeners::{ConnectionActivityLayer, ConnectionLimits};
 
 /// A client that opens a connection must finish its TLS handshake or request head within this
 /// time, so idle half-open connections cannot pile up.
@@ -33,7 +36,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct HttpListener {
     tcp: TcpListener,
     tls: Option<TlsAcceptor>,
-    cap: ConnectionCap,
+    limits: ConnectionLimits,
 }
 
 impl HttpListener {
@@ -44,8 +47,8 @@ impl HttpListener {
             .await
             .with_context(|| format!("cannot bind HTTP address {addr}"))?;
         let tls = tls_acceptor(args)?;
-        let cap = ConnectionCap::new("HTTP", "--http-max-connections", args.http_max_connections);
-        Ok(Self { tcp, tls, cap })
+        let limits = ConnectionLimits::http(args.http_idle_timeout_secs, args.http_max_connections);
+        Ok(Self { tcp, tls, limits })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -80,26 +83,32 @@ impl HttpListener {
             };
             // Without it a small response can wait behind Nagle's algorithm for a delayed ACK.
             let _ = stream.set_nodelay(true);
-            let Some(slot) = self.cap.admit() else {
+            let Some(slot) = self.limits.admit() else {
                 // Plain text can carry an answer; under TLS there is no session to carry it in.
                 let farewell = match self.tls {
-                    None => refusal_answer(self.cap.limit()),
+                    None => refusal_answer(self.limits.max_connections()),
                     Some(_) => Bytes::new(),
                 };
-                self.cap.refuse(stream, farewell);
+                self.limits.refuse_with(stream, farewell);
                 continue;
             };
-            // The peer address for the audit log, as axum's `ConnectInfo` (read by authentication).
-            let service = TowerToHyperService::new(router.clone().map_request(
-                move |mut request: http::Request<hyper::body::Incoming>| {
-                    request.extensions_mut().insert(ConnectInfo(peer));
-                    request
-                },
-            ));
+            let stream = self.limits.bound(stream, slot, false);
+            // The peer address for the audit log, as axum's `ConnectInfo` (read by authentication),
+            // and the connection's activity, which the idle bound reads (requests in progress).
+            let info = stream.connect_info();
+            // Outermost: the extensions must be in place before the activity layer looks for them.
+            let service = TowerToHyperService::new(
+                ConnectionActivityLayer.layer(router.clone()).map_request(
+                    move |mut request: http::Request<hyper::body::Incoming>| {
+                        request.extensions_mut().insert(ConnectInfo(peer));
+                        request.extensions_mut().insert(info.clone());
+                        request
+                    },
+                ),
+            );
             let (builder, watcher, tls) =
                 (Arc::clone(&builder), graceful.watcher(), self.tls.clone());
             tokio::spawn(async move {
-                let _slot = slot;
                 let result = match tls {
                     None => {
                         let conn = builder.serve_connection(TokioIo::new(stream), service);
