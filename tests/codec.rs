@@ -1,6 +1,6 @@
 //! The inference service's codec through the real server: a ModelInferRequest is walked on the wire
 //! before prost decodes it, so contents that cannot match their shape are refused naming the input
-//! (on ModelInfer and on a stream), mutated wire bytes never crash the server and are served only
+//! (on ModelInfer; on a stream that message is answered so and the stream goes on), mutated wire bytes never crash the server and are served only
 //! when they decode to a valid request, and compressed requests are served.
 mod common;
 
@@ -45,6 +45,19 @@ async fn contents_that_miss_the_shape_are_refused_naming_the_input() {
         status.message(),
         "input 'INPUT0' has 3 elements in its typed contents but its shape needs 2"
     );
+    // The parameter that carries a refusal is the gateway's: a client that sends it is refused.
+    let mut forged = typed_fp32(vec![1, 2], vec![1.0, 2.0]);
+    forged.parameters.insert(
+        onnx_gateway::server::codec::REFUSED_PARAMETER.into(),
+        InferParameter {
+            parameter_choice: Some(infer_parameter::ParameterChoice::StringParam("mine".into())),
+        },
+    );
+    let status = client.model_infer(forged).await.expect_err("reserved");
+    assert_eq!(
+        (status.code(), status.message()),
+        (Code::InvalidArgument, "mine")
+    );
     // More inputs than a request may name, each empty (prost would build them all).
     let many = ModelInferRequest {
         model_name: "identity_fp32".into(),
@@ -57,14 +70,41 @@ async fn contents_that_miss_the_shape_are_refused_naming_the_input() {
         status.message().contains("at most 4096 inputs"),
         "{status:?}"
     );
-    // On a stream: the answers before it, then the stream ends with the reason.
+    // On a stream, as Triton: the refused message is answered with the reason under its id, and
+    // the stream goes on with the next. (Answers may come in any order: they are matched by id.)
+    let with_id = |id: &str, values: Vec<f32>| ModelInferRequest {
+        id: id.into(),
+        ..typed_fp32(vec![1, 2], values)
+    };
     let messages = vec![
-        typed_fp32(vec![1, 2], vec![1.0, 2.0]),
-        typed_fp32(vec![1, 2], vec![1.0]),
+        with_id("first", vec![1.0, 2.0]),
+        with_id("refused", vec![1.0]),
+        with_id("third", vec![3.0, 4.0]),
     ];
-    let end = first_answer_then_end(&mut client, messages).await;
-    assert_eq!(end.code(), Code::InvalidArgument);
-    assert!(end.message().contains("has 1 elements"), "{end:?}");
+    let mut answers = client
+        .model_stream_infer(tokio_stream::iter(messages))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    let mut by_id = std::collections::HashMap::new();
+    while let Some(answer) = answers.message().await.expect("no stream error") {
+        let response = answer
+            .infer_response
+            .clone()
+            .expect("each answer names its request");
+        assert_eq!(response.model_name, "identity_fp32");
+        by_id.insert(response.id.clone(), (answer.error_message, response));
+    }
+    assert_eq!(by_id.len(), 3, "{by_id:?}");
+    assert_eq!(
+        by_id["refused"].0,
+        "input 'INPUT0' has 1 elements in its typed contents but its shape needs 2"
+    );
+    for (id, values) in [("first", [1.0, 2.0]), ("third", [3.0, 4.0])] {
+        let (error, response) = &by_id[id];
+        assert_eq!(error, "", "{id}");
+        assert_eq!(f32_from(&response.raw_output_contents[0]), values, "{id}");
+    }
     let served = client
         .model_infer(typed_fp32(vec![1, 2], vec![1.0, 2.0]))
         .await
@@ -76,8 +116,9 @@ async fn contents_that_miss_the_shape_are_refused_naming_the_input() {
     server.stop().await.expect("clean stop");
 }
 
-/// Sends `messages` on one stream whose first message is good and second is refused: the first is
-/// answered without error, then the stream ends; returns the status it ends with.
+/// Sends `messages` on one stream whose first message is good and second does not fit the memory
+/// budget: the first is answered without error, then the stream ends; returns the status it ends
+/// with.
 async fn first_answer_then_end(client: &mut Client, messages: Vec<ModelInferRequest>) -> Status {
     let mut answers = client
         .model_stream_infer(tokio_stream::iter(messages))

@@ -5,13 +5,20 @@
 //! refused with INVALID_ARGUMENT before prost allocates one object per element; what prost will
 //! allocate for the rest is reserved from the memory budget before it decodes.
 //!
+//! A refused request is not an error of the decoder: tonic ends a stream at the first one, and
+//! Triton answers a bad message on a stream in its `error_message` and goes on. The decoder hands
+//! on a stand-in instead ([`refused_request`]): the request's model, version and id, and the
+//! reason in the parameter [`REFUSED_PARAMETER`]. The inference entry (`infer.rs`) refuses it with
+//! that reason before anything else, so ModelInfer answers INVALID_ARGUMENT as before and a stream
+//! answers that message and reads the next.
+//!
 //! tonic applies everything else as before: the message size limit, decompression (the codec sees
 //! the decompressed message), and a decoding error becomes the call's status.
-use std::any::TypeId;
+use std::any::{Any, TypeId};
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use bytes::Buf;
+use bytes::{Buf, Bytes};
 use prost::Message;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic::Status;
@@ -20,8 +27,13 @@ use tonic_prost::ProstEncoder;
 use super::budget::{MemoryBudget, Reservation};
 use super::budget_grpc::{budget_status, current_call_budget};
 use super::codec_prescan::{scan_request, RequestScan, ScanError};
+use crate::proto::infer_parameter::ParameterChoice;
 use crate::proto::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 use crate::proto::{InferParameter, ModelInferRequest};
+
+/// The parameter that carries, in a stand-in request, why the pre-scan refused the real one. A
+/// client that sends it itself is refused with its own text.
+pub const REFUSED_PARAMETER: &str = "onnx_gateway_refused_before_decoding";
 
 /// prost's codec with the ModelInferRequest pre-scan; generic like `tonic_prost::ProstCodec`,
 /// since the generated code uses one codec type for every method (and for the client too).
@@ -87,7 +99,9 @@ impl<U: Message + Default + 'static> Decoder for InferenceDecoder<U> {
                 self.reserve(&scan)?;
                 true
             }
-            Err(ScanError::Refused(text)) => return Err(Status::invalid_argument(text)),
+            Err(ScanError::Refused(text)) => {
+                return Ok(Some(as_decoded(refused_request(&message, text))))
+            }
             Err(ScanError::Malformed) => false,
         };
         let decoded = U::decode(message).map_err(decode_status)?;
@@ -104,6 +118,50 @@ impl<U: Message + Default + 'static> Decoder for InferenceDecoder<U> {
     fn buffer_settings(&self) -> BufferSettings {
         BufferSettings::default()
     }
+}
+
+/// `request` as the decoder's item type, which the caller has checked is `ModelInferRequest`.
+fn as_decoded<U: 'static>(request: ModelInferRequest) -> U {
+    *(Box::new(request) as Box<dyn Any>)
+        .downcast::<U>()
+        .unwrap_or_else(|_| unreachable!("the decoder's item is ModelInferRequest"))
+}
+
+/// The fields of a ModelInferRequest that name it; prost skips every other field without
+/// allocating, so reading them from a refused request costs nothing per element.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RequestNames {
+    #[prost(string, tag = "1")]
+    model_name: String,
+    #[prost(string, tag = "2")]
+    model_version: String,
+    #[prost(string, tag = "3")]
+    id: String,
+}
+
+/// The stand-in for a request the pre-scan refused: its names (empty where they cannot be read)
+/// and `reason` in [`REFUSED_PARAMETER`].
+pub fn refused_request(message: &Bytes, reason: String) -> ModelInferRequest {
+    let names = RequestNames::decode(message.clone()).unwrap_or_default();
+    let reason = InferParameter {
+        parameter_choice: Some(ParameterChoice::StringParam(reason)),
+    };
+    ModelInferRequest {
+        model_name: names.model_name,
+        model_version: names.model_version,
+        id: names.id,
+        parameters: [(REFUSED_PARAMETER.to_string(), reason)].into(),
+        ..Default::default()
+    }
+}
+
+/// Why the pre-scan refused the request `request` stands in for, if it is such a stand-in.
+pub fn refusal(request: &ModelInferRequest) -> Option<String> {
+    let parameter = request.parameters.get(REFUSED_PARAMETER)?;
+    Some(match &parameter.parameter_choice {
+        Some(ParameterChoice::StringParam(reason)) => reason.clone(),
+        _ => format!("parameter '{REFUSED_PARAMETER}' is reserved"),
+    })
 }
 
 impl<U> InferenceDecoder<U> {

@@ -184,12 +184,16 @@ impl GrpcInferenceService for InferenceService {
                 let request = match message {
                     Ok(r) => r,
                     // A message that does not fit the memory budget cannot be skipped (its bytes
-                    // were never read), nor one the codec refused before decoding it: answers
+                    // were never read), nor one prost cannot decode (tonic's stream stops at a
+                    // decoder error; the codec turns only its own refusals into answers): answers
                     // already taken finish, then the stream ends with that status.
                     Err(status)
                         if matches!(
                             status.code(),
-                            tonic::Code::ResourceExhausted | tonic::Code::InvalidArgument
+                            tonic::Code::ResourceExhausted
+                                | tonic::Code::InvalidArgument
+                                | tonic::Code::Internal
+                                | tonic::Code::OutOfRange
                         ) =>
                     {
                         let _ = slots.acquire_many(STREAM_IN_FLIGHT as u32).await;

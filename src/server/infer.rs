@@ -77,6 +77,10 @@ fn admit(
     reservation: &Reservation,
     arrived: Instant,
 ) -> Result<Arc<LoadedModel>, Error> {
+    // Refused by the codec's pre-scan (see `codec`): first, as when the codec answered it itself.
+    if let Some(reason) = super::codec::refusal(request) {
+        return Err(Error::Request(crate::error::RequestError(reason)));
+    }
     let model = state.models.get(
         &state.resolve_model_name(&request.model_name),
         &request.model_version,

@@ -308,16 +308,41 @@ def test_typed_bytes_are_charged_to_the_budget_before_prost_decodes_them(gateway
     channel.close()
 
 
-def test_a_stream_message_whose_contents_miss_its_shape_ends_the_stream_with_the_reason(test_models_gateway):
+def test_a_stream_message_whose_contents_miss_its_shape_is_answered_and_the_stream_goes_on(test_models_gateway):
+    # As Triton: the bad message's answer carries the reason, under its id; the others are served.
     channel, stub = open_stub(test_models_gateway)
+    values = np.arange(4, dtype=np.float32).tobytes()
+    requests = [raw_request("identity_fp32", "FP32", [1, 4], values), typed_bytes_request(5, [1, 2]),
+                raw_request("identity_fp32", "FP32", [1, 4], values)]
+    for request, request_id in zip(requests, ["good-0", "bad", "good-2"]):
+        request.id = request_id
+    answers = {}
+    for answer in stub.ModelStreamInfer(iter(requests), timeout=CALL_TIMEOUT_S):
+        answers[answer.infer_response.id] = answer
+    assert sorted(answers) == ["bad", "good-0", "good-2"]
+    assert "has 5 elements in its typed contents but its shape needs 2" in answers["bad"].error_message
+    assert answers["bad"].infer_response.model_name == "identity_bytes"
+    for good_id in ("good-0", "good-2"):
+        assert answers[good_id].error_message == ""
+        assert answers[good_id].infer_response.raw_output_contents[0] == values
+    channel.close()
+
+
+def test_a_stream_message_prost_cannot_decode_ends_the_stream_with_internal(test_models_gateway):
+    # Not a ModelInferRequest at all (a field header that promises more bytes than follow): nothing
+    # can be answered for it; the stream ends with the decoder's status, not a clean end.
+    channel = grpc.insecure_channel(test_models_gateway.url)
+    call = channel.stream_stream(
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+        request_serializer=lambda raw: raw,
+        response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+    )
     good = raw_request("identity_fp32", "FP32", [1, 4], np.arange(4, dtype=np.float32).tobytes())
-    bad = typed_bytes_request(5, [1, 2])
     answers = []
     with pytest.raises(grpc.RpcError) as info:
-        for answer in stub.ModelStreamInfer(iter([good, bad]), timeout=CALL_TIMEOUT_S):
+        for answer in call(iter([good.SerializeToString(), b"\x0a\xff\x01"]), timeout=CALL_TIMEOUT_S):
             answers.append(answer)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
-    assert "has 5 elements in its typed contents but its shape needs 2" in info.value.details()
+    assert info.value.code() == grpc.StatusCode.INTERNAL, info.value
     assert [a.error_message for a in answers] == [""]
     channel.close()
 
