@@ -404,6 +404,14 @@ pub struct SecurityArgs {
     /// registrations to this file.
     #[arg(long, env = "ONNX_GATEWAY_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
+    /// Bytes the audit log may hold before it is moved to PATH.1 (replacing the previous one) and
+    /// a new file is started: at most twice this on disk. 0: unbounded.
+    #[arg(
+        long,
+        env = "ONNX_GATEWAY_AUDIT_LOG_MAX_BYTES",
+        default_value_t = 100 * 1024 * 1024
+    )]
+    pub audit_log_max_bytes: u64,
 }
 
 /// How the server presents itself to clients.

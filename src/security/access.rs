@@ -258,7 +258,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (policy, audit_path) = (dir.path().join("policy.json"), dir.path().join("audit"));
         write_policy(&policy, &[("team-a", "tok-a", &["add_sub"], false)]);
-        let audit = Arc::new(AuditLog::open(&audit_path).unwrap());
+        let audit = Arc::new(AuditLog::open(&audit_path, 0).unwrap());
         let control = AccessControl::configure(Some(b"legacy"), Some(&policy), audit).unwrap();
         let bearer = |t: &str| format!("Bearer {t}").into_bytes();
 

@@ -2,9 +2,13 @@
 //! load, unload and reload, every policy reload and shared-memory registration. A line holds the
 //! time, the token's name (never the token), the peer, the RPC, the model and the outcome; never
 //! tensor data.
+//!
+//! Bounded on disk (`--audit-log-max-bytes`): a line that would take the file past the bound first
+//! moves it to `PATH.1` (replacing the one before) and starts a new file, so a flood of denied
+//! calls holds at most twice the bound and the newest lines are always kept.
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
@@ -78,7 +82,53 @@ struct Line<'a> {
 
 /// Where audit lines go: an append-only file, or nowhere when `--audit-log` is unset.
 pub struct AuditLog {
-    file: Option<Mutex<File>>,
+    file: Option<Mutex<AuditFile>>,
+}
+
+/// The open audit file and what it holds, against its bound.
+struct AuditFile {
+    file: File,
+    path: PathBuf,
+    written: u64,
+    /// 0: no bound.
+    max_bytes: u64,
+}
+
+/// Opens (creating, appending) `path`; owner-only permissions for a new file.
+fn open_append(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+}
+
+impl AuditFile {
+    /// Appends `line` whole, first moving a full file to `PATH.1`. If the move fails the line
+    /// still goes to the current file (a lost audit line is worse than a late bound), and the next
+    /// try waits for another bound's worth of lines.
+    fn append(&mut self, line: &[u8]) -> std::io::Result<()> {
+        let len = line.len() as u64;
+        if self.max_bytes > 0 && self.written > 0 && self.written + len > self.max_bytes {
+            if let Err(e) = self.rotate() {
+                tracing::warn!(error = %e, path = %self.path.display(), "cannot rotate the audit log");
+            }
+            self.written = 0;
+        }
+        // One write per line on an O_APPEND file: lines from concurrent calls never interleave.
+        self.file.write_all(line)?;
+        self.written += len;
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        let mut previous = self.path.clone().into_os_string();
+        previous.push(".1");
+        std::fs::rename(&self.path, &previous)?;
+        self.file = open_append(&self.path)?;
+        Ok(())
+    }
 }
 
 impl AuditLog {
@@ -86,16 +136,18 @@ impl AuditLog {
         Self { file: None }
     }
 
-    /// Opens (creating, appending) the audit file; owner-only permissions for a new file.
-    pub fn open(path: &Path) -> std::io::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)?;
+    /// Opens (creating, appending) the audit file, bounded at `max_bytes` (0: unbounded);
+    /// owner-only permissions for a new file.
+    pub fn open(path: &Path, max_bytes: u64) -> std::io::Result<Self> {
+        let file = open_append(path)?;
+        let written = file.metadata()?.len();
         Ok(Self {
-            file: Some(Mutex::new(file)),
+            file: Some(Mutex::new(AuditFile {
+                file,
+                path: path.to_path_buf(),
+                written,
+                max_bytes,
+            })),
         })
     }
 
@@ -118,8 +170,7 @@ impl AuditLog {
             }
         };
         bytes.push(b'\n');
-        // One write per line on an O_APPEND file: lines from concurrent calls never interleave.
-        if let Err(e) = file.lock().write_all(&bytes) {
+        if let Err(e) = file.lock().append(&bytes) {
             tracing::warn!(error = %e, "cannot write to the audit log");
         }
     }
@@ -190,7 +241,7 @@ mod tests {
     fn lines_are_json_with_only_the_fields_that_apply() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        let log = AuditLog::open(&path).unwrap();
+        let log = AuditLog::open(&path, 0).unwrap();
         log.record(
             AuditEvent::new(
                 "denied",
@@ -214,5 +265,58 @@ mod tests {
         assert!(lines[0]["time"].as_str().unwrap().ends_with('Z'));
         assert!(lines[1].get("token").is_none());
         assert_eq!(lines[1]["event"], "model_load");
+    }
+
+    #[test]
+    fn the_log_moves_to_dot_1_at_its_bound_and_keeps_every_line_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let previous = dir.path().join("audit.log.1");
+        let denied = |i: usize| AuditEvent::new("denied", format!("rpc-{i:04}"), "unauthenticated");
+        let line_len = {
+            let probe = dir.path().join("probe");
+            AuditLog::open(&probe, 0).unwrap().record(denied(0));
+            std::fs::metadata(&probe).unwrap().len()
+        };
+        // Room for three lines and a half: the fourth line starts a new file.
+        let bound = line_len * 7 / 2;
+        let log = AuditLog::open(&path, bound).unwrap();
+        for i in 0..10 {
+            log.record(denied(i));
+        }
+        let rpcs = |p: &Path| -> Vec<String> {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["rpc"].to_string())
+                .collect()
+        };
+        // 10 lines, three a file: the current file holds the last one, .1 the three before it.
+        assert_eq!(rpcs(&path), ["\"rpc-0009\""]);
+        assert_eq!(
+            rpcs(&previous),
+            ["\"rpc-0006\"", "\"rpc-0007\"", "\"rpc-0008\""]
+        );
+        for file in [&path, &previous] {
+            assert!(std::fs::metadata(file).unwrap().len() <= bound);
+        }
+        // Reopened, the file's size counts: the next two lines fill it, the third moves it.
+        drop(log);
+        let log = AuditLog::open(&path, bound).unwrap();
+        for i in 10..13 {
+            log.record(denied(i));
+        }
+        assert_eq!(
+            rpcs(&previous),
+            ["\"rpc-0009\"", "\"rpc-0010\"", "\"rpc-0011\""]
+        );
+        assert_eq!(rpcs(&path), ["\"rpc-0012\""]);
+        // Unbounded with 0.
+        let unbounded = dir.path().join("all.log");
+        let log = AuditLog::open(&unbounded, 0).unwrap();
+        for i in 0..10 {
+            log.record(denied(i));
+        }
+        assert_eq!(rpcs(&unbounded).len(), 10);
     }
 }

@@ -14,7 +14,7 @@ pub fn access_control(
     auth_token: Option<&[u8]>,
 ) -> anyhow::Result<Arc<AccessControl>> {
     let audit = match &args.audit_log {
-        Some(path) => AuditLog::open(path)
+        Some(path) => AuditLog::open(path, args.audit_log_max_bytes)
             .with_context(|| format!("cannot open --audit-log {}", path.display()))?,
         None => AuditLog::disabled(),
     };

@@ -259,6 +259,26 @@ def test_audit_lines_record_denials_and_loads_without_tokens(served):
     assert shm and shm[-1]["token"] == "ops" and shm[-1]["outcome"] == "failed" and shm[-1]["reason"], lines
 
 
+def test_a_flood_of_denials_keeps_the_audit_log_within_its_bound(tmp_path):
+    bound = 4096
+    gateway, _, audit_file = start(tmp_path, "--audit-log-max-bytes", str(bound))
+    try:
+        client = gateway.client()
+        for i in range(200):
+            assert status_of(lambda: client.is_model_ready("add_sub", headers={"authorization": f"Bearer flood-{i}"})) \
+                == "StatusCode.UNAUTHENTICATED"
+        previous = audit_file.with_name(audit_file.name + ".1")
+        for path in (audit_file, previous):
+            assert path.stat().st_size <= bound, path
+        # Whole JSON lines in both files, the newest denial in the current one, no token anywhere.
+        lines = audit_lines(previous) + audit_lines(audit_file)
+        assert lines[-1]["event"] == "denied" and lines[-1]["outcome"] == "unauthenticated"
+        assert not any("flood-" in json.dumps(line) for line in lines)
+        assert client.is_server_live(headers=bearer("ops")), "still serving"
+    finally:
+        gateway.stop()
+
+
 def wait_for(predicate, what: str):
     deadline = time.monotonic() + DEADLINE_S
     while not predicate():
