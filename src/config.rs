@@ -245,7 +245,8 @@ pub struct TlsArgs {
 #[derive(Debug, Clone, Args)]
 pub struct AuthArgs {
     /// File holding the bearer token clients must send as `authorization: Bearer <token>`; unset
-    /// means no token is required. Read once at startup; surrounding whitespace is ignored.
+    /// means no token is required. Read at startup and again on SIGHUP (a file that cannot be read
+    /// or is empty keeps the token in force); surrounding whitespace is ignored.
     #[arg(long, env = "ONNX_GATEWAY_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
     /// Let grpc.health.v1 calls through without a token (for Kubernetes probes).

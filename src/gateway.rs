@@ -17,7 +17,7 @@ use crate::runtime::init_onnxruntime;
 use crate::security;
 use crate::server::admin::{serve_admin, AdminState};
 use crate::server::budget::MemoryBudget;
-use crate::server::grpc_server::{read_token, serve_grpc, GrpcListeners};
+use crate::server::grpc_server::{serve_grpc, GrpcListeners};
 use crate::server::http::listener::HttpListener;
 use crate::server::state::{Readiness, ServerState};
 use crate::shm::ShmRegistry;
@@ -39,13 +39,9 @@ impl Gateway {
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
         let location = init_onnxruntime(config.runtime.onnxruntime_lib.as_deref())?;
         tracing::info!(library = ?location, "ONNX Runtime loaded");
-        let token = match &config.grpc.auth.auth_token_file {
-            Some(path) => Some(zeroize::Zeroizing::new(read_token(path)?)),
-            None => None,
-        };
         let access = security::setup::access_control(
             &config.security,
-            token.as_ref().map(|t| t.as_bytes()),
+            config.grpc.auth.auth_token_file.as_deref(),
         )?;
         let grpc = GrpcListeners::bind(&config.grpc, &access).await?;
         let admin_addr = SocketAddr::new(config.admin.metrics_address, config.admin.metrics_port);

@@ -52,8 +52,10 @@ pub struct AccessControl {
     /// None: no authentication configured, every caller has every right.
     policy: Option<RwLock<Arc<Policy>>>,
     policy_file: Option<PathBuf>,
-    /// The `--auth-token-file` token's rule, kept across policy reloads.
-    token_file: Option<Policy>,
+    /// The `--auth-token-file` token's rule, merged into every policy read.
+    token_file: RwLock<Option<Policy>>,
+    /// Where that token is read again on a reload (None: it is fixed).
+    token_path: Option<PathBuf>,
     audit: Arc<AuditLog>,
 }
 
@@ -63,7 +65,8 @@ impl AccessControl {
         Self {
             policy: None,
             policy_file: None,
-            token_file: None,
+            token_file: RwLock::new(None),
+            token_path: None,
             audit,
         }
     }
@@ -82,7 +85,8 @@ impl AccessControl {
         let mut control = Self {
             policy: None,
             policy_file: policy_file.map(Path::to_path_buf),
-            token_file,
+            token_file: RwLock::new(token_file),
+            token_path: None,
             audit,
         };
         let policy = control.read_policy()?;
@@ -94,8 +98,15 @@ impl AccessControl {
         self.policy.is_some()
     }
 
-    pub fn has_policy_file(&self) -> bool {
-        self.policy_file.is_some()
+    /// Reads the `--auth-token-file` token again from `path` on each reload.
+    pub fn reloading_token_from(mut self, path: PathBuf) -> Self {
+        self.token_path = Some(path);
+        self
+    }
+
+    /// Whether a reload has anything to read again.
+    pub fn reloads(&self) -> bool {
+        self.policy.is_some() && (self.policy_file.is_some() || self.token_path.is_some())
     }
 
     pub fn audit(&self) -> &AuditLog {
@@ -177,30 +188,57 @@ impl AccessControl {
         error
     }
 
-    /// Re-reads `--auth-policy-file` (on SIGHUP). A file that cannot be read or parsed leaves the
-    /// last good policy in force; either way the outcome is logged and audited.
+    /// Re-reads `--auth-policy-file` and the `--auth-token-file` token (on SIGHUP). A file that
+    /// cannot be read or parsed leaves the last good policy and token in force; either way the
+    /// outcome is logged and audited. Returns the number of tokens now in force.
     pub fn reload(&self) -> Result<usize, String> {
-        let (Some(current), Some(path)) = (&self.policy, &self.policy_file) else {
-            return Err("no --auth-policy-file to reload".into());
+        let Some(current) = self.policy.as_ref().filter(|_| self.reloads()) else {
+            return Err("no --auth-policy-file or --auth-token-file to reload".into());
         };
-        let result = self.read_policy();
+        let result = self.read_token_file().and_then(|token| {
+            let policy = self.read_policy_with(token.as_ref())?;
+            Ok((token, policy))
+        });
         let mut event = AuditEvent::new("policy_reload", "SIGHUP", "ok");
-        match &result {
-            Ok(policy) => {
-                tracing::info!(path = %path.display(), tokens = policy.len(), "authorization policy reloaded");
-                *current.write() = Arc::new(policy.clone());
+        let result = match result {
+            Ok((token, policy)) => {
+                tracing::info!(tokens = policy.len(), "authorization policy reloaded");
+                *self.token_file.write() = token;
+                let tokens = policy.len();
+                *current.write() = Arc::new(policy);
+                Ok(tokens)
             }
             Err(reason) => {
-                tracing::warn!(path = %path.display(), %reason, "authorization policy not reloaded: keeping the last good one");
+                tracing::warn!(%reason, "authorization policy not reloaded: keeping the last good one");
                 event.outcome = "failed";
                 event.reason = Some(reason.clone());
+                Err(reason)
+            }
+        };
+        self.audit.record(event);
+        result
+    }
+
+    /// The token's rule as the token file holds it now; the one in force when it is not reread.
+    fn read_token_file(&self) -> Result<Option<Policy>, String> {
+        match &self.token_path {
+            None => Ok(self.token_file.read().clone()),
+            Some(path) => {
+                let token = super::setup::read_token_file(path).map_err(|e| format!("{e:#}"))?;
+                Ok(Some(Policy::single_token(
+                    TOKEN_FILE_PRINCIPAL,
+                    token.as_bytes(),
+                )))
             }
         }
-        self.audit.record(event);
-        result.map(|p| p.len())
     }
 
     fn read_policy(&self) -> Result<Policy, String> {
+        self.read_policy_with(self.token_file.read().as_ref())
+    }
+
+    /// The policy file's rules merged with `token`'s.
+    fn read_policy_with(&self, token: Option<&Policy>) -> Result<Policy, String> {
         let from_file = match &self.policy_file {
             None => Policy::parse(r#"{"tokens": []}"#).map_err(|e| e.to_string())?,
             Some(path) => {
@@ -211,7 +249,7 @@ impl AccessControl {
                     .map_err(|e| format!("--auth-policy-file {}: {e}", path.display()))?
             }
         };
-        Ok(match &self.token_file {
+        Ok(match token {
             Some(token) => from_file.merged_with(token.clone()),
             None => from_file,
         })
@@ -329,5 +367,39 @@ mod tests {
         for secret in ["tok-a", "tok-b", "legacy", "nope"] {
             assert!(!audit.contains(secret), "{secret} in the audit log");
         }
+    }
+
+    #[test]
+    fn a_reload_rereads_the_token_file_and_keeps_it_when_the_file_is_bad() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "first\n").unwrap();
+        let token = super::super::setup::read_token_file(&path).unwrap();
+        let control =
+            AccessControl::configure(Some(token.as_bytes()), None, Arc::new(AuditLog::disabled()))
+                .unwrap()
+                .reloading_token_from(path.clone());
+        assert!(control.reloads());
+        let works = |t: &str| {
+            control
+                .authenticate(Some(format!("Bearer {t}").as_bytes()), &CALL)
+                .is_ok()
+        };
+        assert!(works("first"));
+        std::fs::write(&path, "second").unwrap();
+        assert_eq!(control.reload(), Ok(1));
+        assert!(works("second") && !works("first"));
+        std::fs::write(&path, " \n").unwrap();
+        let error = control.reload().unwrap_err();
+        assert!(error.contains("is empty"), "{error}");
+        assert!(works("second"), "a bad file keeps the token in force");
+        std::fs::remove_file(&path).unwrap();
+        assert!(control.reload().unwrap_err().contains("cannot read"));
+        assert!(works("second"));
+        // A token given without a file is fixed: nothing to reload.
+        let fixed =
+            AccessControl::configure(Some(b"t"), None, Arc::new(AuditLog::disabled())).unwrap();
+        assert!(!fixed.reloads());
+        assert!(fixed.reload().is_err());
     }
 }

@@ -66,19 +66,6 @@ impl GrpcListeners {
     }
 }
 
-pub(crate) fn read_token(path: &Path) -> anyhow::Result<String> {
-    let token = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read --auth-token-file {}", path.display()))?
-        .trim()
-        .to_string();
-    anyhow::ensure!(
-        !token.is_empty(),
-        "--auth-token-file {} is empty",
-        path.display()
-    );
-    Ok(token)
-}
-
 fn bind_uds(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     // A previous run (or a restarted sidecar) may have left the socket file behind. Only a socket
     // is replaced: a typo must not delete someone's file.

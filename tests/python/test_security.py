@@ -2,6 +2,8 @@
 unmodified tritonclient. Certificates are made at test time (tls_certs.py)."""
 from __future__ import annotations
 
+import re
+import signal
 import time
 
 import grpc
@@ -150,6 +152,25 @@ def test_bearer_token(secure_gateway, tmp_path):
         assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert_add_sub_serves_with_token(client)
     client.close()
+
+
+def test_sighup_rereads_the_token_file(secure_gateway, tmp_path):
+    # A Secret rotated under a running pod: the new token works after SIGHUP, the old one stops, and
+    # a file that cannot be used keeps the token in force.
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    gateway = secure_gateway(["--auth-token-file", str(token_file)], {}, headers=BEARER)
+    rotated = {"authorization": "Bearer rotated-token-2"}
+    assert infer_status(gateway.url, headers=rotated) == "StatusCode.UNAUTHENTICATED"
+    token_file.write_text("rotated-token-2\n")
+    gateway.process.send_signal(signal.SIGHUP)
+    gateway.wait_for_log(re.compile(r"authorization policy reloaded"))
+    assert infer_status(gateway.url, headers=rotated) == "ok"
+    assert infer_status(gateway.url, headers=BEARER) == "StatusCode.UNAUTHENTICATED"
+    token_file.write_text("  \n")
+    gateway.process.send_signal(signal.SIGHUP)
+    gateway.wait_for_log(re.compile(r"authorization policy not reloaded.*is empty"))
+    assert infer_status(gateway.url, headers=rotated) == "ok"
 
 
 def assert_add_sub_serves_with_token(client) -> None:
