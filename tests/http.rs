@@ -123,12 +123,7 @@ async fn http1_keep_alive_serves_many_requests_on_one_connection() {
 #[tokio::test]
 async fn h2c_prior_knowledge_on_the_same_port() {
     let server = start().await;
-    let stream = TcpStream::connect(server.http).await.unwrap();
-    let (sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2c handshake");
-    tokio::spawn(conn);
+    let (sender, _connection) = h2c_client(&server).await;
     let output = ready_then_infer(|r| {
         let mut sender = sender.clone();
         async move {

@@ -195,7 +195,7 @@ impl AccessControl {
         let Some(current) = self.policy.as_ref().filter(|_| self.reloads()) else {
             return Err("no --auth-policy-file or --auth-token-file to reload".into());
         };
-        let result = self.read_token_file().and_then(|token| {
+        let result = self.current_token_rule().and_then(|token| {
             let policy = self.read_policy_with(token.as_ref())?;
             Ok((token, policy))
         });
@@ -220,7 +220,7 @@ impl AccessControl {
     }
 
     /// The token's rule as the token file holds it now; the one in force when it is not reread.
-    fn read_token_file(&self) -> Result<Option<Policy>, String> {
+    fn current_token_rule(&self) -> Result<Option<Policy>, String> {
         match &self.token_path {
             None => Ok(self.token_file.read().clone()),
             Some(path) => {

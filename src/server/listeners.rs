@@ -37,7 +37,12 @@ const PREFACE_LEN: usize = 24;
 /// Pause after a failed accept (out of file descriptors), so the accept loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
-/// The bounds shared by every gRPC listener of one server.
+/// A bound in seconds from its flag: 0 means none.
+fn secs(seconds: u64) -> Option<Duration> {
+    (seconds > 0).then(|| Duration::from_secs(seconds))
+}
+
+/// The bounds of one door: gRPC's listeners (TCP and Unix socket together), or HTTP's.
 #[derive(Debug, Clone)]
 pub struct ConnectionLimits {
     handshake_timeout: Option<Duration>,
@@ -54,7 +59,6 @@ impl ConnectionLimits {
         idle_timeout_secs: u64,
         max_connections: usize,
     ) -> Self {
-        let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
         Self {
             handshake_timeout: secs(handshake_timeout_secs),
             idle_timeout: secs(idle_timeout_secs),
@@ -67,7 +71,7 @@ impl ConnectionLimits {
     pub fn http(idle_timeout_secs: u64, max_connections: usize) -> Self {
         Self {
             handshake_timeout: None,
-            idle_timeout: (idle_timeout_secs > 0).then(|| Duration::from_secs(idle_timeout_secs)),
+            idle_timeout: secs(idle_timeout_secs),
             idle_flag: "--http-idle-timeout-secs",
             cap: ConnectionCap::new("HTTP", "--http-max-connections", max_connections),
         }

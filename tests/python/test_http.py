@@ -73,6 +73,14 @@ def raw(gateway, method: str, path: str, body: bytes | None = None, headers: dic
         conn.close()
 
 
+def ready_status(conn: http.client.HTTPConnection) -> int:
+    """GET /v2/health/ready on `conn`, keeping the connection open; the status."""
+    conn.request("GET", "/v2/health/ready")
+    response = conn.getresponse()
+    response.read()
+    return response.status
+
+
 def scrape(gateway) -> str:
     host, port = gateway.admin_addr.rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
@@ -312,13 +320,7 @@ def test_connections_past_the_cap_are_answered_503(gateway_factory, repo_copy):
     # Two keep-alive connections hold both slots (readiness was checked over gRPC, not HTTP).
     held = [http.client.HTTPConnection(host, int(port), timeout=30) for _ in range(2)]
 
-    def ready_on(conn) -> int:
-        conn.request("GET", "/v2/health/ready")
-        response = conn.getresponse()
-        response.read()
-        return response.status
-
-    assert [ready_on(conn) for conn in held] == [200, 200]
+    assert [ready_status(conn) for conn in held] == [200, 200]
     status, headers, body = raw(gateway, "GET", "/v2/health/ready")
     assert_json_error(status, body, 503, "--http-max-connections")
     assert headers.get("retry-after") == "1"
@@ -326,7 +328,7 @@ def test_connections_past_the_cap_are_answered_503(gateway_factory, repo_copy):
     gateway.wait_for_log(re.compile(r"HTTP connection refused: --http-max-connections reached.*limit=2"))
     # The held connections still serve, gRPC is not capped by HTTP's cap, and a slot frees
     # once a held connection closes (the server sees the close on its own time: poll, bounded).
-    assert [ready_on(conn) for conn in held] == [200, 200]
+    assert [ready_status(conn) for conn in held] == [200, 200]
     assert gateway.client().is_server_ready()
     held[0].close()
     deadline = time.monotonic() + 30
@@ -482,26 +484,20 @@ def test_tls_connections_past_the_cap_are_closed_before_the_handshake(gateway_fa
     context = ssl.create_default_context(cafile=str(pki.ca_cert))
     context.check_hostname = False
 
-    def ready_on(conn) -> int:
-        conn.request("GET", "/v2/health/ready")
-        response = conn.getresponse()
-        response.read()
-        return response.status
-
     held = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
-    assert ready_on(held) == 200
+    assert ready_status(held) == 200
     extra = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
     with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-        ready_on(extra)
+        ready_status(extra)
     extra.close()
     gateway.wait_for_log(re.compile(r"HTTP connection refused: --http-max-connections reached.*limit=1"))
-    assert ready_on(held) == 200
+    assert ready_status(held) == 200
     held.close()
     deadline = time.monotonic() + 30
     while True:
         fresh = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
         try:
-            if ready_on(fresh) == 200:
+            if ready_status(fresh) == 200:
                 break
         except (ssl.SSLError, ConnectionError, OSError):
             pass
