@@ -230,7 +230,8 @@ pub struct TlsArgs {
     /// Require client certificates signed by --grpc-root-cert (mutual TLS).
     #[arg(long, env = "ONNX_GATEWAY_GRPC_USE_SSL_MUTUAL", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub grpc_use_ssl_mutual: bool,
-    /// PEM certificate chain of the server.
+    /// PEM certificate chain of the server. It, the key and the root cert are read again on SIGHUP
+    /// for new connections; a set that does not load keeps the one in force.
     #[arg(long, env = "ONNX_GATEWAY_GRPC_SERVER_CERT")]
     pub grpc_server_cert: Option<PathBuf>,
     /// PEM private key of the server.
@@ -352,7 +353,7 @@ pub struct HttpArgs {
     /// Require HTTP client certificates signed by --http-root-cert (mutual TLS).
     #[arg(long, env = "ONNX_GATEWAY_HTTP_USE_SSL_MUTUAL", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub http_use_ssl_mutual: bool,
-    /// PEM certificate chain of the HTTP server.
+    /// PEM certificate chain of the HTTP server; read again on SIGHUP, as gRPC's.
     #[arg(long, env = "ONNX_GATEWAY_HTTP_SERVER_CERT")]
     pub http_server_cert: Option<PathBuf>,
     /// PEM private key of the HTTP server.

@@ -1,5 +1,5 @@
-//! Startup wiring of the security room from its flags: the audit log, the access control, the model
-//! keys, and the SIGHUP reload of the policy and the token. gateway.rs calls these; no protocol here.
+//! Startup wiring of the security room from its flags: the audit log, the access control and the model
+//! keys. gateway.rs calls these, and wires the SIGHUP reload; no protocol here.
 use std::path::Path;
 use std::sync::Arc;
 
@@ -57,21 +57,4 @@ pub fn model_keys(args: &SecurityArgs) -> anyhow::Result<Arc<KeyRing>> {
         tracing::info!(key_ids = ?ids, "model decryption keys loaded");
     }
     Ok(Arc::new(keys))
-}
-
-/// With a policy file or a token file, SIGHUP re-reads them (a broken file keeps the last good
-/// policy and token). Without either, SIGHUP keeps its default meaning.
-pub fn reload_policy_on_sighup(access: &Arc<AccessControl>) -> anyhow::Result<()> {
-    if !access.reloads() {
-        return Ok(());
-    }
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
-    let access = Arc::clone(access);
-    tokio::spawn(async move {
-        while hangup.recv().await.is_some() {
-            let _ = access.reload();
-        }
-    });
-    Ok(())
 }

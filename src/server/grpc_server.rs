@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tower::layer::util::{Identity as NoLayer, Stack};
 
 use super::auth::TokenAuthLayer;
@@ -18,6 +18,8 @@ use super::grpc_metrics_layer::GrpcMetricsLayer;
 use super::inference_first::InferenceFirst;
 use super::listeners::{self, ConnectionActivityLayer, ConnectionLimits};
 use super::state::ServerState;
+use super::tls_files::{ReloadingTls, TlsFiles, TlsFlags};
+use super::tls_handshakes::TlsHandshakes;
 use crate::config::{GrpcArgs, TlsArgs};
 use crate::proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::security::AccessControl;
@@ -31,7 +33,7 @@ const INFERENCE_SERVICE: &str = "inference.GRPCInferenceService";
 pub(crate) struct GrpcListeners {
     tcp: TcpListener,
     uds: Option<(tokio::net::UnixListener, PathBuf)>,
-    tls: Option<ServerTlsConfig>,
+    tls: Option<Arc<ReloadingTls>>,
     auth: TokenAuthLayer,
 }
 
@@ -42,13 +44,10 @@ impl GrpcListeners {
             .await
             .with_context(|| format!("cannot bind gRPC address {addr}"))?;
         let auth = TokenAuthLayer::new(Arc::clone(access), args.auth.auth_exempt_health);
-        let tls = tls_config(&args.tls)?;
-        if let Some(tls) = &tls {
-            // Parses the certificates and key now rather than when the server starts.
-            Server::builder()
-                .tls_config(tls.clone())
-                .context("invalid TLS certificate or key")?;
-        }
+        let tls = grpc_tls_files(&args.tls)?
+            .map(ReloadingTls::load)
+            .transpose()?
+            .map(Arc::new);
         let uds = match &args.grpc_uds {
             Some(path) => Some((bind_uds(path)?, path.clone())),
             None => None,
@@ -63,6 +62,11 @@ impl GrpcListeners {
 
     pub(crate) fn tcp_addr(&self) -> std::io::Result<SocketAddr> {
         self.tcp.local_addr()
+    }
+
+    /// The TCP listener's TLS settings, for SIGHUP to reload; None without TLS.
+    pub(crate) fn tls(&self) -> Option<Arc<ReloadingTls>> {
+        self.tls.clone()
     }
 }
 
@@ -104,15 +108,11 @@ pub(crate) async fn serve_grpc(
         args.grpc_idle_timeout_secs,
         args.grpc_max_connections,
     );
-    let tls = tls.map(|tls| match limits.handshake_timeout() {
-        Some(timeout) => tls.timeout(timeout),
-        None => tls,
-    });
     let mut servers = Vec::new();
     if let Some((uds, path)) = uds {
         tracing::info!(path = %path.display(), "gRPC listening on Unix socket");
         // Peers on the socket share the pod: no TLS there.
-        let uds_server = layered_server(&state, &args, None, auth.clone(), health_service.clone())?;
+        let uds_server = layered_server(&state, &args, auth.clone(), health_service.clone())?;
         let mut stop = stop.clone();
         let limits = limits.clone();
         servers.push(tokio::spawn(async move {
@@ -128,16 +128,29 @@ pub(crate) async fn serve_grpc(
             result.map_err(anyhow::Error::from)
         }));
     }
-    let tls_on = tls.is_some();
-    let tcp_server = layered_server(&state, &args, tls, auth, health_service)?;
+    let tcp_server = layered_server(&state, &args, auth, health_service)?;
     let mut stop_tcp = stop.clone();
+    let stopped = async move {
+        let _ = stop_tcp.wait_for(|s| *s).await;
+    };
     // TCP_NODELAY is set on each connection there: without it a small response can sit behind
     // Nagle's algorithm until the client's delayed ACK (~40 ms), a 40-50 ms p99 on small tensors.
-    let incoming = listeners::tcp_incoming(tcp, limits, tls_on);
-    let tcp = tcp_server.serve_with_incoming_shutdown(incoming, async move {
-        let _ = stop_tcp.wait_for(|s| *s).await;
-    });
-    let result = tcp.await.map_err(anyhow::Error::from);
+    let handshake_timeout = limits.handshake_timeout();
+    let incoming = listeners::tcp_incoming(tcp, limits, tls.is_some());
+    let result = match tls {
+        Some(tls) => {
+            let incoming = TlsHandshakes::new(incoming, tls, handshake_timeout);
+            tcp_server
+                .serve_with_incoming_shutdown(incoming, stopped)
+                .await
+        }
+        None => {
+            tcp_server
+                .serve_with_incoming_shutdown(incoming, stopped)
+                .await
+        }
+    };
+    let result = result.map_err(anyhow::Error::from);
     for server in servers {
         server.await??;
     }
@@ -183,7 +196,6 @@ impl LayeredServer {
 fn layered_server(
     state: &Arc<ServerState>,
     args: &GrpcArgs,
-    tls: Option<ServerTlsConfig>,
     auth: TokenAuthLayer,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
@@ -212,9 +224,6 @@ fn layered_server(
             .concurrency_limit_per_connection(args.grpc_connection_concurrency)
             .load_shed(true);
     }
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
-    }
     let server = builder
         // Outermost: any RPC, even one refused below, keeps its connection from counting as idle.
         .layer(ConnectionActivityLayer)
@@ -236,29 +245,17 @@ fn layered_server(
     })
 }
 
-/// Triton's TLS flags → rustls config; mutual TLS requires client certificates.
-fn tls_config(args: &TlsArgs) -> anyhow::Result<Option<ServerTlsConfig>> {
-    if !args.grpc_use_ssl && !args.grpc_use_ssl_mutual {
-        return Ok(None);
-    }
-    let read = |flag: &str, path: &Option<std::path::PathBuf>| -> anyhow::Result<Vec<u8>> {
-        let path = path
-            .as_ref()
-            .with_context(|| format!("TLS is on but {flag} is not set"))?;
-        std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))
-    };
-    let identity = Identity::from_pem(
-        read("--grpc-server-cert", &args.grpc_server_cert)?,
-        read("--grpc-server-key", &args.grpc_server_key)?,
-    );
-    let mut tls = ServerTlsConfig::new().identity(identity);
-    if args.grpc_use_ssl_mutual {
-        tls = tls.client_ca_root(Certificate::from_pem(read(
-            "--grpc-root-cert",
-            &args.grpc_root_cert,
-        )?));
-    }
-    Ok(Some(tls))
+/// Triton's TLS flags → the files of the TCP listener's TLS (h2 only). None with TLS off.
+fn grpc_tls_files(args: &TlsArgs) -> anyhow::Result<Option<TlsFiles>> {
+    TlsFiles::from_flags(TlsFlags {
+        door: "gRPC",
+        on: args.grpc_use_ssl,
+        mutual: args.grpc_use_ssl_mutual,
+        cert: ("--grpc-server-cert", &args.grpc_server_cert),
+        key: ("--grpc-server-key", &args.grpc_server_key),
+        root: ("--grpc-root-cert", &args.grpc_root_cert),
+        alpn: &[b"h2"],
+    })
 }
 
 /// Keeps grpc.health.v1 in step with readiness, for Kubernetes' native gRPC probes.

@@ -8,7 +8,7 @@
 //!   warning naming the flag.
 //! - **Handshake timeout** (`--grpc-handshake-timeout-secs`): the 24 bytes of the HTTP/2 client
 //!   preface must arrive within it, or the connection is closed. Under TLS the same bound is the TLS
-//!   handshake's (tonic's own timeout), and the preface inside TLS is covered by the idle timeout.
+//!   handshake's (`tls_handshakes`), and the preface inside TLS is covered by the idle timeout.
 //! - **Idle timeout** (`--grpc-idle-timeout-secs`): a connection with no RPC in flight for that long
 //!   is closed, as gRPC's MAX_CONNECTION_IDLE; pings do not count as use. A client reconnects for its
 //!   next call. RPCs are counted by [`ConnectionActivityLayer`], which finds this connection's
@@ -98,7 +98,7 @@ impl ConnectionLimits {
         slot: ConnectionSlot,
         plaintext: bool,
     ) -> BoundedConnection<S> {
-        // Under TLS tonic bounds the handshake, and the bytes seen here are TLS records.
+        // Under TLS `tls_handshakes` bounds the handshake, and the bytes seen here are TLS records.
         let handshake = self
             .handshake_timeout
             .filter(|_| plaintext)

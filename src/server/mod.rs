@@ -24,6 +24,8 @@ pub mod model_control;
 pub mod sequence_params;
 pub mod state;
 pub mod status;
+pub mod tls_files;
+pub mod tls_handshakes;
 pub mod trace_context;
 pub mod uds_authority;
 mod write_through;

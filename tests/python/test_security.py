@@ -2,9 +2,15 @@
 unmodified tritonclient. Certificates are made at test time (tls_certs.py)."""
 from __future__ import annotations
 
+import http.client
+import os
 import re
+import shutil
 import signal
+import socket
+import ssl
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -12,7 +18,14 @@ import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from harness import MODELS, Gateway, add_sub_inputs, infer_add_sub, run_gateway_to_exit
+from harness import (
+    MODELS,
+    Gateway,
+    add_sub_inputs,
+    assert_add_sub_serves,
+    infer_add_sub,
+    run_gateway_to_exit,
+)
 from tls_certs import Pki, make_pki
 
 DEADLINE_S = 60.0
@@ -113,6 +126,85 @@ def test_mutual_tls(secure_gateway, pki):
     assert infer_status(gateway.url, **with_cert) == "ok"
 
 
+# Each fresh client its own connection: gRPC C-core otherwise shares one between channels to the
+# same address, and a check could ride a connection opened under the other certificate.
+OWN_CONNECTION = {"channel_args": [("grpc.use_local_subchannel_pool", 1)]}
+
+
+def https_ready(address: str, ca_cert) -> int:
+    """The status of GET /v2/health/ready over a fresh TLS connection trusting only `ca_cert`."""
+    host, port = address.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=str(ca_cert))
+    conn = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
+    try:
+        conn.request("GET", "/v2/health/ready")
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def install(source: Path, target: Path) -> None:
+    """Replaces `target` in one step, as the kubelet swaps a Secret's files."""
+    shutil.copyfile(source, target.with_suffix(".next"))
+    os.replace(target.with_suffix(".next"), target)
+
+
+def test_sighup_renews_the_tls_certificate_of_both_doors(secure_gateway, pki, tmp_path):
+    # cert-manager renewing a Secret under a running pod: after SIGHUP new connections on both
+    # doors get the new certificate, a connection opened before keeps serving, and a renewal
+    # that does not load keeps the certificate in force.
+    renewed = make_pki(tmp_path / "renewed")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    install(pki.server_cert, cert)
+    install(pki.server_key, key)
+    old_ca = {"ssl": True, "root_certificates": str(pki.ca_cert), **OWN_CONNECTION}
+    new_ca = {"ssl": True, "root_certificates": str(renewed.ca_cert), **OWN_CONNECTION}
+    files = ["--grpc-server-cert", str(cert), "--grpc-server-key", str(key)]
+    http_files = ["--http-server-cert", str(cert), "--http-server-key", str(key)]
+    gateway = secure_gateway(["--grpc-use-ssl", *files, "--http-use-ssl=true", *http_files], old_ca)
+    held = grpcclient.InferenceServerClient(gateway.url, **old_ca)
+    assert_add_sub_serves(held)
+    assert https_ready(gateway.http_addr, pki.ca_cert) == 200
+    assert infer_status(gateway.url, **new_ca) == "StatusCode.UNAVAILABLE"
+
+    install(renewed.server_cert, cert)
+    install(renewed.server_key, key)
+    gateway.process.send_signal(signal.SIGHUP)
+    for door in ("gRPC", "HTTP"):
+        gateway.wait_for_log(re.compile(rf'TLS certificate and key reloaded.*door="?{door}'))
+    assert infer_status(gateway.url, **new_ca) == "ok"
+    assert infer_status(gateway.url, **old_ca) == "StatusCode.UNAVAILABLE"
+    assert https_ready(gateway.http_addr, renewed.ca_cert) == 200
+    with pytest.raises(ssl.SSLError):
+        https_ready(gateway.http_addr, pki.ca_cert)
+    assert_add_sub_serves(held)
+
+    # A key that does not match the certificate: refused, and the renewed pair stays in force.
+    install(pki.server_key, key)
+    gateway.process.send_signal(signal.SIGHUP)
+    failed = gateway.wait_for_log(re.compile(r"TLS reload failed.*"))
+    assert "--grpc-server-key" in failed.group(0) or "--http-server-key" in failed.group(0), failed.group(0)
+    assert infer_status(gateway.url, **new_ca) == "ok"
+    assert https_ready(gateway.http_addr, renewed.ca_cert) == 200
+    held.close()
+
+
+def test_a_stalled_tls_handshake_is_closed_and_holds_up_no_other(secure_gateway, pki):
+    trusted = {"ssl": True, "root_certificates": str(pki.ca_cert), **OWN_CONNECTION}
+    gateway = secure_gateway(tls_args(pki) + ["--grpc-handshake-timeout-secs", "1"], trusted)
+    host, port = gateway.url.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as stalled:
+        stalled.sendall(b"\x16\x03\x01")  # the start of a TLS record, then nothing
+        # Other clients shake hands and are served while that one waits.
+        assert infer_status(gateway.url, **trusted) == "ok"
+        stalled.settimeout(30)
+        try:
+            assert stalled.recv(1024) == b"", "the server answered a handshake that never came"
+        except ConnectionResetError:
+            pass
+    assert infer_status(gateway.url, **trusted) == "ok"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -121,7 +213,7 @@ def test_mutual_tls(secure_gateway, pki):
             ["--grpc-use-ssl-mutual", "--grpc-server-cert", "{cert}", "--grpc-server-key", "{key}"],
             "--grpc-root-cert",
         ),
-        (["--grpc-use-ssl", "--grpc-server-cert", "{cert}", "--grpc-server-key", "{cert}"], "invalid TLS"),
+        (["--grpc-use-ssl", "--grpc-server-cert", "{cert}", "--grpc-server-key", "{cert}"], "--grpc-server-key"),
         (["--auth-token-file", "/nonexistent/token"], "--auth-token-file"),
     ],
 )

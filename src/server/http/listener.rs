@@ -5,7 +5,6 @@
 //! connection with no request in progress for `--http-idle-timeout-secs` is closed (the bounds
 //! are gRPC's, from `listeners`).
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,16 +16,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
-use tokio_rustls::rustls;
-use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::Connected;
 use tower::{Layer, ServiceExt};
 
 use crate::config::HttpArgs;
 use crate::server::listeners::{ConnectionActivityLayer, ConnectionLimits};
+use crate::server::tls_files::{ReloadingTls, TlsFiles, TlsFlags};
 
 /// A client that opens a connection must finish its TLS handshake or request head within this
 /// time, so idle half-open connections cannot pile up.
@@ -35,7 +31,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A bound HTTP listener, ready to serve.
 pub struct HttpListener {
     tcp: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<ReloadingTls>>,
     limits: ConnectionLimits,
 }
 
@@ -46,13 +42,21 @@ impl HttpListener {
         let tcp = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot bind HTTP address {addr}"))?;
-        let tls = tls_acceptor(args)?;
+        let tls = http_tls_files(args)?
+            .map(ReloadingTls::load)
+            .transpose()?
+            .map(Arc::new);
         let limits = ConnectionLimits::http(args.http_idle_timeout_secs, args.http_max_connections);
         Ok(Self { tcp, tls, limits })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.tcp.local_addr()
+    }
+
+    /// The listener's TLS settings, for SIGHUP to reload; None without TLS.
+    pub fn tls(&self) -> Option<Arc<ReloadingTls>> {
+        self.tls.clone()
     }
 
     /// Serves `router` until `stop` turns true, then drains the open connections.
@@ -106,8 +110,9 @@ impl HttpListener {
                     },
                 ),
             );
-            let (builder, watcher, tls) =
-                (Arc::clone(&builder), graceful.watcher(), self.tls.clone());
+            // The settings in force as the connection came: a reload while it shakes hands waits.
+            let tls = self.tls.as_ref().map(|tls| tls.acceptor());
+            let (builder, watcher) = (Arc::clone(&builder), graceful.watcher());
             tokio::spawn(async move {
                 let result = match tls {
                     None => {
@@ -153,63 +158,18 @@ fn refusal_answer(limit: usize) -> Bytes {
     ))
 }
 
-/// The HTTP TLS flags → a rustls acceptor (ring), mutual TLS when asked.
-fn tls_acceptor(args: &HttpArgs) -> anyhow::Result<Option<TlsAcceptor>> {
-    if !args.http_use_ssl && !args.http_use_ssl_mutual {
-        return Ok(None);
-    }
-    let need =
-        |flag: &str, path: &Option<std::path::PathBuf>| -> anyhow::Result<std::path::PathBuf> {
-            path.clone()
-                .with_context(|| format!("HTTP TLS is on but {flag} is not set"))
-        };
-    let cert_path = need("--http-server-cert", &args.http_server_cert)?;
-    let key_path = need("--http-server-key", &args.http_server_key)?;
-    let certs = read_certs("--http-server-cert", &cert_path)?;
-    let key = PrivateKeyDer::from_pem_file(&key_path).with_context(|| {
-        format!(
-            "cannot read a PEM private key from --http-server-key {}",
-            key_path.display()
-        )
-    })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?;
-    let builder = if args.http_use_ssl_mutual {
-        let root_path = need("--http-root-cert", &args.http_root_cert)?;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in read_certs("--http-root-cert", &root_path)? {
-            roots
-                .add(cert)
-                .context("invalid --http-root-cert certificate")?;
-        }
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .context("invalid --http-root-cert")?;
-        builder.with_client_cert_verifier(verifier)
-    } else {
-        builder.with_no_client_auth()
-    };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .context("invalid HTTP TLS certificate or key")?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Some(TlsAcceptor::from(Arc::new(config))))
-}
-
-fn read_certs(flag: &str, path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .with_context(|| format!("cannot read {flag} {}", path.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("{flag} {} is not valid PEM", path.display()))?;
-    anyhow::ensure!(
-        !certs.is_empty(),
-        "{flag} {} holds no certificate",
-        path.display()
-    );
-    Ok(certs)
+/// The HTTP TLS flags → the files of the listener's TLS (h2 and http/1.1 by ALPN). None with TLS
+/// off.
+fn http_tls_files(args: &HttpArgs) -> anyhow::Result<Option<TlsFiles>> {
+    TlsFiles::from_flags(TlsFlags {
+        door: "HTTP",
+        on: args.http_use_ssl,
+        mutual: args.http_use_ssl_mutual,
+        cert: ("--http-server-cert", &args.http_server_cert),
+        key: ("--http-server-key", &args.http_server_key),
+        root: ("--http-root-cert", &args.http_root_cert),
+        alpn: &[b"h2", b"http/1.1"],
+    })
 }
 
 #[cfg(test)]
