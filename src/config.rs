@@ -414,6 +414,12 @@ pub struct SecurityArgs {
         default_value_t = 100 * 1024 * 1024
     )]
     pub audit_log_max_bytes: u64,
+    /// Seconds between looks at the files SIGHUP re-reads (TLS certificates, keys and CAs, the
+    /// policy, the token file): once one changed, all are reloaded as on SIGHUP, so a Secret
+    /// rotated under the pod takes effect with no signal sent. Only while such a file is
+    /// configured. 0: on SIGHUP only.
+    #[arg(long, env = "ONNX_GATEWAY_RELOAD_POLL_SECS", default_value_t = 30)]
+    pub reload_poll_secs: u64,
 }
 
 /// How the server presents itself to clients.

@@ -20,9 +20,10 @@ use crate::server::budget::MemoryBudget;
 use crate::server::grpc_server::{serve_grpc, GrpcListeners};
 use crate::server::http::listener::HttpListener;
 use crate::server::state::{Readiness, ServerState};
-use crate::server::tls_files::ReloadingTls;
 use crate::shm::ShmRegistry;
 use crate::telemetry::metrics::GrpcMetrics;
+
+mod reload;
 
 /// A gateway whose listeners are bound (so their ports are known) but which is not serving yet.
 pub struct Gateway {
@@ -153,7 +154,8 @@ impl Gateway {
             .tls()
             .into_iter()
             .chain(http.as_ref().and_then(|h| h.tls()));
-        reload_on_sighup(&state.access, renewable_tls.collect())?;
+        let reloads = reload::Reloads::new(&state.access, renewable_tls.collect());
+        reloads.start(config.security.reload_poll_secs)?;
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         // The admin server outlives the gRPC drain, so liveness and metrics answer until the end.
@@ -394,33 +396,4 @@ async fn scan_off_reactor(repo: &Path, names: Vec<String>) -> poll::Scan {
     tokio::task::spawn_blocking(move || poll::scan(&repo, &names))
         .await
         .unwrap_or_default()
-}
-
-/// SIGHUP re-reads the files an operator may have rotated under the running server: the
-/// authorization policy and token (a broken file keeps the last good ones) and each door's TLS
-/// certificate, key and client CA (a set that does not load keeps the one in force; connections
-/// already open keep their session). With none of these configured, SIGHUP keeps its default
-/// meaning.
-fn reload_on_sighup(
-    access: &Arc<security::AccessControl>,
-    tls: Vec<Arc<ReloadingTls>>,
-) -> anyhow::Result<()> {
-    let access = access.reloads().then(|| Arc::clone(access));
-    if access.is_none() && tls.is_empty() {
-        return Ok(());
-    }
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
-    tokio::spawn(async move {
-        while hangup.recv().await.is_some() {
-            if let Some(access) = &access {
-                // Its outcome is logged and audited inside.
-                let _ = access.reload();
-            }
-            for door in &tls {
-                door.reload_logged();
-            }
-        }
-    });
-    Ok(())
 }

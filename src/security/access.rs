@@ -109,6 +109,19 @@ impl AccessControl {
         self.policy.is_some() && (self.policy_file.is_some() || self.token_path.is_some())
     }
 
+    /// The files a reload reads again (none when it has nothing to read).
+    pub fn reloaded_files(&self) -> Vec<&Path> {
+        match self.reloads() {
+            true => self
+                .policy_file
+                .iter()
+                .chain(&self.token_path)
+                .map(PathBuf::as_path)
+                .collect(),
+            false => Vec::new(),
+        }
+    }
+
     pub fn audit(&self) -> &AuditLog {
         &self.audit
     }
@@ -188,10 +201,11 @@ impl AccessControl {
         error
     }
 
-    /// Re-reads `--auth-policy-file` and the `--auth-token-file` token (on SIGHUP). A file that
-    /// cannot be read or parsed leaves the last good policy and token in force; either way the
-    /// outcome is logged and audited. Returns the number of tokens now in force.
-    pub fn reload(&self) -> Result<usize, String> {
+    /// Re-reads `--auth-policy-file` and the `--auth-token-file` token, on SIGHUP or once one of
+    /// them changed (`trigger`, audited as the event's `rpc`). A file that cannot be read or
+    /// parsed leaves the last good policy and token in force; either way the outcome is logged and
+    /// audited. Returns the number of tokens now in force.
+    pub fn reload(&self, trigger: &'static str) -> Result<usize, String> {
         let Some(current) = self.policy.as_ref().filter(|_| self.reloads()) else {
             return Err("no --auth-policy-file or --auth-token-file to reload".into());
         };
@@ -199,7 +213,7 @@ impl AccessControl {
             let policy = self.read_policy_with(token.as_ref())?;
             Ok((token, policy))
         });
-        let mut event = AuditEvent::new("policy_reload", "SIGHUP", "ok");
+        let mut event = AuditEvent::new("policy_reload", trigger, "ok");
         let result = match result {
             Ok((token, policy)) => {
                 tracing::info!(tokens = policy.len(), "authorization policy reloaded");
@@ -331,10 +345,10 @@ mod tests {
 
         // A broken file keeps the last good policy; a good one replaces it.
         std::fs::write(&policy, "{ not json").unwrap();
-        assert!(control.reload().is_err());
+        assert!(control.reload("SIGHUP").is_err());
         assert!(control.authenticate(Some(&bearer("tok-a")), &CALL).is_ok());
         write_policy(&policy, &[("team-b", "tok-b", &["*"], true)]);
-        assert_eq!(control.reload(), Ok(2));
+        assert_eq!(control.reload("SIGHUP"), Ok(2));
         assert!(control.authenticate(Some(&bearer("tok-a")), &CALL).is_err());
         let b = control.authenticate(Some(&bearer("tok-b")), &CALL).unwrap();
         assert!(control.authorize(&b, Access::Admin, &CALL).is_ok());
@@ -387,19 +401,22 @@ mod tests {
         };
         assert!(works("first"));
         std::fs::write(&path, "second").unwrap();
-        assert_eq!(control.reload(), Ok(1));
+        assert_eq!(control.reload("SIGHUP"), Ok(1));
         assert!(works("second") && !works("first"));
         std::fs::write(&path, " \n").unwrap();
-        let error = control.reload().unwrap_err();
+        let error = control.reload("SIGHUP").unwrap_err();
         assert!(error.contains("is empty"), "{error}");
         assert!(works("second"), "a bad file keeps the token in force");
         std::fs::remove_file(&path).unwrap();
-        assert!(control.reload().unwrap_err().contains("cannot read"));
+        assert!(control
+            .reload("SIGHUP")
+            .unwrap_err()
+            .contains("cannot read"));
         assert!(works("second"));
         // A token given without a file is fixed: nothing to reload.
         let fixed =
             AccessControl::configure(Some(b"t"), None, Arc::new(AuditLog::disabled())).unwrap();
         assert!(!fixed.reloads());
-        assert!(fixed.reload().is_err());
+        assert!(fixed.reload("SIGHUP").is_err());
     }
 }

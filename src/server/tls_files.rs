@@ -163,6 +163,15 @@ impl ReloadingTls {
         Ok(())
     }
 
+    /// The files a reload reads.
+    pub fn files(&self) -> impl Iterator<Item = &std::path::Path> {
+        let files = &self.files;
+        [&files.cert, &files.key]
+            .into_iter()
+            .chain(&files.client_ca)
+            .map(|file| file.path.as_path())
+    }
+
     /// [`Self::reload`], its outcome logged: a renewal that fails must be seen before the
     /// certificate in force expires.
     pub fn reload_logged(&self) {

@@ -131,6 +131,10 @@ def test_mutual_tls(secure_gateway, pki):
 OWN_CONNECTION = {"channel_args": [("grpc.use_local_subchannel_pool", 1)]}
 
 
+# No look for changed files: a test of SIGHUP must not pass by a reload the look made.
+SIGHUP_ONLY = ["--reload-poll-secs", "0"]
+
+
 def https_ready(address: str, ca_cert) -> int:
     """The status of GET /v2/health/ready over a fresh TLS connection trusting only `ca_cert`."""
     host, port = address.rsplit(":", 1)
@@ -161,7 +165,7 @@ def test_sighup_renews_the_tls_certificate_of_both_doors(secure_gateway, pki, tm
     new_ca = {"ssl": True, "root_certificates": str(renewed.ca_cert), **OWN_CONNECTION}
     files = ["--grpc-server-cert", str(cert), "--grpc-server-key", str(key)]
     http_files = ["--http-server-cert", str(cert), "--http-server-key", str(key)]
-    gateway = secure_gateway(["--grpc-use-ssl", *files, "--http-use-ssl=true", *http_files], old_ca)
+    gateway = secure_gateway(["--grpc-use-ssl", *files, "--http-use-ssl=true", *http_files, *SIGHUP_ONLY], old_ca)
     held = grpcclient.InferenceServerClient(gateway.url, **old_ca)
     assert_add_sub_serves(held)
     assert https_ready(gateway.http_addr, pki.ca_cert) == 200
@@ -187,6 +191,41 @@ def test_sighup_renews_the_tls_certificate_of_both_doors(secure_gateway, pki, tm
     assert infer_status(gateway.url, **new_ca) == "ok"
     assert https_ready(gateway.http_addr, renewed.ca_cert) == 200
     held.close()
+
+
+def project_secret(directory: Path, version: str, files: dict[str, Path]) -> None:
+    """Lays `files` out as the kubelet projects a Secret: `name -> ..data/name`, `..data` a link to
+    the version's directory, swapped in one rename on each update."""
+    (directory / version).mkdir(parents=True)
+    for name, source in files.items():
+        shutil.copyfile(source, directory / version / name)
+        if not (directory / name).is_symlink():
+            (directory / name).symlink_to(Path("..data") / name)
+    (directory / "..data_tmp").symlink_to(version)
+    os.replace(directory / "..data_tmp", directory / "..data")
+
+
+def test_a_rotated_secret_is_reloaded_with_no_signal(secure_gateway, pki, tmp_path):
+    secret = tmp_path / "secret"
+    token = tmp_path / "token.txt"
+    token.write_text(TOKEN)
+    project_secret(secret, "..v1", {"tls.crt": pki.server_cert, "tls.key": pki.server_key, "token": token})
+    old_ca = {"ssl": True, "root_certificates": str(pki.ca_cert), **OWN_CONNECTION}
+    args = ["--grpc-use-ssl", "--grpc-server-cert", str(secret / "tls.crt"), "--grpc-server-key",
+            str(secret / "tls.key"), "--auth-token-file", str(secret / "token"), "--reload-poll-secs", "1"]
+    gateway = secure_gateway(args, old_ca, headers=BEARER)
+    assert infer_status(gateway.url, headers=BEARER, **old_ca) == "ok"
+
+    renewed = make_pki(tmp_path / "renewed")
+    token.write_text("rotated-token-3")
+    project_secret(secret, "..v2", {"tls.crt": renewed.server_cert, "tls.key": renewed.server_key, "token": token})
+    gateway.wait_for_log(re.compile(r"TLS certificate and key reloaded"))
+    gateway.wait_for_log(re.compile(r"authorization policy reloaded"))
+    new_ca = {"ssl": True, "root_certificates": str(renewed.ca_cert), **OWN_CONNECTION}
+    rotated = {"authorization": "Bearer rotated-token-3"}
+    assert infer_status(gateway.url, headers=rotated, **new_ca) == "ok"
+    assert infer_status(gateway.url, headers=BEARER, **new_ca) == "StatusCode.UNAUTHENTICATED"
+    assert infer_status(gateway.url, headers=rotated, **old_ca) == "StatusCode.UNAVAILABLE"
 
 
 def test_a_stalled_tls_handshake_is_closed_and_holds_up_no_other(secure_gateway, pki):
@@ -251,7 +290,7 @@ def test_sighup_rereads_the_token_file(secure_gateway, tmp_path):
     # a file that cannot be used keeps the token in force.
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    gateway = secure_gateway(["--auth-token-file", str(token_file)], {}, headers=BEARER)
+    gateway = secure_gateway(["--auth-token-file", str(token_file), *SIGHUP_ONLY], {}, headers=BEARER)
     rotated = {"authorization": "Bearer rotated-token-2"}
     assert infer_status(gateway.url, headers=rotated) == "StatusCode.UNAUTHENTICATED"
     token_file.write_text("rotated-token-2\n")
