@@ -53,7 +53,12 @@ pub struct CacheArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
     /// Model repository in Triton's layout: <dir>/<model>/config.pbtxt and <dir>/<model>/<version>/model.onnx.
-    #[arg(long, env = "ONNX_GATEWAY_MODEL_REPOSITORY")]
+    /// `--model-store` is Triton's other name for it.
+    #[arg(
+        long,
+        visible_alias = "model-store",
+        env = "ONNX_GATEWAY_MODEL_REPOSITORY"
+    )]
     pub model_repository: PathBuf,
     /// Exit at startup when any model fails to load (as Triton). With false, the other models serve and
     /// RepositoryIndex shows the failed one UNAVAILABLE with its reason.
@@ -65,7 +70,8 @@ pub struct ModelArgs {
     pub strict_readiness: bool,
     /// Model control mode: none (load everything at startup), poll (also apply repository changes),
     /// explicit (load only --load-model names; RepositoryModelLoad/Unload RPCs enabled).
-    #[arg(long, env = "ONNX_GATEWAY_MODEL_CONTROL_MODE", value_enum, default_value_t = ModelControlMode::None)]
+    /// In any case (Triton's documents write POLL and EXPLICIT).
+    #[arg(long, env = "ONNX_GATEWAY_MODEL_CONTROL_MODE", value_enum, ignore_case = true, default_value_t = ModelControlMode::None)]
     pub model_control_mode: ModelControlMode,
     /// Seconds between repository scans in poll mode.
     #[arg(long, env = "ONNX_GATEWAY_REPOSITORY_POLL_SECS", default_value_t = 15)]
@@ -122,9 +128,82 @@ pub struct ModelArgs {
     /// the batches then formed are about half as large. 0 turns it off.
     #[arg(long, env = "ONNX_GATEWAY_SPLIT_ANSWERS_MIN_MICROSECONDS", default_value_t = 150, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub split_answers_min_microseconds: u64,
+    /// Load a model only from a complete config.pbtxt, as Triton's flag: nothing is filled in from
+    /// the ONNX graph (inputs, outputs, max_batch_size, the batcher), and a model without
+    /// config.pbtxt fails to load. Defaults (version policy, instance groups) still apply.
+    #[arg(long, env = "ONNX_GATEWAY_DISABLE_AUTO_COMPLETE_CONFIG", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub disable_auto_complete_config: bool,
+    /// Triton's older name for --disable-auto-complete-config: true means the same.
+    #[arg(long, env = "ONNX_GATEWAY_STRICT_MODEL_CONFIG", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub strict_model_config: bool,
+    /// Triton's backend settings, `[BACKEND,]SETTING=VALUE`, repeatable. Honoured:
+    /// `default-max-batch-size=N` (the max_batch_size auto-complete gives a model that can batch,
+    /// 4 by default), globally or for `onnxruntime`. Settings for other backends are ignored with a
+    /// warning (only ONNX models are served); any other onnxruntime setting stops startup.
+    #[arg(long = "backend-config", env = "ONNX_GATEWAY_BACKEND_CONFIG", value_delimiter = ';', value_parser = parse_backend_setting)]
+    pub backend_config: Vec<BackendSetting>,
+}
+
+/// One `--backend-config` value: `BACKEND,SETTING=VALUE`, or `SETTING=VALUE` for every backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSetting {
+    /// None: the global form.
+    pub backend: Option<String>,
+    pub setting: String,
+    pub value: String,
+}
+
+fn parse_backend_setting(text: &str) -> Result<BackendSetting, String> {
+    let (backend, pair) = match text.split_once(',') {
+        Some((backend, pair)) => (Some(backend.trim().to_string()), pair),
+        None => (None, text),
+    };
+    let (setting, value) = pair
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not [BACKEND,]SETTING=VALUE"))?;
+    Ok(BackendSetting {
+        backend,
+        setting: setting.trim().to_string(),
+        value: value.trim().to_string(),
+    })
 }
 
 impl ModelArgs {
+    /// Whether configs are completed from the ONNX graph (neither Triton flag turned it off).
+    pub fn auto_complete(&self) -> bool {
+        !(self.disable_auto_complete_config || self.strict_model_config)
+    }
+
+    /// The max_batch_size auto-complete gives a model that can batch: the last
+    /// `default-max-batch-size` given globally or for onnxruntime. Settings for other backends are
+    /// logged and skipped; another onnxruntime setting, or a value that is not a positive
+    /// integer, is an error naming it.
+    pub fn default_max_batch_size(&self) -> Result<i32, String> {
+        let mut size = crate::model::autocomplete::DEFAULT_MAX_BATCH_SIZE;
+        for entry in &self.backend_config {
+            match entry.backend.as_deref() {
+                None | Some("onnxruntime") => {}
+                Some(other) => {
+                    tracing::warn!(backend = other, setting = %entry.setting, "--backend-config ignored: this server serves ONNX models only");
+                    continue;
+                }
+            }
+            if entry.setting != "default-max-batch-size" {
+                return Err(format!(
+                    "--backend-config {}: not supported here (only default-max-batch-size; thread counts are per model, config parameters intra_op_thread_count and inter_op_thread_count)",
+                    entry.setting
+                ));
+            }
+            size = entry.value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                format!(
+                    "--backend-config default-max-batch-size={}: not a positive integer",
+                    entry.value
+                )
+            })?;
+        }
+        Ok(size)
+    }
+
     /// The inline bound `--inline-execution-max-microseconds` gives on `cpu_budget` CPUs; None
     /// when inline execution is off.
     pub fn inline_execution_max(&self, cpu_budget: usize) -> Option<Duration> {
@@ -152,6 +231,10 @@ pub enum ModelControlMode {
 /// The gRPC listener.
 #[derive(Debug, Clone, Args)]
 pub struct GrpcArgs {
+    /// Serve gRPC (as Triton's flag). With false there is no gRPC listener at all, on TCP or the
+    /// Unix socket.
+    #[arg(long, env = "ONNX_GATEWAY_ALLOW_GRPC", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub allow_grpc: bool,
     /// Address the gRPC server binds (IPv4 or IPv6).
     #[arg(long, env = "ONNX_GATEWAY_GRPC_ADDRESS", default_value = "0.0.0.0")]
     pub grpc_address: IpAddr,
@@ -264,6 +347,10 @@ pub struct AdminArgs {
     /// Admin HTTP port serving /metrics and /v2/health/{live,ready}; 0 picks a free port.
     #[arg(long, env = "ONNX_GATEWAY_METRICS_PORT", default_value_t = 8002)]
     pub metrics_port: u16,
+    /// Serve Prometheus metrics on the admin port (as Triton's flag). With false, /metrics answers
+    /// 404 saying so; health stays on the port for probes.
+    #[arg(long, env = "ONNX_GATEWAY_ALLOW_METRICS", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub allow_metrics: bool,
 }
 
 /// Client system shared memory (Triton's system_shared_memory extension).
@@ -426,7 +513,13 @@ pub struct SecurityArgs {
 #[derive(Debug, Clone, Args)]
 pub struct IdentityArgs {
     /// Name ServerMetadata reports; clients written for Triton may check for `triton`.
-    #[arg(long, env = "ONNX_GATEWAY_SERVER_NAME", default_value = "onnx-gateway")]
+    /// `--id` is Triton's name for it.
+    #[arg(
+        long,
+        visible_alias = "id",
+        env = "ONNX_GATEWAY_SERVER_NAME",
+        default_value = "onnx-gateway"
+    )]
     pub server_name: String,
 }
 
@@ -461,6 +554,73 @@ mod tests {
         let mut argv = vec!["g", "--model-repository", "m"];
         argv.extend_from_slice(extra);
         Config::parse_from(argv)
+    }
+
+    #[test]
+    fn the_triton_command_line_kserve_and_helm_charts_pass_is_accepted() {
+        let c = Config::parse_from([
+            "tritonserver",
+            "--model-store=/mnt/models",
+            "--grpc-port=9000",
+            "--http-port=8080",
+            "--allow-grpc=true",
+            "--allow-http=true",
+            "--model-control-mode=POLL",
+            "--strict-model-config=false",
+            "--allow-metrics=true",
+            "--log-info=true",
+            "--id=triton",
+            "--backend-config=onnxruntime,default-max-batch-size=512",
+        ]);
+        assert_eq!(c.models.model_repository, PathBuf::from("/mnt/models"));
+        assert_eq!(c.models.model_control_mode, ModelControlMode::Poll);
+        assert!(c.grpc.allow_grpc && c.admin.allow_metrics && c.log.log_info);
+        assert_eq!(c.identity.server_name, "triton");
+        assert!(c.models.auto_complete());
+        assert_eq!(c.models.default_max_batch_size(), Ok(512));
+    }
+
+    #[test]
+    fn either_triton_flag_turns_auto_complete_off() {
+        assert!(parse_with(&[]).models.auto_complete());
+        assert!(!parse_with(&["--disable-auto-complete-config"])
+            .models
+            .auto_complete());
+        assert!(!parse_with(&["--strict-model-config=true"])
+            .models
+            .auto_complete());
+    }
+
+    #[test]
+    fn backend_settings_apply_to_onnxruntime_or_are_refused_by_name() {
+        let size = |extra: &[&str]| parse_with(extra).models.default_max_batch_size();
+        assert_eq!(size(&[]), Ok(4));
+        assert_eq!(
+            size(&["--backend-config=default-max-batch-size=16"]),
+            Ok(16)
+        );
+        // Another backend's settings cannot matter to ONNX models: skipped.
+        let other = [
+            "--backend-config=tensorflow,version=2",
+            "--backend-config=default-max-batch-size=8",
+        ];
+        assert_eq!(size(&other), Ok(8));
+        let refused =
+            size(&["--backend-config=onnxruntime,enable-global-threadpool=1"]).unwrap_err();
+        assert!(refused.contains("enable-global-threadpool"), "{refused}");
+        let bad = size(&["--backend-config=default-max-batch-size=0"]).unwrap_err();
+        assert!(bad.contains("not a positive integer"), "{bad}");
+        let syntax = Config::try_parse_from([
+            "g",
+            "--model-repository",
+            "m",
+            "--backend-config",
+            "onnxruntime",
+        ]);
+        assert!(syntax
+            .unwrap_err()
+            .to_string()
+            .contains("[BACKEND,]SETTING=VALUE"));
     }
 
     #[test]

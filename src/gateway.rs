@@ -10,6 +10,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::config::{Config, ModelControlMode};
+use crate::model::autocomplete::Completion;
 use crate::model::bounds::ConfigLimits;
 use crate::model::manager::{ManagerSettings, ModelManager};
 use crate::model::poll;
@@ -28,7 +29,8 @@ mod reload;
 /// A gateway whose listeners are bound (so their ports are known) but which is not serving yet.
 pub struct Gateway {
     config: Config,
-    grpc: GrpcListeners,
+    /// None with --allow-grpc=false.
+    grpc: Option<GrpcListeners>,
     admin: TcpListener,
     state: Arc<ServerState>,
     /// None with --allow-http=false.
@@ -45,7 +47,10 @@ impl Gateway {
             &config.security,
             config.grpc.auth.auth_token_file.as_deref(),
         )?;
-        let grpc = GrpcListeners::bind(&config.grpc, &access).await?;
+        let grpc = match doors(&config)? {
+            true => Some(GrpcListeners::bind(&config.grpc, &access).await?),
+            false => None,
+        };
         let admin_addr = SocketAddr::new(config.admin.metrics_address, config.admin.metrics_port);
         let admin = TcpListener::bind(admin_addr)
             .await
@@ -67,6 +72,13 @@ impl Gateway {
                     .models
                     .inline_execution_max(crate::runtime::cpu_budget()),
                 split_answers_from: config.models.split_answers_from(),
+                completion: Completion {
+                    from_graph: config.models.auto_complete(),
+                    default_max_batch_size: config
+                        .models
+                        .default_max_batch_size()
+                        .map_err(anyhow::Error::msg)?,
+                },
             })
             .with_model_keys(security::setup::model_keys(&config.security)?),
         );
@@ -115,10 +127,9 @@ impl Gateway {
         })
     }
 
-    pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc
-            .tcp_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    /// The gRPC TCP listener's address; None with --allow-grpc=false.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc.as_ref().and_then(|g| g.tcp_addr().ok())
     }
 
     /// The HTTP/REST listener's address; None with --allow-http=false.
@@ -145,13 +156,15 @@ impl Gateway {
             state,
             http,
         } = self;
-        tracing::info!(addr = %grpc.tcp_addr()?, "gRPC listening");
+        match &grpc {
+            Some(grpc) => tracing::info!(addr = %grpc.tcp_addr()?, "gRPC listening"),
+            None => tracing::info!("gRPC off (--allow-grpc=false)"),
+        }
         if let Some(http) = &http {
             tracing::info!(addr = %http.local_addr()?, "HTTP listening");
         }
         tracing::info!(addr = %admin.local_addr()?, "admin HTTP listening");
-        let renewable_tls = grpc
-            .tls()
+        let renewable_tls = (grpc.as_ref().and_then(|g| g.tls()))
             .into_iter()
             .chain(http.as_ref().and_then(|h| h.tls()));
         let reloads = reload::Reloads::new(&state.access, renewable_tls.collect());
@@ -160,12 +173,22 @@ impl Gateway {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         // The admin server outlives the gRPC drain, so liveness and metrics answer until the end.
         let (admin_stop_tx, admin_stop_rx) = tokio::sync::watch::channel(false);
-        let mut grpc_task = tokio::spawn(serve_grpc(
-            grpc,
-            Arc::clone(&state),
-            config.grpc.clone(),
-            stop_rx.clone(),
-        ));
+        let mut grpc_task = match grpc {
+            Some(grpc) => tokio::spawn(serve_grpc(
+                grpc,
+                Arc::clone(&state),
+                config.grpc.clone(),
+                stop_rx.clone(),
+            )),
+            // Ends with the drain, as a server would, so the watch below never fires for it.
+            None => {
+                let mut stop = stop_rx.clone();
+                tokio::spawn(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                    Ok(())
+                })
+            }
+        };
 
         let http_task = match http {
             Some(http) => {
@@ -175,12 +198,16 @@ impl Gateway {
             None => tokio::spawn(async {}),
         };
 
-        let admin_task = tokio::spawn(serve_admin(admin, admin_state(&state), {
-            let mut stop = admin_stop_rx.clone();
-            async move {
-                let _ = stop.wait_for(|s| *s).await;
-            }
-        }));
+        let admin_task = tokio::spawn(serve_admin(
+            admin,
+            admin_state(&state, config.admin.allow_metrics),
+            {
+                let mut stop = admin_stop_rx.clone();
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                }
+            },
+        ));
 
         tokio::pin!(shutdown);
         let poll_baseline = poll_baseline(&config, &state).await;
@@ -268,12 +295,28 @@ impl Gateway {
     }
 }
 
-fn admin_state(state: &Arc<ServerState>) -> AdminState {
+/// Whether gRPC is served: Triton's `--allow-grpc`. Refuses a configuration that would answer
+/// no inference at all, or a Unix socket with gRPC off.
+fn doors(config: &Config) -> anyhow::Result<bool> {
+    let grpc = config.grpc.allow_grpc;
+    anyhow::ensure!(
+        grpc || config.http.allow_http,
+        "--allow-grpc=false and --allow-http=false: the server would serve no inference"
+    );
+    anyhow::ensure!(
+        grpc || config.grpc.grpc_uds.is_none(),
+        "--grpc-uds serves gRPC, which --allow-grpc=false turns off"
+    );
+    Ok(grpc)
+}
+
+fn admin_state(state: &Arc<ServerState>, allow_metrics: bool) -> AdminState {
     let (ready, metrics) = (Arc::clone(state), Arc::clone(state));
+    let render_metrics = move || metrics.render_metrics();
     AdminState {
         live: Arc::new(|| true),
         ready: Arc::new(move || ready.is_ready()),
-        render_metrics: Arc::new(move || metrics.render_metrics()),
+        render_metrics: allow_metrics.then(|| Arc::new(render_metrics) as Arc<_>),
     }
 }
 

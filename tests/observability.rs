@@ -652,7 +652,10 @@ async fn ready_is_400_while_draining_and_the_rest_keeps_answering() {
     // Long enough that the drain is still on when the test looks; the test ends it by aborting.
     config.lifecycle.drain_delay_secs = 600;
     let gateway = Gateway::bind(config).await.unwrap();
-    let (admin, grpc) = (gateway.admin_addr(), gateway.grpc_addr());
+    let (admin, grpc) = (
+        gateway.admin_addr(),
+        gateway.grpc_addr().expect("gRPC is on"),
+    );
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(gateway.serve(async move {
         let _ = stopped.await;

@@ -34,18 +34,52 @@ pub const DEFAULT_MODEL_FILENAME: &str = "model.onnx";
 /// the graph. Whatever the config states is kept; `validate` judges it afterwards.
 pub fn autocomplete(
     model: &str,
+    config: ModelConfig,
+    graph: &GraphSignature,
+) -> Result<ModelConfig, ModelError> {
+    autocomplete_with(model, config, graph, Completion::default())
+}
+
+/// What `autocomplete_with` may fill in: Triton's `--disable-auto-complete-config` and
+/// `--backend-config=default-max-batch-size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// Take inputs, outputs, max_batch_size and the batcher from the graph; false leaves only
+    /// the server's normalization (platform names, version policy, instance groups).
+    pub from_graph: bool,
+    /// The max_batch_size of a model that can batch and whose config gives none.
+    pub default_max_batch_size: i32,
+}
+
+impl Default for Completion {
+    fn default() -> Self {
+        Self {
+            from_graph: true,
+            default_max_batch_size: DEFAULT_MAX_BATCH_SIZE,
+        }
+    }
+}
+
+/// [`autocomplete`] as `completion` allows.
+pub fn autocomplete_with(
+    model: &str,
     mut config: ModelConfig,
     graph: &GraphSignature,
+    completion: Completion,
 ) -> Result<ModelConfig, ModelError> {
     if config.name.is_empty() {
         config.name = model.to_string();
     }
     complete_platform(&mut config);
+    if !completion.from_graph {
+        normalize(&mut config);
+        return Ok(config);
+    }
 
     let input_count = config.input.len() + config.batch_input.len();
     let output_count = config.output.len();
     if input_count == 0 || output_count == 0 {
-        complete_max_batch_size(model, &mut config, graph)?;
+        complete_max_batch_size(model, &mut config, graph, completion.default_max_batch_size)?;
         let mbs = config.max_batch_size;
         if input_count == 0 {
             config.input = graph
@@ -91,6 +125,7 @@ fn complete_max_batch_size(
     model: &str,
     config: &mut ModelConfig,
     graph: &GraphSignature,
+    default_max_batch_size: i32,
 ) -> Result<(), ModelError> {
     let can_batch = graph
         .inputs
@@ -111,7 +146,7 @@ fn complete_max_batch_size(
     }
     // proto3 cannot tell "max_batch_size: 0" from absent; like Triton, 0 means "not given" here.
     if config.max_batch_size == 0 {
-        config.max_batch_size = DEFAULT_MAX_BATCH_SIZE;
+        config.max_batch_size = default_max_batch_size;
     }
     if config.max_batch_size > 1 && config.scheduling_choice.is_none() {
         config.scheduling_choice = Some(SchedulingChoice::DynamicBatching(
@@ -266,6 +301,33 @@ mod tests {
             inputs: vec![tensor("x", DataType::Int32, &[1, 16])],
             outputs: vec![tensor("y", DataType::Int32, &[1, 16])],
         }
+    }
+
+    #[test]
+    fn without_the_graph_only_the_servers_defaults_are_filled_in() {
+        let off = Completion {
+            from_graph: false,
+            ..Completion::default()
+        };
+        let c = autocomplete_with("iris", ModelConfig::default(), &classifier(), off).unwrap();
+        assert_eq!(
+            (c.name.as_str(), c.backend.as_str()),
+            ("iris", "onnxruntime")
+        );
+        assert!(c.input.is_empty() && c.output.is_empty());
+        assert_eq!(c.max_batch_size, 0);
+        assert!(c.scheduling_choice.is_none());
+        assert!(c.version_policy.is_some() && !c.instance_group.is_empty());
+    }
+
+    #[test]
+    fn the_default_max_batch_size_is_the_one_given() {
+        let sixteen = Completion {
+            default_max_batch_size: 16,
+            ..Completion::default()
+        };
+        let c = autocomplete_with("iris", ModelConfig::default(), &classifier(), sixteen).unwrap();
+        assert_eq!(c.max_batch_size, 16);
     }
 
     #[test]

@@ -129,6 +129,9 @@ pub struct ManagerSettings {
     pub inline_execution_max: Option<Duration>,
     /// See `SchedulerSettings::split_answers_from` (`--split-answers-min-microseconds`).
     pub split_answers_from: Option<Duration>,
+    /// What a config may be completed with (`--disable-auto-complete-config`,
+    /// `--backend-config=default-max-batch-size`).
+    pub completion: autocomplete::Completion,
 }
 
 /// `--model-load-timeout-secs` when not set.
@@ -145,6 +148,7 @@ impl Default for ManagerSettings {
             default_batching_strategy: crate::scheduler::BatchingStrategy::Triton,
             inline_execution_max: None,
             split_answers_from: None,
+            completion: autocomplete::Completion::default(),
         }
     }
 }
@@ -536,6 +540,15 @@ impl ModelManager {
     ) -> Result<Vec<Arc<LoadedModel>>, ModelError> {
         let mut config = match config_override {
             Some(c) => c,
+            None if !self.settings.completion.from_graph && !repository::has_config(repo, name) => {
+                return Err(ModelError::InvalidConfig {
+                    model: name.to_string(),
+                    reason: format!(
+                        "no {} and auto-complete is off (--disable-auto-complete-config): the model needs a complete config",
+                        repository::CONFIG_FILENAME
+                    ),
+                });
+            }
             None => repository::read_config(repo, name)?,
         };
         if config.name.is_empty() {
@@ -605,7 +618,12 @@ impl ModelManager {
         // The first instance's session also tells the graph signature the config is completed from.
         let first = build(&planned[0], config)?;
         let graph = first.signature().map_err(|e| fail(e.to_string()))?;
-        let config = autocomplete::autocomplete(name, config.clone(), &graph)?;
+        let config = autocomplete::autocomplete_with(
+            name,
+            config.clone(),
+            &graph,
+            self.settings.completion,
+        )?;
         validate::validate(name, &config, &graph)?;
         bounds::check(name, &config, &self.settings.limits)?;
         let mut settings = SchedulerSettings::from_config_with_strategy(

@@ -102,6 +102,11 @@ pub fn list_models(repo: &Path) -> Result<Vec<String>, ModelError> {
     Ok(models)
 }
 
+/// Whether the model's directory holds a `config.pbtxt`.
+pub fn has_config(repo: &Path, name: &str) -> bool {
+    repo.join(name).join(CONFIG_FILENAME).is_file()
+}
+
 /// The model's `config.pbtxt`, parsed; a model without one gets an empty config carrying its name,
 /// to be completed from the graph.
 pub fn read_config(repo: &Path, name: &str) -> Result<ModelConfig, ModelError> {

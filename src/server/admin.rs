@@ -20,7 +20,8 @@ use crate::telemetry::metrics;
 pub struct AdminState {
     pub live: Arc<dyn Fn() -> bool + Send + Sync>,
     pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
-    pub render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
+    /// None with `--allow-metrics=false`: /metrics then answers 404 saying so.
+    pub render_metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
 }
 
 impl fmt::Debug for AdminState {
@@ -50,8 +51,12 @@ pub async fn serve_admin(
 }
 
 async fn metrics_handler(State(state): State<AdminState>) -> Response {
+    let Some(render) = &state.render_metrics else {
+        let reason = "metrics are off on this server (--allow-metrics=false)\n";
+        return (StatusCode::NOT_FOUND, reason).into_response();
+    };
     // Rendering reads atomics and a few /proc files, which never block on a disk.
-    let body = (state.render_metrics)();
+    let body = render();
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response()
 }
 
@@ -110,7 +115,7 @@ mod tests {
         let state = AdminState {
             live: Arc::new(|| true),
             ready: Arc::new(move || ready_flag.load(Ordering::SeqCst)),
-            render_metrics: Arc::new(|| "# TYPE up gauge\nup 1\n".to_string()),
+            render_metrics: Some(Arc::new(|| "# TYPE up gauge\nup 1\n".to_string())),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -141,5 +146,22 @@ mod tests {
 
         stop.send(()).unwrap();
         server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn metrics_turned_off_answer_404_saying_so_while_health_serves() {
+        let state = AdminState {
+            live: Arc::new(|| true),
+            ready: Arc::new(|| true),
+            render_metrics: None,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve_admin(listener, state, std::future::pending()));
+        let (status, _, body) = request(addr, "GET", "/metrics").await;
+        assert_eq!(status, 404);
+        assert!(body.contains("--allow-metrics=false"), "{body}");
+        assert_eq!(request(addr, "GET", "/v2/health/ready").await.0, 200);
+        server.abort();
     }
 }

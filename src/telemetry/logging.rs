@@ -6,7 +6,8 @@
 //! level never decides which spans reach the trace backend.
 use std::io::IsTerminal as _;
 
-use tracing_subscriber::filter::{EnvFilter, ParseError};
+use tracing::{Level, Metadata};
+use tracing_subscriber::filter::{filter_fn, EnvFilter, FilterExt as _, FilterFn, ParseError};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::registry::LookupSpan;
@@ -31,13 +32,25 @@ pub enum LogFormat {
 }
 
 /// Logging flags, flattened into the gateway's configuration.
-#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct LoggingArgs {
     /// Verbosity of the gateway's own logs: 0 info, 1 debug, 2 or more trace (and ONNX Runtime's
     /// own info lines, which lower levels keep to warnings). RUST_LOG, when set, replaces this with
     /// its own directives.
     #[arg(long, env = "ONNX_GATEWAY_LOG_VERBOSE", default_value_t = 0)]
     pub log_verbose: u8,
+
+    /// Log info lines (as Triton's flag); false leaves warnings and errors.
+    #[arg(long, env = "ONNX_GATEWAY_LOG_INFO", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub log_info: bool,
+
+    /// Log warnings (as Triton's flag).
+    #[arg(long, env = "ONNX_GATEWAY_LOG_WARNING", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub log_warning: bool,
+
+    /// Log errors (as Triton's flag).
+    #[arg(long, env = "ONNX_GATEWAY_LOG_ERROR", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub log_error: bool,
 
     /// Format of log lines on stderr.
     #[arg(long, env = "ONNX_GATEWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -66,7 +79,7 @@ pub fn init(args: &LoggingArgs, extra: Option<BoxedLayer>) -> Result<(), Logging
     let filter = env_filter(rust_log.as_deref(), args.log_verbose)?;
     let ansi = args.log_format == LogFormat::Text && std::io::stderr().is_terminal();
     let log_layer: BoxedLayer = log_layer(args.log_format, std::io::stderr, ansi)
-        .with_filter(filter)
+        .with_filter(filter.and(severities(args)))
         .boxed();
     // Each layer carries its own filter, so they stack as a list over the registry.
     let layers: Vec<BoxedLayer> = std::iter::once(log_layer).chain(extra).collect();
@@ -83,6 +96,21 @@ pub fn env_filter(rust_log: Option<&str>, verbose: u8) -> Result<EnvFilter, Logg
     EnvFilter::builder()
         .parse(&directives)
         .map_err(|source| LoggingError::InvalidFilter { directives, source })
+}
+
+/// Triton's `--log-info`, `--log-warning` and `--log-error`: each turns its severity's lines off.
+/// Spans are kept whatever their level, so the lines left still carry their request's fields.
+pub fn severities(args: &LoggingArgs) -> FilterFn<impl Fn(&Metadata<'_>) -> bool> {
+    let (info, warning, error) = (args.log_info, args.log_warning, args.log_error);
+    filter_fn(move |meta| {
+        !meta.is_event()
+            || match *meta.level() {
+                Level::INFO => info,
+                Level::WARN => warning,
+                Level::ERROR => error,
+                _ => true,
+            }
+    })
 }
 
 /// The directives `env_filter` parses.

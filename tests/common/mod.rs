@@ -76,7 +76,7 @@ impl TestServer {
     /// Starts the gateway without waiting for readiness.
     pub async fn spawn(config: Config) -> TestServer {
         let gateway = Gateway::bind(config).await.expect("gateway binds");
-        let grpc_addr = gateway.grpc_addr();
+        let grpc_addr = gateway.grpc_addr().expect("gRPC is on");
         let admin_addr = gateway.admin_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(gateway.serve(async move {
