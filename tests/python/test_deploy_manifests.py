@@ -35,12 +35,14 @@ KUBERNETES_VERSIONS = ("1.29", kubernetes_validate.latest_version())
 EXPECTED_KUSTOMIZATIONS = {
     "base",
     "components/podmonitor",
+    "components/tls",
     "overlays/standalone",
+    "overlays/standalone-tls",
     "overlays/sidecar",
     "overlays/gpu",
 }
 # The ones that render on their own (a Component only renders inside an overlay).
-RENDERABLE = ["base", "overlays/standalone", "overlays/sidecar", "overlays/gpu"]
+RENDERABLE = ["base", "overlays/standalone", "overlays/standalone-tls", "overlays/sidecar", "overlays/gpu"]
 
 GATEWAY_CONTAINER = "onnx-gateway"
 # Gateway defaults when a flag is absent (see the gateway's --help): keep in step with src/config.rs.
@@ -592,6 +594,26 @@ def test_sidecar_gateway_is_native_sidecar_serving_a_unix_socket():
     for svc in objects_of(docs, "Service"):
         for port in svc["spec"]["ports"]:
             assert resolve_port(port.get("targetPort"), gateway) is None
+
+
+def test_tls_overlay_serves_both_doors_from_the_mounted_secret():
+    docs = rendered("overlays/standalone-tls")
+    deployment = find(docs, "Deployment", "onnx-gateway")
+    spec = deployment["spec"]["template"]["spec"]
+    gateway = next(c for c in spec["containers"] if c["name"] == GATEWAY_CONTAINER)
+    flags = gateway_flags(gateway, docs)
+    assert flags["grpc-use-ssl"] == "true" and flags["http-use-ssl"] == "true"
+    secret_volumes = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+    mounts = {m["mountPath"]: m["name"] for m in gateway["volumeMounts"]}
+    for flag in ("grpc-server-cert", "grpc-server-key", "http-server-cert", "http-server-key"):
+        directory = flags[flag].rsplit("/", 1)[0]
+        assert secret_volumes.get(mounts.get(directory)) == "onnx-gateway-tls", (flag, flags[flag])
+    # A renewal reaches the pod only through the look at the files (no one sends SIGHUP there).
+    assert flags.get("reload-poll-secs", "30") != "0"
+    # The kubelet's gRPC probe cannot speak TLS.
+    probe = gateway["readinessProbe"]
+    assert "grpc" not in probe and probe["httpGet"]["path"] == "/v2/health/ready", probe
+    assert resolve_port(probe["httpGet"]["port"], gateway) == int(flags["metrics-port"])
 
 
 def test_gpu_overlay_requests_a_gpu():
