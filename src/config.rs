@@ -228,6 +228,15 @@ pub enum ModelControlMode {
     Explicit,
 }
 
+/// Triton's `--grpc-infer-response-compression-level` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ResponseCompression {
+    None,
+    Low,
+    Medium,
+    High,
+}
+
 /// The gRPC listener.
 #[derive(Debug, Clone, Args)]
 pub struct GrpcArgs {
@@ -265,6 +274,12 @@ pub struct GrpcArgs {
         default_value_t = 1024
     )]
     pub grpc_max_concurrent_streams: u32,
+    /// Compress the inference service's responses for clients that accept gzip (their
+    /// grpc-accept-encoding), as Triton's flag: none, or low, medium or high, which all mean gzip
+    /// at its default level here (tonic offers no levels). Clients that accept no compression get
+    /// plain responses.
+    #[arg(long, env = "ONNX_GATEWAY_GRPC_INFER_RESPONSE_COMPRESSION_LEVEL", value_enum, ignore_case = true, default_value_t = ResponseCompression::None)]
+    pub grpc_infer_response_compression_level: ResponseCompression,
     /// Requests one connection may have in progress; more are shed at once with RESOURCE_EXHAUSTED
     /// instead of queueing without bound. 0 disables the limit.
     #[arg(

@@ -196,6 +196,50 @@ async fn calls_reach_their_service_on_either_side_of_the_inference_shortcut() {
     );
 }
 
+/// The `grpc-encoding` of add_sub's answer to a client that accepts gzip or not.
+async fn response_encoding(server: &TestServer, client_accepts_gzip: bool) -> Option<String> {
+    let mut client = server.client().await;
+    if client_accepts_gzip {
+        client = client.accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+    }
+    let (a, b) = (ramp(16, 1.0), ramp(16, 2.0));
+    let response = client
+        .model_infer(add_sub_request(&a, &b, 1))
+        .await
+        .unwrap();
+    let encoding = response.metadata().get("grpc-encoding");
+    let encoding = encoding.map(|v| v.to_str().unwrap().to_string());
+    let sum = f32_from(&response.into_inner().raw_output_contents[0]);
+    assert_eq!(
+        sum[3],
+        a[3] + b[3],
+        "the answer decompresses to the right outputs"
+    );
+    encoding
+}
+
+#[tokio::test]
+async fn responses_are_compressed_only_when_asked_and_accepted() {
+    let mut config = Config::for_repository(example_models());
+    config.grpc.grpc_infer_response_compression_level =
+        onnx_gateway::config::ResponseCompression::High;
+    let server = TestServer::start_with(config).await;
+    assert_eq!(
+        response_encoding(&server, true).await.as_deref(),
+        Some("gzip")
+    );
+    assert_eq!(response_encoding(&server, false).await, None);
+    server.stop().await.unwrap();
+
+    let plain = TestServer::start(&example_models()).await;
+    assert_eq!(
+        response_encoding(&plain, true).await,
+        None,
+        "off by default, as in Triton"
+    );
+    plain.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn add_sub_raw_and_typed() {
     let server = TestServer::start(&example_models()).await;

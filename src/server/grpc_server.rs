@@ -20,7 +20,7 @@ use super::listeners::{self, ConnectionActivityLayer, ConnectionLimits};
 use super::state::ServerState;
 use super::tls_files::{ReloadingTls, TlsFiles, TlsFlags};
 use super::tls_handshakes::TlsHandshakes;
-use crate::config::{GrpcArgs, TlsArgs};
+use crate::config::{GrpcArgs, ResponseCompression, TlsArgs};
 use crate::proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::security::AccessControl;
 
@@ -209,9 +209,13 @@ fn layered_server(
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let inference = GrpcInferenceServiceServer::new(InferenceService::new(Arc::clone(state)))
+    let mut inference = GrpcInferenceServiceServer::new(InferenceService::new(Arc::clone(state)))
         .max_decoding_message_size(args.max_message_bytes)
         .max_encoding_message_size(args.max_message_bytes);
+    if args.grpc_infer_response_compression_level != ResponseCompression::None {
+        // Used only where the call's grpc-accept-encoding lists gzip.
+        inference = inference.send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    }
     let keepalive =
         (args.grpc_keepalive_secs > 0).then(|| Duration::from_secs(args.grpc_keepalive_secs));
     let mut builder = Server::builder()

@@ -43,6 +43,12 @@ def test_the_args_of_kserves_stock_triton_runtime_serve(gateway_factory, repo_co
     assert_add_sub_serves(client)
 
 
+def test_compressed_responses_reach_tritonclient(gateway_factory, repo_copy):
+    # grpcio accepts gzip by default, so every answer here comes back compressed.
+    gateway = gateway_factory(repo_copy("add_sub"), "--grpc-infer-response-compression-level=high")
+    assert_add_sub_serves(gateway.client())
+
+
 def test_allow_grpc_false_leaves_http_only(gateway_factory, repo_copy):
     gateway = gateway_factory(repo_copy("add_sub"), "--allow-grpc=false", wait_ready=False)
     assert "gRPC listening" not in gateway.stderr()
