@@ -9,6 +9,18 @@ use onnx_gateway::Config;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The command line, less a leading `tritonserver`: manifests written for Triton's image (KServe's
+/// stock Triton runtime among them) start their arguments with the command, which that image's
+/// entrypoint runs; here the image's entrypoint is the server itself.
+fn server_args() -> impl Iterator<Item = std::ffi::OsString> {
+    let mut args = std::env::args_os().peekable();
+    let program = args.next();
+    if args.peek().is_some_and(|a| a == "tritonserver") {
+        args.next();
+    }
+    program.into_iter().chain(args)
+}
+
 fn main() -> std::process::ExitCode {
     // `onnx-gateway encrypt-model ...` is a separate command; anything else is the server's flags.
     if std::env::args_os()
@@ -24,7 +36,7 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
-    let config = Config::parse();
+    let config = Config::parse_from(server_args());
     let reactor_threads = config.reactor.threads(onnx_gateway::runtime::cpu_budget());
     let runtime = match async_runtime(reactor_threads) {
         Ok(rt) => rt,

@@ -55,6 +55,10 @@ def gateway_command(repository: Path, extra_args: list[str]) -> list[str]:
         "--http-port": "0",
     }
     command = [str(gateway_binary())]
+    # A command line written for Triton's image starts with the command it runs.
+    if extra_args[:1] == ["tritonserver"]:
+        command.append(extra_args[0])
+        extra_args = extra_args[1:]
     # Triton's other name for the flag, when a test passes it itself.
     if not any(arg.startswith(("--model-store", "--model-repository")) for arg in extra_args):
         command += ["--model-repository", str(repository)]

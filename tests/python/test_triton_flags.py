@@ -28,6 +28,7 @@ def test_the_args_of_kserves_stock_triton_runtime_serve(gateway_factory, repo_co
     repository = repo_copy("add_sub", "digits_classifier")
     gateway = gateway_factory(
         repository,
+        "tritonserver",
         f"--model-store={repository}",
         "--allow-grpc=true",
         "--allow-http=true",
