@@ -7,7 +7,9 @@
 use std::io::IsTerminal as _;
 
 use tracing::{Level, Metadata};
-use tracing_subscriber::filter::{filter_fn, EnvFilter, FilterExt as _, FilterFn, ParseError};
+use tracing_subscriber::filter::{
+    filter_fn, EnvFilter, FilterExt as _, FilterFn, LevelFilter, ParseError,
+};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::registry::LookupSpan;
@@ -102,7 +104,7 @@ pub fn env_filter(rust_log: Option<&str>, verbose: u8) -> Result<EnvFilter, Logg
 /// Spans are kept whatever their level, so the lines left still carry their request's fields.
 pub fn severities(args: &LoggingArgs) -> FilterFn<impl Fn(&Metadata<'_>) -> bool> {
     let (info, warning, error) = (args.log_info, args.log_warning, args.log_error);
-    filter_fn(move |meta| {
+    let filter = filter_fn(move |meta| {
         !meta.is_event()
             || match *meta.level() {
                 Level::INFO => info,
@@ -110,7 +112,10 @@ pub fn severities(args: &LoggingArgs) -> FilterFn<impl Fn(&Metadata<'_>) -> bool
                 Level::ERROR => error,
                 _ => true,
             }
-    })
+    });
+    // Without a hint, the level filter it is joined to would lose its own (info by default), and
+    // every trace! in the libraries (h2, hyper) would be looked at instead of skipped by level.
+    filter.with_max_level_hint(LevelFilter::TRACE)
 }
 
 /// The directives `env_filter` parses.
@@ -263,5 +268,53 @@ mod tests {
         assert!(env_filter(Some("warn,onnx_gateway=debug"), 0).is_ok());
         let err = env_filter(Some("onnx_gateway=loud"), 0).unwrap_err();
         assert!(err.to_string().contains("onnx_gateway=loud"), "{err}");
+    }
+
+    fn switches(info: bool, warning: bool) -> LoggingArgs {
+        LoggingArgs {
+            log_verbose: 0,
+            log_info: info,
+            log_warning: warning,
+            log_error: true,
+            log_format: LogFormat::Text,
+        }
+    }
+
+    #[test]
+    fn a_severity_switched_off_drops_its_lines_and_keeps_the_spans() {
+        let capture = Capture::default();
+        let filter = env_filter(None, 0)
+            .unwrap()
+            .and(severities(&switches(false, true)));
+        let subscriber = tracing_subscriber::registry()
+            .with(log_layer(LogFormat::Text, capture.clone(), false).with_filter(filter));
+        tracing::subscriber::with_default(subscriber, || {
+            let span =
+                tracing::info_span!(target: "onnx_gateway::server", "request", model = "simple");
+            let _entered = span.enter();
+            tracing::info!(target: "onnx_gateway::server", "model loaded");
+            tracing::warn!(target: "onnx_gateway::server", "inference failed");
+        });
+        let out = capture.text();
+        assert_eq!(out.lines().count(), 1, "{out}");
+        assert!(
+            out.contains("request{model=\"simple\"}"),
+            "the info span still frames it: {out}"
+        );
+        assert!(out.contains("inference failed"), "{out}");
+    }
+
+    #[test]
+    fn the_switches_keep_the_level_filters_hint() {
+        use tracing_subscriber::layer::Filter;
+        let joined = env_filter(None, 0)
+            .unwrap()
+            .and(severities(&switches(true, true)));
+        let hint = <_ as Filter<Registry>>::max_level_hint(&joined);
+        assert_eq!(
+            hint,
+            Some(LevelFilter::INFO),
+            "trace! calls must stay skipped by level"
+        );
     }
 }
