@@ -133,9 +133,9 @@ pub(crate) async fn serve_grpc(
     let stopped = async move {
         let _ = stop_tcp.wait_for(|s| *s).await;
     };
+    let handshake_timeout = limits.handshake_timeout();
     // TCP_NODELAY is set on each connection there: without it a small response can sit behind
     // Nagle's algorithm until the client's delayed ACK (~40 ms), a 40-50 ms p99 on small tensors.
-    let handshake_timeout = limits.handshake_timeout();
     let incoming = listeners::tcp_incoming(tcp, limits, tls.is_some());
     let result = match tls {
         Some(tls) => {
