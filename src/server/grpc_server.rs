@@ -18,7 +18,7 @@ use super::grpc_metrics_layer::GrpcMetricsLayer;
 use super::inference_first::InferenceFirst;
 use super::listeners::{self, ConnectionActivityLayer, ConnectionLimits};
 use super::state::ServerState;
-use super::tls_files::{ReloadingTls, TlsFiles, TlsFlags};
+use super::tls_files::{ReloadingTls, TlsFlags};
 use super::tls_handshakes::TlsHandshakes;
 use crate::config::{GrpcArgs, ResponseCompression, TlsArgs};
 use crate::proto::grpc_inference_service_server::GrpcInferenceServiceServer;
@@ -44,10 +44,7 @@ impl GrpcListeners {
             .await
             .with_context(|| format!("cannot bind gRPC address {addr}"))?;
         let auth = TokenAuthLayer::new(Arc::clone(access), args.auth.auth_exempt_health);
-        let tls = grpc_tls_files(&args.tls)?
-            .map(ReloadingTls::load)
-            .transpose()?
-            .map(Arc::new);
+        let tls = grpc_tls(&args.tls)?;
         let uds = match &args.grpc_uds {
             Some(path) => Some((bind_uds(path)?, path.clone())),
             None => None,
@@ -249,9 +246,9 @@ fn layered_server(
     })
 }
 
-/// Triton's TLS flags → the files of the TCP listener's TLS (h2 only). None with TLS off.
-fn grpc_tls_files(args: &TlsArgs) -> anyhow::Result<Option<TlsFiles>> {
-    TlsFiles::from_flags(TlsFlags {
+/// Triton's TLS flags → the TCP listener's TLS (h2 only), its files read now. None with TLS off.
+fn grpc_tls(args: &TlsArgs) -> anyhow::Result<Option<Arc<ReloadingTls>>> {
+    ReloadingTls::from_flags(TlsFlags {
         door: "gRPC",
         on: args.grpc_use_ssl,
         mutual: args.grpc_use_ssl_mutual,

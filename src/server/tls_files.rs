@@ -57,7 +57,7 @@ pub struct TlsFlags<'a> {
 
 impl TlsFiles {
     /// The files the flags name; None with TLS off, an error naming the flag that TLS on needs.
-    pub fn from_flags(flags: TlsFlags<'_>) -> anyhow::Result<Option<Self>> {
+    fn from_flags(flags: TlsFlags<'_>) -> anyhow::Result<Option<Self>> {
         if !flags.on && !flags.mutual {
             return Ok(None);
         }
@@ -141,8 +141,16 @@ pub struct ReloadingTls {
 }
 
 impl ReloadingTls {
+    /// A door's TLS from its flags, the files read now; None with TLS off. An error names the
+    /// flag that is missing or whose file is at fault.
+    pub fn from_flags(flags: TlsFlags<'_>) -> anyhow::Result<Option<Arc<Self>>> {
+        TlsFiles::from_flags(flags)?
+            .map(|files| Self::load(files).map(Arc::new))
+            .transpose()
+    }
+
     /// Reads the files; an error names the flag of the file at fault.
-    pub fn load(files: TlsFiles) -> anyhow::Result<Self> {
+    fn load(files: TlsFiles) -> anyhow::Result<Self> {
         let config = files.server_config()?;
         Ok(Self {
             files,

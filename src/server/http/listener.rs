@@ -22,7 +22,7 @@ use tower::{Layer, ServiceExt};
 
 use crate::config::HttpArgs;
 use crate::server::listeners::{ConnectionActivityLayer, ConnectionLimits};
-use crate::server::tls_files::{ReloadingTls, TlsFiles, TlsFlags};
+use crate::server::tls_files::{ReloadingTls, TlsFlags};
 
 /// A client that opens a connection must finish its TLS handshake or request head within this
 /// time, so idle half-open connections cannot pile up.
@@ -42,10 +42,7 @@ impl HttpListener {
         let tcp = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot bind HTTP address {addr}"))?;
-        let tls = http_tls_files(args)?
-            .map(ReloadingTls::load)
-            .transpose()?
-            .map(Arc::new);
+        let tls = http_tls(args)?;
         let limits = ConnectionLimits::http(args.http_idle_timeout_secs, args.http_max_connections);
         Ok(Self { tcp, tls, limits })
     }
@@ -158,10 +155,10 @@ fn refusal_answer(limit: usize) -> Bytes {
     ))
 }
 
-/// The HTTP TLS flags → the files of the listener's TLS (h2 and http/1.1 by ALPN). None with TLS
-/// off.
-fn http_tls_files(args: &HttpArgs) -> anyhow::Result<Option<TlsFiles>> {
-    TlsFiles::from_flags(TlsFlags {
+/// The HTTP TLS flags → the listener's TLS (h2 and http/1.1 by ALPN), its files read now. None
+/// with TLS off.
+fn http_tls(args: &HttpArgs) -> anyhow::Result<Option<Arc<ReloadingTls>>> {
+    ReloadingTls::from_flags(TlsFlags {
         door: "HTTP",
         on: args.http_use_ssl,
         mutual: args.http_use_ssl_mutual,
