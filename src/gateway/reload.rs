@@ -55,22 +55,27 @@ impl Reloads {
         tokio::spawn(async move {
             let mut seen = Fingerprint::of(&files);
             loop {
-                let trigger = tokio::select! {
-                    signalled = hangup.recv() => match signalled {
-                        Some(()) => "SIGHUP",
+                let signalled = tokio::select! {
+                    signal = hangup.recv() => match signal {
+                        Some(()) => true,
                         None => return,
                     },
-                    _ = sleep_or_never(poll) => {
-                        let now = Fingerprint::of(&files);
-                        if now == seen {
-                            continue;
-                        }
-                        tracing::info!("a certificate, key, policy or token file changed: reloading");
-                        "file_change"
-                    }
+                    _ = sleep_or_never(poll) => false,
                 };
                 // Taken before the reload reads, so a change made during it is seen next time.
-                seen = Fingerprint::of(&files);
+                let now = Fingerprint::of(&files);
+                let changed = now != seen;
+                seen = now;
+                let trigger = match (signalled, changed) {
+                    (true, _) => "SIGHUP",
+                    (false, true) => {
+                        tracing::info!(
+                            "a certificate, key, policy or token file changed: reloading"
+                        );
+                        "file_change"
+                    }
+                    (false, false) => continue,
+                };
                 self.reload(trigger);
             }
         });
