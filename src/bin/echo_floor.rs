@@ -3,6 +3,12 @@
 //! echoing the inputs as outputs (raw contents passed through): no model, no validation, no queue.
 //! What the gateway spends per request beyond this server is the gateway's own cost.
 //!
+//! With `--model-file`, the floor of a server that runs the model: each ModelInfer runs that ONNX
+//! file once on the request's raw inputs, on the handler's own task, through the gateway's runtime
+//! code (`OrtExecutor`, one session, the CPU budget's intra-op threads), and answers its outputs.
+//! Still no validation, no queue, no statistics: what it costs beyond the echo is the model's run,
+//! which no gateway can avoid, and what the gateway costs beyond it is the gateway's own.
+//!
 //! Same process shape as the gateway, so the comparison is fair: mimalloc, a multi-thread tokio
 //! runtime with the default worker count (the affinity mask: one worker under `taskset -c 0`), and
 //! TCP_NODELAY on each connection. h2load only sees HTTP status (200 even for a gRPC error), so the
@@ -11,14 +17,19 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use clap::Parser;
+use onnx_gateway::model::ModelConfig;
 use onnx_gateway::proto::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
 };
 use onnx_gateway::proto::model_infer_response::InferOutputTensor;
+use onnx_gateway::proto::model_instance_group::Kind as GroupKind;
 use onnx_gateway::proto::*;
+use onnx_gateway::runtime::{cpu_budget, init_onnxruntime, OrtExecutor, SessionPlan};
+use onnx_gateway::scheduler::ModelExecutor;
+use onnx_gateway::tensor::{DataType, NamedTensor, Tensor, TensorData};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status};
@@ -52,11 +63,21 @@ struct Args {
     /// built with `add_service` has.
     #[arg(long)]
     without_router: bool,
+    /// Run this ONNX file on every ModelInfer's raw inputs and answer its outputs (the floor of a
+    /// server that runs the model) instead of echoing the inputs.
+    #[arg(long)]
+    model_file: Option<PathBuf>,
+    /// ONNX Runtime shared library for --model-file (else the gateway's discovery order).
+    #[arg(long)]
+    onnxruntime_lib: Option<PathBuf>,
 }
 
-/// Answers ModelInfer with its own inputs; every other RPC is UNIMPLEMENTED.
+/// Answers ModelInfer with its own inputs, or with the model's outputs on them; every other RPC is
+/// UNIMPLEMENTED.
 struct EchoService {
     successes: Arc<AtomicU64>,
+    /// The session for --model-file. Uncontended: one request runs at a time on one core.
+    model: Option<Mutex<OrtExecutor>>,
 }
 
 /// The inputs as outputs: names, datatypes and shapes copied, raw contents moved (no byte copy).
@@ -81,6 +102,67 @@ fn echo(request: ModelInferRequest) -> ModelInferResponse {
     }
 }
 
+/// The request's raw inputs as the runtime takes them: no checks beyond what `Tensor::new` makes.
+fn raw_inputs(request: &ModelInferRequest) -> Result<Vec<NamedTensor>, Status> {
+    let invalid = |e: String| Status::invalid_argument(e);
+    if request.inputs.len() != request.raw_input_contents.len() {
+        return Err(invalid("every input needs raw contents".to_string()));
+    }
+    request
+        .inputs
+        .iter()
+        .zip(&request.raw_input_contents)
+        .map(|(input, raw)| {
+            let dtype = DataType::parse(&input.datatype)
+                .ok_or_else(|| invalid(format!("unknown datatype '{}'", input.datatype)))?;
+            let data = TensorData::Fixed(raw.clone());
+            let tensor = Tensor::new(&input.name, dtype, input.shape.clone(), data)
+                .map_err(|e| invalid(e.to_string()))?;
+            Ok(NamedTensor {
+                name: input.name.clone(),
+                tensor,
+            })
+        })
+        .collect()
+}
+
+/// One run of the model on the request's inputs, its outputs as raw contents.
+fn run_model(
+    model: &Mutex<OrtExecutor>,
+    request: ModelInferRequest,
+) -> Result<ModelInferResponse, Status> {
+    let inputs = raw_inputs(&request)?;
+    let run = model
+        .lock()
+        .map_err(|_| Status::internal("the model's session was poisoned"))?
+        .execute_batch(vec![inputs], &[])
+        .map_err(|e| Status::internal(e.to_string()))?;
+    let mut outputs = Vec::with_capacity(run.outputs.len());
+    let mut raw_output_contents = Vec::with_capacity(run.outputs.len());
+    for output in run.outputs {
+        let TensorData::Fixed(bytes) = output.tensor.data else {
+            return Err(Status::unimplemented(
+                "echo_floor answers fixed-size outputs only",
+            ));
+        };
+        outputs.push(InferOutputTensor {
+            name: output.name,
+            datatype: output.tensor.dtype.as_str().to_string(),
+            shape: output.tensor.shape,
+            ..Default::default()
+        });
+        raw_output_contents.push(bytes);
+    }
+    Ok(ModelInferResponse {
+        model_name: request.model_name,
+        model_version: request.model_version,
+        id: request.id,
+        outputs,
+        raw_output_contents,
+        ..Default::default()
+    })
+}
+
 /// Status for the RPCs this floor does not serve.
 fn not_served(rpc: &str) -> Status {
     Status::unimplemented(format!(
@@ -98,7 +180,11 @@ macro_rules! echo_service_impl {
                 &self,
                 request: Request<ModelInferRequest>,
             ) -> Result<Response<ModelInferResponse>, Status> {
-                let response = echo(request.into_inner());
+                let request = request.into_inner();
+                let response = match &self.model {
+                    Some(model) => run_model(model, request)?,
+                    None => echo(request),
+                };
                 self.successes.fetch_add(1, Ordering::Relaxed);
                 Ok(Response::new(response))
             }
@@ -164,10 +250,22 @@ async fn report_until_stopped(successes: Arc<AtomicU64>) -> std::io::Result<()> 
     }
 }
 
+/// The session for --model-file, planned as the gateway plans a one-instance CPU model.
+fn load_model(args: &Args) -> anyhow::Result<Option<Mutex<OrtExecutor>>> {
+    let Some(path) = &args.model_file else {
+        return Ok(None);
+    };
+    init_onnxruntime(args.onnxruntime_lib.as_deref())?;
+    let config = ModelConfig::default();
+    let plan = SessionPlan::from_config(path, &config, GroupKind::Cpu, 0, cpu_budget())?;
+    Ok(Some(Mutex::new(OrtExecutor::load(&plan)?)))
+}
+
 async fn serve(args: Args) -> anyhow::Result<()> {
     let successes = Arc::new(AtomicU64::new(0));
     let service = GrpcInferenceServiceServer::new(EchoService {
         successes: Arc::clone(&successes),
+        model: load_model(&args)?,
     })
     .max_decoding_message_size(args.max_message_bytes)
     .max_encoding_message_size(args.max_message_bytes);
@@ -240,5 +338,63 @@ mod tests {
         );
         assert_eq!(output.shape, vec![1, 2]);
         assert_eq!(response.raw_output_contents, vec![raw]);
+    }
+
+    fn fp32_input(name: &str, values: &[f32]) -> (InferInputTensor, Bytes) {
+        let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let input = InferInputTensor {
+            name: name.into(),
+            datatype: "FP32".into(),
+            shape: vec![1, values.len() as i64],
+            ..Default::default()
+        };
+        (input, Bytes::from(raw))
+    }
+
+    fn fp32_values(raw: &Bytes) -> Vec<f32> {
+        raw.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn model_file_answers_the_models_outputs() {
+        let args = Args::parse_from([
+            "echo_floor",
+            "--model-file",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/models/add_sub/1/model.onnx"),
+        ]);
+        let model = load_model(&args)
+            .expect("ONNX Runtime (run scripts/setup)")
+            .expect("a session");
+        let a: Vec<f32> = (0..16).map(|i| i as f32).collect();
+        let b = vec![0.5f32; 16];
+        let (in0, raw0) = fp32_input("INPUT0", &a);
+        let (in1, raw1) = fp32_input("INPUT1", &b);
+        let request = ModelInferRequest {
+            model_name: "add_sub".into(),
+            inputs: vec![in0, in1],
+            raw_input_contents: vec![raw0, raw1],
+            ..Default::default()
+        };
+        let response = run_model(&model, request).expect("the model runs");
+        let names: Vec<&str> = response.outputs.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(names, ["OUTPUT0", "OUTPUT1"]);
+        assert_eq!(response.outputs[0].shape, vec![1, 16]);
+        let sum: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        let difference: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
+        assert_eq!(fp32_values(&response.raw_output_contents[0]), sum);
+        assert_eq!(fp32_values(&response.raw_output_contents[1]), difference);
+    }
+
+    #[test]
+    fn model_file_refuses_inputs_without_raw_contents() {
+        let (input, _) = fp32_input("INPUT0", &[1.0; 16]);
+        let request = ModelInferRequest {
+            inputs: vec![input],
+            ..Default::default()
+        };
+        let status = raw_inputs(&request).expect_err("no raw contents");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
     }
 }
