@@ -2,8 +2,9 @@
 """The gateway against its two floors, in one run, interleaved in rounds (run it through
 bench/floors.sh, which builds the binaries and documents the environment variables).
 
-Floors: (a) target/release/echo_floor, a bare tonic ModelInfer server that echoes its inputs;
-(b) target/release/inproc_floor, ONNX Runtime in process through the gateway's runtime code with the
+Floors: (a) target/release/echo_floor, a bare tonic ModelInfer server that echoes its inputs, and
+the same server running add_sub's ONNX file once per request (`--model-file`: the floor of any server
+that runs the model, measured at 1 in flight, with no target); (b) target/release/inproc_floor, ONNX Runtime in process through the gateway's runtime code with the
 gateway's thread plan. Servers and in-process runs are pinned to SERVER_CORE, h2load and loadgen to
 CLIENT_CORE. Successes are counted by the servers (the gateway's nv_inference_request_success delta,
 the echo floor's own count): h2load only sees HTTP status, which is 200 for a gRPC error too.
@@ -118,15 +119,19 @@ def make_body(work, repo, model):
 
 
 class Echo:
-    """The echo floor; its count is read with SIGUSR1 (it prints `successes=N`)."""
+    """The echo floor; its count is read with SIGUSR1 (it prints `successes=N`). With `model_file`,
+    the floor of a server that runs the model: every request runs that ONNX file once, inline."""
 
     label = "echo_floor"
 
-    def __init__(self, work):
-        self.out_path = work / "echo.out"
+    def __init__(self, work, model_file=None):
+        self.out_path = work / ("echo_model.out" if model_file else "echo.out")
         self.out = open(self.out_path, "w")
+        argv = [BIN_DIR / "echo_floor", "--listen", "127.0.0.1:0"]
+        if model_file:
+            argv += ["--model-file", model_file]
         self.proc = subprocess.Popen(
-            pinned(SERVER_CORE, [BIN_DIR / "echo_floor", "--listen", "127.0.0.1:0"]),
+            pinned(SERVER_CORE, argv),
             stdout=self.out,
             stderr=subprocess.STDOUT,
         )
@@ -345,11 +350,15 @@ def loadgen(server, model, concurrency, duration):
 # ---------------------------------------------------------------- the plan
 
 
-def build_cases(echo, gw, gw_window, gw_adaptive, bodies, no_delay_repo):
+def build_cases(echo, echo_model, gw, gw_window, gw_adaptive, bodies, no_delay_repo):
     """(name, function(duration) -> result) in the order each round runs them."""
     cases = []
     for m in ADD_SUB_IN_FLIGHT:
         cases.append((f"echo m={m}", lambda d, m=m: h2load(echo, None, bodies["add_sub"], m, d)))
+        if m == 1:
+            # One request at a time is where the model's own run weighs most; under load the echo
+            # running it is no floor, since it runs every request alone where the gateway batches.
+            cases.append(("echo running add_sub m=1", lambda d: h2load(echo_model, None, bodies["add_sub"], 1, d)))
         cases.append((f"add_sub m={m}", lambda d, m=m: h2load(gw, "add_sub", bodies["add_sub"], m, d)))
     for m in MLP_IN_FLIGHT:
         cases.append((f"mlp_bench b1 m={m}", lambda d, m=m: h2load(gw, "mlp_bench", bodies["mlp_bench"], m, d)))
@@ -371,6 +380,12 @@ def comparisons(adaptive):
     out = []
     for m in ADD_SUB_IN_FLIGHT:
         out.append((f"add_sub m={m} / echo m={m}", f"add_sub m={m}", f"echo m={m}", "req_per_s", True))
+        if m == 1:
+            # How far any server that runs add_sub can get (no target), and the gateway against that.
+            out.append(("echo running add_sub m=1 / echo m=1", "echo running add_sub m=1", "echo m=1",
+                        "req_per_s", True))
+            out.append(("add_sub m=1 / echo running add_sub m=1", "add_sub m=1", "echo running add_sub m=1",
+                        "req_per_s", True))
     for m in MLP_IN_FLIGHT:
         out.append((f"mlp_bench b1 m={m} / in-process b{m}", f"mlp_bench b1 m={m}", f"in-process b{m}", "rows_per_s", True))
     strategies = ["triton"] + (["adaptive"] if adaptive else [])
@@ -495,6 +510,8 @@ def main():
         bodies.update({m: make_body(work, window_repo, m) for m in ["add_sub_d500", "mlp_bench_d500"]})
         echo = Echo(work)
         servers.append(echo)
+        echo_model = Echo(work, no_delay_repo / "add_sub" / "1" / "model.onnx")
+        servers.append(echo_model)
         gw = Gateway(work, "no_delay", no_delay_repo, [])
         servers.append(gw)
         # The 500 us models get their own gateway, so the adaptive one serves the same names.
@@ -504,7 +521,7 @@ def main():
         if adaptive:
             gw_adaptive = Gateway(work, "adaptive_d500", window_repo, ["--default-batching-strategy", "adaptive"])
             servers.append(gw_adaptive)
-        cases = build_cases(echo, gw, gw_window, gw_adaptive, bodies, no_delay_repo)
+        cases = build_cases(echo, echo_model, gw, gw_window, gw_adaptive, bodies, no_delay_repo)
         log(f"== {len(cases)} measurements per round; one warm-up round of {WARMUP_DURATION:g} s each (not recorded)")
         for name, run in cases:
             run(WARMUP_DURATION)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The gateway against its two floors, measured in one run, interleaved in rounds (docs/PERFORMANCE.md §6):
 #   (a) echo_floor: a bare tonic ModelInfer server echoing its inputs (no model, no validation, no
-#       queue), against the gateway serving add_sub, at 1, 16 and 64 requests in flight;
+#       queue), against the gateway serving add_sub, at 1, 16 and 64 requests in flight; and, at 1 in
+#       flight, the same server running add_sub's ONNX file on each request (--model-file), which
+#       tells how far any server that runs the model can get (reported, no target);
 #   (b) inproc_floor: ONNX Runtime in process through the gateway's runtime code, with the thread plan
 #       the gateway would use, at batch 1, 16 and 64, against the gateway serving mlp_bench with batch-1
 #       requests at 16 and 64 in flight (dynamic batching, no delay);
