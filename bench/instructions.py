@@ -2,9 +2,9 @@
 """Instructions per request, counted, not timed: the gateway against its floors under callgrind.
 
 Driven by bench/instructions.sh (which builds the binaries and documents the environment). Each server
-(the echo floor, the echo floor running add_sub's ONNX file, the gateway serving add_sub) runs under
+(the echo floor, the echo floor running MODEL's ONNX file, the gateway serving MODEL) runs under
 `valgrind --tool=callgrind` pinned to SERVER_CORE, so the gateway sees one CPU as in a 1-core pod.
-h2load sends WARMUP requests, the counters are zeroed, h2load sends REQUESTS more at each in-flight
+h2load sends WARMUP requests, instrumentation is switched on, h2load sends REQUESTS more at each in-flight
 count, the counters are dumped, and the user-space instructions of the measured requests are split
 by where they ran. Counts repeat to within a fraction of a percent whatever else the machine does,
 so a change in the gateway's per-request work shows here when the timed benchmarks (floors.sh)
@@ -26,11 +26,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import floors  # noqa: E402  (the repositories, bodies, pinning and process helpers)
 
+MODEL = os.environ.get("MODEL", "add_sub")  # add_sub or mlp_bench (floors.py's repository)
 IN_FLIGHT = [int(m) for m in os.environ.get("IN_FLIGHT", "1,16").split(",")]
 REQUESTS = int(os.environ.get("REQUESTS", "2000"))
 WARMUP = int(os.environ.get("WARMUP", "500"))
 OUT_DIR = Path(os.environ.get("OUT_DIR", "target/bench"))
 BIN_DIR = floors.BIN_DIR
+GATEWAY = Path(os.environ.get("GATEWAY", BIN_DIR / "onnx-gateway"))
 
 # Where an instruction ran, by the object and the function's path: first match wins.
 GROUPS = [
@@ -45,24 +47,21 @@ GROUPS = [
     ("memcpy, memmove, memset", lambda obj, fn: obj.startswith("libc.") and re.search(r"mem(cpy|move|set|cmp)", fn)),
     ("other (std, core, alloc, tracing, libc)", lambda obj, fn: True),
 ]
-
-
-def log(msg):
-    print(msg, flush=True)
+log = floors.log
 
 
 def servers(work, repo):
     """(label, argv, the pattern its listening address is printed with, the model h2load names)."""
     echo = [BIN_DIR / "echo_floor", "--listen", "127.0.0.1:0"]
     gateway = [
-        BIN_DIR / "onnx-gateway", "--model-repository", repo,
+        GATEWAY, "--model-repository", repo,
         "--grpc-address", "127.0.0.1", "--grpc-port", "0",
         "--http-address", "127.0.0.1", "--http-port", "0",
         "--metrics-address", "127.0.0.1", "--metrics-port", "0", "--drain-delay-secs", "0",
     ]
     return [
         ("echo", echo, r"listening addr=(\S+)"),
-        ("echo running the model", echo + ["--model-file", repo / "add_sub" / "1" / "model.onnx"],
+        ("echo running the model", echo + ["--model-file", repo / MODEL / "1" / "model.onnx"],
          r"listening addr=(\S+)"),
         ("gateway", gateway, r"gRPC listening addr=(\S+)"),
     ]
@@ -92,7 +91,9 @@ def count_one(work, label, argv, pattern, body, in_flight):
     """Instructions of REQUESTS requests at `in_flight`: the dumped callgrind profile's path."""
     out = work / f"callgrind.{len(list(work.glob('callgrind.*')))}"
     log_path = work / "server.log"
-    vg = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    # Instrumentation starts off and is switched on after the warm-up: counters zeroed mid-run
+    # instead would charge the frames then on the stack (main, the runtime's loop) with their callees.
+    vg = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(floors.pinned(floors.SERVER_CORE, vg + argv), stdout=log_file,
                                 stderr=subprocess.STDOUT)
@@ -100,7 +101,7 @@ def count_one(work, label, argv, pattern, body, in_flight):
         addr = floors.wait_for_line(log_path, pattern, proc, 300)
         wait_until_served(addr, body, proc)
         h2load(addr, body, in_flight, WARMUP)
-        subprocess.run(["callgrind_control", "--zero", str(proc.pid)], check=True, capture_output=True)
+        subprocess.run(["callgrind_control", "--instr=on", str(proc.pid)], check=True, capture_output=True)
         answered = h2load(addr, body, in_flight, REQUESTS)
         subprocess.run(["callgrind_control", "--dump=measured", str(proc.pid)], check=True,
                        capture_output=True)
@@ -115,16 +116,14 @@ def count_one(work, label, argv, pattern, body, in_flight):
 
 
 def split_by_group(profile):
-    """Self instructions per group. Functions on the stack when the counters were zeroed (main, the
-    runtime's loop) are charged everything below them as if it were their own; no real function of
-    a request's path comes near a quarter of the total, so entries above that are left out."""
+    """Self instructions per group, from callgrind_annotate's list of functions."""
     text = subprocess.run(["callgrind_annotate", "--threshold=100", str(profile)], check=True,
                           capture_output=True, text=True).stdout
     total = int(re.search(r"([\d,]+) \(100.0%\)\s+PROGRAM TOTALS", text).group(1).replace(",", ""))
     groups = Counter()
     for line in text.splitlines():
         m = re.match(r"\s*([\d,]+) \(\s*([\d.]+)%\)\s+\S*?:(.*) \[(.*)\]\s*$", line)
-        if not m or float(m.group(2)) >= 25:
+        if not m:
             continue
         fn, obj = m.group(3).strip().lstrip("<"), Path(m.group(4)).name
         name = next(g for g, match in GROUPS if match(obj, fn))
@@ -152,7 +151,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="instructions-"))
     try:
         repo, _ = floors.make_repositories(work)
-        body = floors.make_body(work, repo, "add_sub")
+        body = floors.make_body(work, repo, MODEL)
         results = {}
         for m in IN_FLIGHT:
             for label, argv, pattern in servers(work, repo):
@@ -160,7 +159,7 @@ def main():
                 per = {g: v / REQUESTS for g, v in groups.items()}
                 results[(label, m)] = {"total": total / REQUESTS, "groups": per}
                 log(f"  {label}, {m} in flight: {total / REQUESTS:,.0f} instructions per request")
-        text = "\n\n".join(f"add_sub, {m} in flight ({REQUESTS} requests after {WARMUP}):\n\n" + table(results, m)
+        text = "\n\n".join(f"{MODEL}, {m} in flight ({REQUESTS} requests after {WARMUP}):\n\n" + table(results, m)
                            for m in IN_FLIGHT)
         (OUT_DIR / "instructions.md").write_text(text + "\n")
         with open(OUT_DIR / "instructions.jsonl", "w") as f:
