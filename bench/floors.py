@@ -3,8 +3,9 @@
 bench/floors.sh, which builds the binaries and documents the environment variables).
 
 Floors: (a) target/release/echo_floor, a bare tonic ModelInfer server that echoes its inputs, and
-the same server running add_sub's ONNX file once per request (`--model-file`: the floor of any server
-that runs the model, measured at 1 in flight, with no target); (b) target/release/inproc_floor, ONNX Runtime in process through the gateway's runtime code with the
+the same server running add_sub's ONNX file once per request (`--model-file`: the floor of any
+server that runs the model, measured at 1 in flight, with no target); (b)
+target/release/inproc_floor, ONNX Runtime in process through the gateway's runtime code with the
 gateway's thread plan. Servers and in-process runs are pinned to SERVER_CORE, h2load and loadgen to
 CLIENT_CORE. Successes are counted by the servers (the gateway's nv_inference_request_success delta,
 the echo floor's own count): h2load only sees HTTP status, which is 200 for a gRPC error too.
@@ -118,6 +119,24 @@ def make_body(work, repo, model):
 # ---------------------------------------------------------------- servers
 
 
+def echo_argv(model_file=None):
+    """The echo floor's command line; with `model_file`, the floor that runs that model."""
+    argv = [BIN_DIR / "echo_floor", "--listen", "127.0.0.1:0"]
+    return argv + (["--model-file", model_file] if model_file else [])
+
+
+def gateway_argv(repo, flags, binary=None):
+    """A gateway on `repo` listening on free loopback ports, with no drain delay."""
+    return [
+        binary or BIN_DIR / "onnx-gateway",
+        "--model-repository", repo,
+        "--grpc-address", "127.0.0.1", "--grpc-port", "0",
+        "--http-address", "127.0.0.1", "--http-port", "0",
+        "--metrics-address", "127.0.0.1", "--metrics-port", "0",
+        "--drain-delay-secs", "0",
+    ] + flags
+
+
 class Echo:
     """The echo floor; its count is read with SIGUSR1 (it prints `successes=N`). With `model_file`,
     the floor of a server that runs the model: every request runs that ONNX file once, inline."""
@@ -127,11 +146,8 @@ class Echo:
     def __init__(self, work, model_file=None):
         self.out_path = work / ("echo_model.out" if model_file else "echo.out")
         self.out = open(self.out_path, "w")
-        argv = [BIN_DIR / "echo_floor", "--listen", "127.0.0.1:0"]
-        if model_file:
-            argv += ["--model-file", model_file]
         self.proc = subprocess.Popen(
-            pinned(SERVER_CORE, argv),
+            pinned(SERVER_CORE, echo_argv(model_file)),
             stdout=self.out,
             stderr=subprocess.STDOUT,
         )
@@ -160,14 +176,7 @@ class Gateway:
         self.label = label
         self.log_path = work / f"gateway_{label}.log"
         self.log = open(self.log_path, "w")
-        argv = [
-            BIN_DIR / "onnx-gateway",
-            "--model-repository", repo,
-            "--grpc-address", "127.0.0.1", "--grpc-port", "0",
-            "--http-address", "127.0.0.1", "--http-port", "0",
-            "--metrics-address", "127.0.0.1", "--metrics-port", "0",
-            "--drain-delay-secs", "0",
-        ] + GATEWAY_FLAGS + flags
+        argv = gateway_argv(repo, GATEWAY_FLAGS + flags)
         self.proc = subprocess.Popen(pinned(SERVER_CORE, argv), stdout=self.log, stderr=subprocess.STDOUT)
         self.addr = wait_for_line(self.log_path, r"gRPC listening addr=(\S+)", self.proc, 60)
         self.admin = wait_for_line(self.log_path, r"admin HTTP listening addr=(\S+)", self.proc, 60)

@@ -44,26 +44,19 @@ GROUPS = [
         r"(h2|hyper|hyper_util|tonic|http|http_body|http_body_util|prost|bytes|tower)::", fn)),
     ("tokio", lambda obj, fn: re.match(r"tokio(_util)?::", fn)),
     ("allocator (mimalloc)", lambda obj, fn: re.match(r"_?mi_", fn)),
-    ("memcpy, memmove, memset", lambda obj, fn: obj.startswith("libc.") and re.search(r"mem(cpy|move|set|cmp)", fn)),
+    ("memcpy, memmove, memset, memcmp", lambda obj, fn: obj.startswith("libc.") and re.search(r"mem(cpy|move|set|cmp)", fn)),
     ("other (std, core, alloc, tracing, libc)", lambda obj, fn: True),
 ]
 log = floors.log
 
 
-def servers(work, repo):
-    """(label, argv, the pattern its listening address is printed with, the model h2load names)."""
-    echo = [BIN_DIR / "echo_floor", "--listen", "127.0.0.1:0"]
-    gateway = [
-        GATEWAY, "--model-repository", repo,
-        "--grpc-address", "127.0.0.1", "--grpc-port", "0",
-        "--http-address", "127.0.0.1", "--http-port", "0",
-        "--metrics-address", "127.0.0.1", "--metrics-port", "0", "--drain-delay-secs", "0",
-    ]
+def servers(repo):
+    """(label, argv, the pattern its listening address is printed with)."""
     return [
-        ("echo", echo, r"listening addr=(\S+)"),
-        ("echo running the model", echo + ["--model-file", repo / MODEL / "1" / "model.onnx"],
+        ("echo", floors.echo_argv(), r"listening addr=(\S+)"),
+        ("echo running the model", floors.echo_argv(repo / MODEL / "1" / "model.onnx"),
          r"listening addr=(\S+)"),
-        ("gateway", gateway, r"gRPC listening addr=(\S+)"),
+        ("gateway", floors.gateway_argv(repo, [], GATEWAY), r"gRPC listening addr=(\S+)"),
     ]
 
 
@@ -122,10 +115,10 @@ def split_by_group(profile):
     total = int(re.search(r"([\d,]+) \(100.0%\)\s+PROGRAM TOTALS", text).group(1).replace(",", ""))
     groups = Counter()
     for line in text.splitlines():
-        m = re.match(r"\s*([\d,]+) \(\s*([\d.]+)%\)\s+\S*?:(.*) \[(.*)\]\s*$", line)
+        m = re.match(r"\s*([\d,]+) \(\s*[\d.]+%\)\s+\S*?:(.*) \[(.*)\]\s*$", line)
         if not m:
             continue
-        fn, obj = m.group(3).strip().lstrip("<"), Path(m.group(4)).name
+        fn, obj = m.group(2).strip().lstrip("<"), Path(m.group(3)).name
         name = next(g for g, match in GROUPS if match(obj, fn))
         groups[name] += int(m.group(1).replace(",", ""))
     return total, groups
@@ -154,7 +147,7 @@ def main():
         body = floors.make_body(work, repo, MODEL)
         results = {}
         for m in IN_FLIGHT:
-            for label, argv, pattern in servers(work, repo):
+            for label, argv, pattern in servers(repo):
                 total, groups = split_by_group(count_one(work, label, argv, pattern, body, m))
                 per = {g: v / REQUESTS for g, v in groups.items()}
                 results[(label, m)] = {"total": total / REQUESTS, "groups": per}
